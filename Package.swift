@@ -1,0 +1,63 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "kvmi-broker",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "kvmi-broker", targets: ["kvmi-broker"]),
+        .executable(name: "kvmi-test-introspector", targets: ["kvmi-test-introspector"]),
+        .executable(name: "kvmi-bench", targets: ["kvmi-bench"]),
+    ],
+    dependencies: [
+        // Subcommands, validation and help text for the CLI (the anchor named in BRIEF section 7).
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        // Structured logging with levels and metadata keys; the ecosystem's standard API.
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        // Heap for the I/O reactor's deadline queue.
+        .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
+    ],
+    targets: [
+        // C shim: only what Swift cannot import (CMSG macros, ioctl numbers and structs, vsock).
+        .target(name: "CKVMIBroker"),
+        // GLib through pkg-config: GChecksum (SHA-1, the implementation QEMU's glib crypto backend uses).
+        .systemLibrary(
+            name: "CGLib", pkgConfig: "glib-2.0",
+            providers: [.apt(["libglib2.0-dev"])]),
+        // Pure core: codecs, state machines, endpoints, back-off. No I/O.
+        .target(name: "KVMIBrokerCore", dependencies: ["CGLib"]),
+        // Thin OS layer: descriptors, sockets, the epoll reactor, the handshake engine.
+        .target(
+            name: "KVMIBrokerOS",
+            dependencies: [
+                "KVMIBrokerCore", "CKVMIBroker",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "HeapModule", package: "swift-collections"),
+            ]),
+        // The test introspector: the tool side of the handshake as libkvmi does it, plus misbehaviours.
+        .target(name: "KVMITestIntrospector", dependencies: ["KVMIBrokerCore", "KVMIBrokerOS", "CKVMIBroker"]),
+        .executableTarget(
+            name: "kvmi-broker",
+            dependencies: [
+                "KVMIBrokerCore", "KVMIBrokerOS",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .executableTarget(
+            name: "kvmi-test-introspector",
+            dependencies: [
+                "KVMITestIntrospector", "KVMIBrokerCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+        .executableTarget(
+            name: "kvmi-bench",
+            dependencies: [
+                "KVMIBrokerCore", "KVMIBrokerOS", "KVMITestIntrospector",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+        .testTarget(name: "KVMIBrokerCoreTests", dependencies: ["KVMIBrokerCore"]),
+        .testTarget(
+            name: "KVMIBrokerOSTests",
+            dependencies: ["KVMIBrokerCore", "KVMIBrokerOS", "KVMITestIntrospector", "CKVMIBroker"]),
+    ]
+)

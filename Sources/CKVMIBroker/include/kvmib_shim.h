@@ -1,0 +1,92 @@
+/*
+ * kvmib_shim.h - what Swift cannot import by itself: CMSG macros, ioctl
+ * numbers built with _IOW/_IO, the KVMI structs of both ABI generations,
+ * and the vsock address. Every symbol carries the kvmib_ / KVMIB_ prefix.
+ */
+#ifndef KVMIB_SHIM_H
+#define KVMIB_SHIM_H
+
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+
+/* struct kvm_introspection_hook, identical in v7 and v12 (24 bytes). */
+struct kvmib_introspection_hook {
+    int32_t fd;
+    uint32_t padding;
+    uint8_t uuid[16];
+};
+
+/* struct kvm_introspection_feature, identical in v7 and v12 (8 bytes). */
+struct kvmib_introspection_feature {
+    uint32_t allow;
+    int32_t id;
+};
+
+/* The five introspection ioctls of one ABI generation. */
+struct kvmib_introspection_ioctls {
+    unsigned long hook;
+    unsigned long unhook;
+    unsigned long command;
+    unsigned long event;
+    unsigned long preunhook;
+};
+
+/* generation: 7 ("kvmi-v7 production") or 12 (last upstream submission). */
+int kvmib_introspection_ioctls_for(int generation,
+                                   struct kvmib_introspection_ioctls *out);
+
+/* Peer credentials of a connected unix socket (SO_PEERCRED). */
+int kvmib_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
+
+/*
+ * sendmsg() of `len` bytes with at most one descriptor as SCM_RIGHTS
+ * (pass -1 for none). MSG_NOSIGNAL | MSG_DONTWAIT. Returns bytes or -1/errno.
+ */
+ssize_t kvmib_send_with_fd(int sock, const void *buf, size_t len, int fd);
+
+/*
+ * recvmsg() of up to `len` bytes, MSG_CMSG_CLOEXEC | MSG_DONTWAIT.
+ * Received descriptors go to fds[0..*nfds) (at most max_fds; extra ones are
+ * closed). *truncated is set when the kernel truncated control data
+ * (MSG_CTRUNC): any descriptors it carried are lost, a protocol error.
+ */
+ssize_t kvmib_recv_with_fds(int sock, void *buf, size_t len, int *fds,
+                            int max_fds, int *nfds, int *truncated);
+
+/* Fills a sockaddr_vm for AF_VSOCK; returns its length. */
+socklen_t kvmib_sockaddr_vsock(struct sockaddr_storage *ss, uint32_t cid,
+                               uint32_t port);
+
+/*
+ * epoll, whose packed struct epoll_event Swift handles poorly. Events are
+ * EPOLLIN/EPOLLOUT/EPOLLHUP/EPOLLERR bits; tokens are caller-chosen.
+ */
+enum {
+    KVMIB_EV_IN = 0x001,
+    KVMIB_EV_OUT = 0x004,
+    KVMIB_EV_ERR = 0x008,
+    KVMIB_EV_HUP = 0x010,
+    KVMIB_EV_RDHUP = 0x2000,
+};
+int kvmib_epoll_create(void);
+/* Registers fd once (EPOLLONESHOT) for `events`, reported with `token`. */
+int kvmib_epoll_add_oneshot(int epfd, int fd, uint32_t events, uint64_t token);
+/* Registers fd persistently (level-triggered). */
+int kvmib_epoll_add(int epfd, int fd, uint32_t events, uint64_t token);
+int kvmib_epoll_del(int epfd, int fd);
+/* Waits; fills tokens[i] and events[i]; returns the count or -1/errno. */
+int kvmib_epoll_wait(int epfd, uint64_t *tokens, uint32_t *events, int max,
+                     int timeout_ms);
+/* A non-blocking, close-on-exec eventfd. */
+int kvmib_eventfd(void);
+
+/* accept4(SOCK_CLOEXEC [| SOCK_NONBLOCK]); GNU, not visible to Swift. */
+int kvmib_accept(int fd, int nonblock);
+/* pipe2(O_CLOEXEC | O_NONBLOCK). */
+int kvmib_pipe(int fds[2]);
+
+/* AF_VSOCK, since Glibc's module may not export it. */
+int kvmib_af_vsock(void);
+
+#endif

@@ -1,0 +1,27 @@
+/// Appends and reads fixed-width integers in a chosen byte order. The handshake uses host
+/// order (as QEMU and libkvmi do); the broker <-> QEMU channel uses little-endian.
+public enum ByteOrder: Sendable {
+    case host
+    case little
+}
+
+extension Array where Element == UInt8 {
+    @inlinable
+    public mutating func append<T: FixedWidthInteger>(_ value: T, order: ByteOrder) {
+        let ordered = order == .little ? value.littleEndian : value
+        Swift.withUnsafeBytes(of: ordered) { self.append(contentsOf: $0) }
+    }
+}
+
+extension Collection where Element == UInt8, Index == Int {
+    /// Reads a `T` at `offset` (relative to `startIndex`); the caller checks the bounds.
+    @inlinable
+    public func read<T: FixedWidthInteger>(_: T.Type, at offset: Int, order: ByteOrder) -> T {
+        var value: T = 0
+        let start = startIndex + offset
+        Swift.withUnsafeMutableBytes(of: &value) { raw in
+            for index in 0..<MemoryLayout<T>.size { raw[index] = self[start + index] }
+        }
+        return order == .little ? T(littleEndian: value) : value
+    }
+}

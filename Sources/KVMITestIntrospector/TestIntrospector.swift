@@ -1,0 +1,273 @@
+import CKVMIBroker
+import Foundation
+import KVMIBrokerCore
+import KVMIBrokerOS
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// Test equipment: the tool side of the handshake, as libkvmi does it, plus the ways a real
+/// tool or an attacker can misbehave. It listens, reads QEMU's struct with libkvmi's rules
+/// (at least 32 bytes, at most 64 KiB, unknown tail consumed) and answers 24 bytes with the
+/// SHA-1 of the shared secret.
+///
+/// It runs on its own threads with blocking sockets; it is never part of the broker.
+public final class TestIntrospector: Sendable {
+    /// How the introspector answers.
+    public enum Behaviour: Sendable, Equatable, CustomStringConvertible {
+        /// The 24-byte reply, as libkvmi sends it.
+        case normal
+        /// Reads the struct and never answers.
+        case silent
+        /// The correct reply, one byte per `interval`.
+        case slow(interval: Duration)
+        /// A 24-byte reply whose struct_size says `size` (0, 3, 23, 0xFFFFFFFF ...).
+        case announcedSize(UInt32)
+        /// A valid longer reply: struct_size 24 + `extra`, with an unknown tail.
+        case longReply(extra: Int)
+        /// A well-formed reply with a hash that is not the secret's.
+        case wrongCookie
+        /// Sends the first `bytes` bytes of the reply, then closes.
+        case closeMidReply(bytes: Int)
+        /// The reply, then `bytes` of junk right behind it.
+        case flood(bytes: Int)
+
+        public var description: String {
+            switch self {
+            case .normal: return "normal"
+            case .silent: return "silent"
+            case .slow(let interval): return "slow (one byte every \(format(interval)))"
+            case .announcedSize(let size): return "struct_size \(size)"
+            case .longReply(let extra): return "long reply (+\(extra) bytes)"
+            case .wrongCookie: return "wrong cookie"
+            case .closeMidReply(let bytes): return "close after \(bytes) reply bytes"
+            case .flood(let bytes): return "flood of \(bytes) bytes after the reply"
+            }
+        }
+
+        /// Parses the CLI spelling: normal, silent, slow, size=N, long=N, wrong-cookie,
+        /// close-mid-reply, flood.
+        public init?(parsing text: String) {
+            switch text {
+            case "normal": self = .normal
+            case "silent": self = .silent
+            case "slow": self = .slow(interval: .seconds(1))
+            case "wrong-cookie": self = .wrongCookie
+            case "close-mid-reply": self = .closeMidReply(bytes: 10)
+            case "flood": self = .flood(bytes: 1 << 20)
+            default:
+                if text.hasPrefix("size="), let value = UInt32(text.dropFirst(5)) {
+                    self = .announcedSize(value)
+                } else if text.hasPrefix("long="), let value = Int(text.dropFirst(5)), value >= 0, value <= 65_000 {
+                    self = .longReply(extra: value)
+                } else {
+                    return nil
+                }
+            }
+        }
+    }
+
+    public struct Configuration: Sendable {
+        public var endpoint: IntrospectorEndpoint
+        /// The shared secret; its SHA-1 is the cookie. Nil sends a zero hash.
+        public var secret: [UInt8]?
+        public var behaviour: Behaviour
+        /// Put a KVMI_GET_VERSION message right behind the reply, in the same write, as libkvmi does.
+        public var sendsFirstMessage: Bool
+
+        public init(endpoint: IntrospectorEndpoint, secret: [UInt8]?, behaviour: Behaviour = .normal, sendsFirstMessage: Bool = false) {
+            self.endpoint = endpoint
+            self.secret = secret
+            self.behaviour = behaviour
+            self.sendsFirstMessage = sendsFirstMessage
+        }
+    }
+
+    /// What one connection brought.
+    public struct Record: Sendable, Equatable {
+        public var handshake: ReceivedHandshake?
+        public var error: String?
+        public var bytesReplied: Int
+    }
+
+    /// The KVMI_GET_VERSION request libkvmi sends first: `kvmi_msg_hdr {u16 id=2; u16 size=0; u32 seq=1}`.
+    public static let getVersionMessage: [UInt8] = {
+        var bytes: [UInt8] = []
+        bytes.append(UInt16(2), order: .host)
+        bytes.append(UInt16(0), order: .host)
+        bytes.append(UInt32(1), order: .host)
+        return bytes
+    }()
+
+    /// libkvmi's per-read timeout.
+    static let readTimeoutMilliseconds: Int32 = 15_000
+
+    public let configuration: Configuration
+    /// Where it listens (TCP port 0 resolved).
+    public let endpoint: IntrospectorEndpoint
+    private let listener: Descriptor
+    private let stopPipe: (Descriptor, Descriptor)
+    private let state = Mutex(State())
+
+    private struct State {
+        var records: [Record] = []
+        var stopped = false
+    }
+
+    /// Binds and starts serving.
+    public init(_ configuration: Configuration) throws {
+        self.configuration = configuration
+        (listener, endpoint) = try listenSocket(on: configuration.endpoint)
+        var fds: [Int32] = [0, 0]
+        guard kvmib_pipe(&fds) == 0 else { throw BrokerError(.io, "pipe2 failed", errno: errno) }
+        stopPipe = (Descriptor(adopting: fds[0]), Descriptor(adopting: fds[1]))
+        let thread = Thread { [self] in self.acceptLoop() }
+        thread.name = "test-introspector"
+        thread.start()
+    }
+
+    /// Every connection so far.
+    public var records: [Record] { state.withLock { $0.records } }
+
+    /// Stops accepting and closes the listening socket and every parked connection.
+    public func stop() {
+        let alreadyStopped = state.withLock { state -> Bool in
+            defer { state.stopped = true }
+            return state.stopped
+        }
+        if alreadyStopped { return }
+        var one: UInt8 = 1
+        _ = write(stopPipe.1.raw, &one, 1)
+    }
+
+    deinit { stop() }
+
+    /// Waits (polling) until `count` connections have been recorded, or `timeout` passes.
+    public func waitForRecords(_ count: Int, timeout: Duration = .seconds(10)) -> [Record] {
+        let deadline = ContinuousClock.now.advanced(by: timeout)
+        while ContinuousClock.now < deadline {
+            let current = records
+            if current.count >= count { return current }
+            usleep(2000)
+        }
+        return records
+    }
+
+    private func acceptLoop() {
+        var parked: [Descriptor] = []
+        defer {
+            for connection in parked { connection.close() }
+            listener.close()
+            if case .unix(let path) = endpoint, path.hasPrefix("/") { unlink(path) }
+        }
+        while true {
+            var fds = [pollfd(fd: listener.raw, events: Int16(POLLIN), revents: 0), pollfd(fd: stopPipe.0.raw, events: Int16(POLLIN), revents: 0)]
+            fds += parked.map { pollfd(fd: $0.raw, events: Int16(POLLIN), revents: 0) }
+            if poll(&fds, nfds_t(fds.count), -1) < 0 { continue }
+            if fds[1].revents != 0 { return }
+            // A parked connection that turns readable is the broker (or the kernel) closing, or
+            // talking KVMI we don't serve here: drain it, and close on end of stream.
+            var keep: [Descriptor] = []
+            for (index, connection) in parked.enumerated() {
+                if fds[index + 2].revents == 0 {
+                    keep.append(connection)
+                    continue
+                }
+                var buffer = [UInt8](repeating: 0, count: 4096)
+                if recv(connection.raw, &buffer, buffer.count, Int32(MSG_DONTWAIT)) > 0 { keep.append(connection) } else { connection.close() }
+            }
+            parked = keep
+            guard fds[0].revents & Int16(POLLIN) != 0 else { continue }
+            let raw = kvmib_accept(listener.raw, 0)
+            if raw < 0 { continue }
+            let connection = Descriptor(adopting: raw)
+            switch configuration.behaviour {
+            case .normal, .longReply, .wrongCookie, .announcedSize, .flood:
+                if serve(connection) { parked.append(connection) } else { connection.close() }
+            case .silent, .slow, .closeMidReply:
+                let thread = Thread { [self] in
+                    _ = self.serve(connection)
+                    connection.close()
+                }
+                thread.start()
+            }
+        }
+    }
+
+    /// Handles one connection; returns true when it should stay open (parked).
+    private func serve(_ connection: Descriptor) -> Bool {
+        var record = Record(handshake: nil, error: nil, bytesReplied: 0)
+        defer { state.withLock { $0.records.append(record) } }
+        do {
+            record.handshake = try readHandshake(connection.raw)
+        } catch {
+            record.error = "\(error)"
+            return false
+        }
+        let cookie = configuration.secret.map { CookieHash(secret: $0) } ?? .zero
+        var reply = HandshakeReply.encoded(cookieHash: cookie)
+        switch configuration.behaviour {
+        case .normal, .slow, .closeMidReply:
+            break
+        case .silent:
+            // Hold the connection without a word until the broker gives up.
+            var buffer = [UInt8](repeating: 0, count: 64)
+            var pollFD = pollfd(fd: connection.raw, events: Int16(POLLIN), revents: 0)
+            while poll(&pollFD, 1, 60_000) > 0 && recv(connection.raw, &buffer, buffer.count, 0) > 0 {}
+            return false
+        case .announcedSize(let size):
+            reply.replaceSubrange(0..<4, with: withUnsafeBytes(of: size) { Array($0) })
+        case .longReply(let extra):
+            reply.replaceSubrange(0..<4, with: withUnsafeBytes(of: UInt32(24 + extra)) { Array($0) })
+            reply += (0..<extra).map { UInt8(truncatingIfNeeded: 0xA0 &+ $0) }
+        case .wrongCookie:
+            reply = HandshakeReply.encoded(cookieHash: CookieHash(secret: Array("not the secret".utf8)))
+        case .flood(let bytes):
+            reply += [UInt8](repeating: 0xEE, count: bytes)
+        }
+        if configuration.sendsFirstMessage { reply += Self.getVersionMessage }
+        switch configuration.behaviour {
+        case .slow(let interval):
+            for byte in reply {
+                if send(connection.raw, [byte], 1, Int32(MSG_NOSIGNAL)) != 1 { return false }
+                record.bytesReplied += 1
+                Thread.sleep(forTimeInterval: interval.secondsDouble)
+            }
+            return false
+        case .closeMidReply(let bytes):
+            record.bytesReplied = sendAll(connection.raw, Array(reply.prefix(bytes)))
+            return false
+        default:
+            record.bytesReplied = sendAll(connection.raw, reply)
+            return true
+        }
+    }
+
+    /// libkvmi's `read_qemu_data`: size first, bounds, then the rest with the tail consumed.
+    private func readHandshake(_ fd: Int32) throws -> ReceivedHandshake {
+        var reader = HandshakeRequestReader()
+        while true {
+            var pollFD = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&pollFD, 1, Self.readTimeoutMilliseconds) > 0 else {
+                throw BrokerError(.timedOut, "no handshake from QEMU within 15 s")
+            }
+            let limit = min(reader.readLimit, 4096)
+            var buffer = [UInt8](repeating: 0, count: limit)
+            let count = recv(fd, &buffer, limit, 0)
+            if count <= 0 { throw BrokerError(.peerClosed, "QEMU closed after \(reader.bytesRead) handshake bytes") }
+            if let handshake = try reader.consume(buffer.prefix(count)) { return handshake }
+        }
+    }
+
+    private func sendAll(_ fd: Int32, _ bytes: [UInt8]) -> Int {
+        var offset = 0
+        while offset < bytes.count {
+            let count = bytes.withUnsafeBytes { send(fd, $0.baseAddress! + offset, $0.count - offset, Int32(MSG_NOSIGNAL)) }
+            if count <= 0 { break }
+            offset += count
+        }
+        return offset
+    }
+}

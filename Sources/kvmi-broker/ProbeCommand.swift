@@ -1,0 +1,74 @@
+import ArgumentParser
+import Foundation
+import KVMIBrokerCore
+import KVMIBrokerOS
+
+/// `kvmi-broker probe`: one handshake exactly as QEMU would do it, for introspector vendors.
+struct ProbeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "probe",
+        abstract: "Perform one QEMU-side handshake with an introspector endpoint and report what happened.",
+        discussion: """
+            ENDPOINT is unix:/path, vsock:CID:PORT or tcp:ADDRESS:PORT (IPv6 in brackets). The identity is made up \
+            unless --uuid and --name are given. Exit status 0 means the handshake completed and the cookie was accepted.
+            """)
+
+    @Argument(help: "The introspector endpoint.")
+    var endpoint: String
+
+    @Option(help: "Shared secret file; the cookie is the SHA-1 of its exact bytes. Without it any cookie is accepted.")
+    var secretFile: String?
+
+    @Option(help: "ABI generation: v7 (96-byte struct) or v12 (104 bytes, with max_gpa).")
+    var abi: String = "v12"
+
+    @Option(help: "Guest UUID to announce.")
+    var uuid: String?
+
+    @Option(help: "Guest name to announce.")
+    var name: String = "kvmi-broker-probe"
+
+    @Option(help: "Seconds allowed for connect + handshake.")
+    var timeout: Double = 10
+
+    func validate() throws {
+        guard ABIGeneration(parsing: abi) != nil else { throw ValidationError("--abi must be v7 or v12, not '\(abi)'") }
+        if let uuid, GuestUUID(uuid) == nil { throw ValidationError("--uuid '\(uuid)' is not a UUID like 6695eb01-f6a4-8304-79aa-97f2502e193f") }
+        guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be between 0 and 3600 seconds") }
+    }
+
+    func run() async throws {
+        let generation = ABIGeneration(parsing: abi)!
+        do {
+            let target = try IntrospectorEndpoint(parsing: endpoint)
+            let secret = try secretFile.map { try SecretFile.load($0) }
+            var generator = SystemRandomNumberGenerator()
+            let request = HandshakeRequest(
+                uuid: uuid.flatMap(GuestUUID.init) ?? .random(using: &generator),
+                name: name,
+                startTime: Int64(Date().timeIntervalSince1970),
+                maxGPA: 0x8000_0000)
+            print("probe \(target), ABI \(generation)")
+            let outcome = try await IntrospectorConnector().connectAndHandshake(
+                to: target,
+                HandshakeParameters(
+                    abi: generation, request: request, expectedCookie: secret.map { CookieHash(secret: $0) },
+                    timeout: .milliseconds(Int64(timeout * 1000))))
+            defer { outcome.descriptor.close() }
+            print("  connected in \(format(outcome.connectDuration))")
+            let gpa = generation == .v12 ? String(format: " max_gpa=0x%llx", request.maxGPA) : ""
+            print("  sent \(outcome.bytesSent) bytes: uuid=\(request.uuid) name=\"\(request.name)\" start_time=\(request.startTime)\(gpa)")
+            print("  received \(outcome.reply.structSize) bytes (struct_size \(outcome.reply.structSize))")
+            if let secretFile, let secret {
+                print("  cookie accepted (SHA-1 of \(secretFile), \(secret.count) bytes)")
+            } else {
+                print("  cookie not checked: no --secret-file, so any hash is accepted (the tool is not authenticated)")
+            }
+            print("  handshake took \(format(outcome.handshakeDuration)) after connecting")
+            print("ok: \(target) completed the handshake")
+        } catch let error as BrokerError {
+            FileHandle.standardError.write(Data("kvmi-broker probe: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
