@@ -114,6 +114,8 @@ public final class TestIntrospector: Sendable {
     private struct State {
         var records: [Record] = []
         var stopped = false
+        /// The accept loop plus one per slow connection.
+        var runningThreads = 0
     }
 
     /// Binds and starts serving.
@@ -123,23 +125,37 @@ public final class TestIntrospector: Sendable {
         var fds: [Int32] = [0, 0]
         guard kvmib_pipe(&fds) == 0 else { throw BrokerError(.io, "pipe2 failed", errno: errno) }
         stopPipe = (Descriptor(adopting: fds[0]), Descriptor(adopting: fds[1]))
-        let thread = Thread { [self] in self.acceptLoop() }
-        thread.name = "test-introspector"
+        spawn("test-introspector") { [self] in self.acceptLoop() }
+    }
+
+    private func spawn(_ name: String, _ body: @escaping @Sendable () -> Void) {
+        state.withLock { $0.runningThreads += 1 }
+        let thread = Thread { [self] in
+            body()
+            state.withLock { $0.runningThreads -= 1 }
+        }
+        thread.name = name
         thread.start()
     }
+
+    private var isStopped: Bool { state.withLock { $0.stopped } }
 
     /// Every connection so far.
     public var records: [Record] { state.withLock { $0.records } }
 
-    /// Stops accepting and closes the listening socket and every parked connection.
+    /// Stops accepting, closes the listening socket and every connection, and returns once
+    /// all its threads have finished (so descriptor counts are settled).
     public func stop() {
         let alreadyStopped = state.withLock { state -> Bool in
             defer { state.stopped = true }
             return state.stopped
         }
-        if alreadyStopped { return }
-        var one: UInt8 = 1
-        _ = write(stopPipe.1.raw, &one, 1)
+        if !alreadyStopped {
+            var one: UInt8 = 1
+            _ = write(stopPipe.1.raw, &one, 1)
+        }
+        let deadline = ContinuousClock.now.advanced(by: .seconds(5))
+        while state.withLock({ $0.runningThreads }) > 0 && ContinuousClock.now < deadline { usleep(1000) }
     }
 
     deinit { stop() }
@@ -187,11 +203,10 @@ public final class TestIntrospector: Sendable {
             case .normal, .longReply, .wrongCookie, .announcedSize, .flood:
                 if serve(connection) { parked.append(connection) } else { connection.close() }
             case .silent, .slow, .closeMidReply:
-                let thread = Thread { [self] in
+                spawn("test-introspector-connection") { [self] in
                     _ = self.serve(connection)
                     connection.close()
                 }
-                thread.start()
             }
         }
     }
@@ -214,8 +229,8 @@ public final class TestIntrospector: Sendable {
         case .silent:
             // Hold the connection without a word until the broker gives up.
             var buffer = [UInt8](repeating: 0, count: 64)
-            var pollFD = pollfd(fd: connection.raw, events: Int16(POLLIN), revents: 0)
-            while poll(&pollFD, 1, 60_000) > 0 && recv(connection.raw, &buffer, buffer.count, 0) > 0 {}
+            var fds = [pollfd(fd: connection.raw, events: Int16(POLLIN), revents: 0), pollfd(fd: stopPipe.0.raw, events: Int16(POLLIN), revents: 0)]
+            while poll(&fds, 2, 60_000) > 0 && fds[1].revents == 0 && recv(connection.raw, &buffer, buffer.count, 0) > 0 {}
             return false
         case .announcedSize(let size):
             reply.replaceSubrange(0..<4, with: withUnsafeBytes(of: size) { Array($0) })
@@ -231,7 +246,7 @@ public final class TestIntrospector: Sendable {
         switch configuration.behaviour {
         case .slow(let interval):
             for byte in reply {
-                if send(connection.raw, [byte], 1, Int32(MSG_NOSIGNAL)) != 1 { return false }
+                if isStopped || send(connection.raw, [byte], 1, Int32(MSG_NOSIGNAL)) != 1 { return false }
                 record.bytesReplied += 1
                 Thread.sleep(forTimeInterval: interval.secondsDouble)
             }

@@ -15,6 +15,9 @@
  * sends first: GET_VERSION, VM_CHECK_COMMAND, VM_CHECK_EVENT and
  * VM_CONTROL_EVENTS (unhook event). PREUNHOOK sends the UNHOOK event.
  *
+ * It also defines close(): closing the hooked VM fd unhooks first, as the kernel
+ * does when the VM is destroyed (only in the process that hooked).
+ *
  * Behaviour, errno table, layouts and their sources:
  * Documentation/kernel-double.md. Log lines start with "kvmi-kernel-double:".
  *
@@ -66,19 +69,33 @@ struct kd_vm {
 	uint64_t vm_ev_enabled;  /* VM events enabled by the tool */
 	uint32_t ev_seq;         /* last event sequence number used */
 	int dead;                /* the serving thread ended (socket shut down) */
+	pid_t pid;               /* process that hooked (a forked child has no thread) */
 	uint8_t uuid[16];
 };
 
 typedef int (*kd_ioctl_fn)(int, unsigned long, ...);
+typedef int (*kd_close_fn)(int);
 
 static pthread_mutex_t kd_lock = PTHREAD_MUTEX_INITIALIZER; /* like kvm->kvmi_lock */
 static struct kd_vm *kd_vms;
+static int kd_nr_vms;            /* states in kd_vms; read without the lock by close() */
+static pid_t kd_hook_pid;        /* process that created the states (not a forked child) */
 static kd_ioctl_fn kd_real_ioctl;
+static kd_close_fn kd_real_close;
 static pthread_once_t kd_once = PTHREAD_ONCE_INIT;
 
 static void kd_resolve(void)
 {
 	kd_real_ioctl = (kd_ioctl_fn)dlsym(RTLD_NEXT, "ioctl");
+	kd_real_close = (kd_close_fn)dlsym(RTLD_NEXT, "close");
+}
+
+/* close() for the double's own fds: never through the exported close() below */
+static void kd_close_own(int fd)
+{
+	pthread_once(&kd_once, kd_resolve);
+	if (kd_real_close)
+		kd_real_close(fd);
 }
 
 static int kd_log_enabled(void)
@@ -103,9 +120,9 @@ static void kd_log(const char *fmt, ...)
 	/* one write(2) per line, so lines from threads do not interleave */
 	{
 		size_t len = strlen(line);
-		if (len < sizeof(line) - 1) {
-			line[len++] = '\n';
-		}
+		if (len > sizeof(line) - 2)
+			len = sizeof(line) - 2;
+		line[len++] = '\n';
 		ssize_t w = write(STDERR_FILENO, line, len);
 		(void)w;
 	}
@@ -579,8 +596,10 @@ static void kd_unlink(struct kd_vm *vm)
 	struct kd_vm **p = &kd_vms;
 	while (*p && *p != vm)
 		p = &(*p)->next;
-	if (*p)
+	if (*p) {
 		*p = vm->next;
+		__atomic_store_n(&kd_nr_vms, kd_nr_vms - 1, __ATOMIC_RELEASE);
+	}
 }
 
 static int kd_hook(int vm_fd, enum kd_gen gen, const struct kd_introspection_hook *arg)
@@ -604,6 +623,7 @@ static int kd_hook(int vm_fd, enum kd_gen gen, const struct kd_introspection_hoo
 	vm = calloc(1, sizeof(*vm));
 	if (!vm)
 		return -ENOMEM;
+	/* the double's own reference; the caller's fd stays independent, as with the kernel */
 	vm->sock = fcntl(hk.fd, F_DUPFD_CLOEXEC, 0);
 	if (vm->sock < 0) {
 		free(vm);
@@ -623,14 +643,17 @@ static int kd_hook(int vm_fd, enum kd_gen gen, const struct kd_introspection_hoo
 	rc = pthread_create(&vm->thread, NULL, kd_recv_thread, vm);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (rc != 0) {
-		close(vm->sock);
+		kd_close_own(vm->sock);
 		pthread_mutex_destroy(&vm->lock);
 		pthread_mutex_destroy(&vm->wlock);
 		free(vm);
 		return -ENOMEM;
 	}
+	vm->pid = getpid();
+	__atomic_store_n(&kd_hook_pid, vm->pid, __ATOMIC_RELEASE);
 	vm->next = kd_vms;
 	kd_vms = vm;
+	__atomic_store_n(&kd_nr_vms, kd_nr_vms + 1, __ATOMIC_RELEASE);
 	kd_log("vm fd %d: HOOK (%s) on socket fd %d: hooked", vm_fd,
 	       gen == KD_GEN_V7 ? "v7" : "v12", hk.fd);
 	return 0;
@@ -642,10 +665,14 @@ static int kd_unhook(int vm_fd)
 
 	if (!vm)
 		return 0;
+	if (vm->pid != getpid()) {
+		/* a forked child: the serving thread and the kernel state belong to the parent */
+		return 0;
+	}
 	kd_unlink(vm);
 	shutdown(vm->sock, SHUT_RDWR);
 	pthread_join(vm->thread, NULL);
-	close(vm->sock);
+	kd_close_own(vm->sock);
 	pthread_mutex_destroy(&vm->lock);
 	pthread_mutex_destroy(&vm->wlock);
 	free(vm);
@@ -758,6 +785,32 @@ static int kd_intercept(int fd, unsigned long req, void *arg, int *res)
 	pthread_mutex_unlock(&kd_lock);
 	*res = r;
 	return 1;
+}
+
+/*
+ * Closing the hooked VM fd destroys the VM in the real kernel, which unhooks. The
+ * double does the same when the fd number it keys the state on is closed, so a new
+ * VM that gets the same fd number starts unhooked. Only in the process that hooked.
+ */
+KD_EXPORT int close(int fd)
+{
+	pthread_once(&kd_once, kd_resolve);
+	/* no lock in a forked child: the lock may have been held at fork time */
+	if (__atomic_load_n(&kd_nr_vms, __ATOMIC_ACQUIRE) > 0 &&
+	    __atomic_load_n(&kd_hook_pid, __ATOMIC_ACQUIRE) == getpid()) {
+		pthread_mutex_lock(&kd_lock);
+		struct kd_vm *vm = kd_find(fd);
+		if (vm && vm->pid == getpid()) {
+			kd_log("vm fd %d closed: unhooking, as VM destruction does", fd);
+			kd_unhook(fd);
+		}
+		pthread_mutex_unlock(&kd_lock);
+	}
+	if (!kd_real_close) {
+		errno = ENOSYS;
+		return -1;
+	}
+	return kd_real_close(fd);
 }
 
 KD_EXPORT int ioctl(int fd, unsigned long request, ...)

@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +21,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -205,6 +207,89 @@ static int wait_hup(int fd, int timeout_ms)
 	}
 }
 
+/* ---- concurrency: replies from the serving thread and PREUNHOOK events interleave
+ * only at message boundaries ---- */
+#define STRESS_N 300
+
+struct stress {
+	const struct gen *g;
+	int tool;
+	int replies, events, bad;
+	uint32_t last_ev_seq;
+};
+
+static void *stress_writer(void *arg)
+{
+	struct stress *st = arg;
+	for (int i = 0; i < STRESS_N; i++) {
+		struct kd_msg_hdr h = { .id = st->g->get_version, .size = 0, .seq = 5000 + (uint32_t)i };
+		if (write(st->tool, &h, sizeof(h)) != sizeof(h))
+			st->bad++;
+	}
+	return NULL;
+}
+
+static void *stress_reader(void *arg)
+{
+	struct stress *st = arg;
+	uint8_t buf[8 + 544];
+	while (st->replies + st->events < 2 * STRESS_N && !st->bad) {
+		struct kd_msg_hdr h;
+		if (read_n(st->tool, &h, sizeof(h), 5000) != sizeof(h)) {
+			st->bad++;
+			break;
+		}
+		if (h.size > sizeof(buf) || read_n(st->tool, buf, h.size, 5000) != h.size) {
+			st->bad++;
+			break;
+		}
+		if (h.id == st->g->get_version && h.size == 24 && h.seq == 5000 + (uint32_t)st->replies) {
+			st->replies++;
+		} else if (h.id == (st->g->v7 ? 1 : 0) && h.size == (st->g->v7 ? 544 : 8) &&
+			   h.seq == st->last_ev_seq + 1) {
+			st->last_ev_seq = h.seq;
+			st->events++;
+		} else {
+			st->bad++;
+		}
+	}
+	return NULL;
+}
+
+static void test_stress(const struct gen *g, int vm)
+{
+	int sv[2];
+	struct stress st = { .g = g };
+	pthread_t w, r;
+	int pre_fail = 0;
+
+	socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
+	st.tool = sv[1];
+	if (hook(g, vm, sv[0], 0) != 0) {
+		check(0, "%s stress: HOOK -> 0", g->name);
+		close(sv[0]);
+		close(sv[1]);
+		return;
+	}
+	check(1, "%s stress: HOOK -> 0", g->name);
+	feature(g, vm, 1, 1, -1);
+	feature(g, vm, 0, 1, -1);
+	check(control_unhook(st.tool, g, 1) == 0, "%s stress: unhook event enabled", g->name);
+	pthread_create(&r, NULL, stress_reader, &st);
+	pthread_create(&w, NULL, stress_writer, &st);
+	for (int i = 0; i < STRESS_N; i++)
+		if (xioctl(vm, g->preunhook, NULL) != 0)
+			pre_fail++;
+	pthread_join(w, NULL);
+	pthread_join(r, NULL);
+	check(pre_fail == 0 && st.bad == 0 && st.replies == STRESS_N && st.events == STRESS_N,
+	      "%s stress: %d replies and %d unhook events (seq 1..%u) arrive whole and in order while "
+	      "the serving thread and PREUNHOOK write at once", g->name, st.replies, st.events, st.last_ev_seq);
+	check(xioctl(vm, g->unhook, NULL) == 0, "%s stress: UNHOOK -> 0", g->name);
+	close(sv[0]);
+	close(sv[1]);
+}
+
 static void test_generation(const struct gen *g, int vm)
 {
 	const char *n = g->name;
@@ -230,7 +315,14 @@ static void test_generation(const struct gen *g, int vm)
 
 	int fds_before = count_dir("/proc/self/fd");
 	int tasks_before = count_dir("/proc/self/task");
-	check(hook(g, vm, sv[0], 0) == 0, "%s HOOK -> 0", n);
+	r = hook(g, vm, sv[0], 0);
+	check(r == 0, "%s HOOK -> 0 (got %d)", n, r);
+	if (r != 0) {
+		check(0, "%s: no session, the rest of this generation is skipped", n);
+		close(sv[0]);
+		close(sv[1]);
+		return;
+	}
 	check(count_dir("/proc/self/task") == tasks_before + 1, "%s HOOK starts one serving thread", n);
 	check(hook(g, vm, sv[0], 0) == -EEXIST, "%s second HOOK -> EEXIST", n);
 	check(hook(g, vm, sv[0], 1) == -EINVAL, "%s HOOK padding!=0 while hooked -> EINVAL (checked first)", n);
@@ -377,11 +469,24 @@ static void test_generation(const struct gen *g, int vm)
 
 	/* tool closes -> EEXIST until UNHOOK */
 	socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv); /* non-blocking, as QEMU's */
-	check(hook(g, vm, sv[0], 0) == 0, "%s HOOK on a non-blocking socket -> 0", n);
 	tool = sv[1];
 	{
 		int fl = fcntl(tool, F_GETFL);
 		fcntl(tool, F_SETFL, fl & ~O_NONBLOCK);
+		/* libkvmi sends GET_VERSION before QEMU hooks: it waits in the socket */
+		struct kd_msg_hdr q = { .id = g->get_version, .size = 0, .seq = 77 };
+		check(write(tool, &q, sizeof(q)) == sizeof(q), "%s GET_VERSION queued before HOOK", n);
+	}
+	check(hook(g, vm, sv[0], 0) == 0, "%s HOOK on a non-blocking socket -> 0", n);
+	{
+		uint8_t rep[32];
+		struct kd_msg_hdr rh2;
+		struct kd_error_code ec2;
+		size_t got = read_n(tool, rep, sizeof(rep), 3000);
+		memcpy(&rh2, rep, sizeof(rh2));
+		memcpy(&ec2, rep + 8, sizeof(ec2));
+		check(got == 32 && rh2.id == g->get_version && rh2.seq == 77 && rh2.size == 24 && ec2.err == 0,
+		      "%s the queued GET_VERSION is answered after HOOK", n);
 	}
 	r = request(tool, g->get_version, NULL, 0, NULL, 0, NULL, NULL);
 	check(r == 0, "%s fresh hook: GET_VERSION -> 0", n);
@@ -410,8 +515,12 @@ static void test_generation(const struct gen *g, int vm)
 int main(void)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	check(dlsym(RTLD_DEFAULT, "kvmi_kernel_double_marker") != NULL,
-	      "kernel double is preloaded (LD_PRELOAD)");
+	if (!dlsym(RTLD_DEFAULT, "kvmi_kernel_double_marker")) {
+		check(0, "kernel double is preloaded (LD_PRELOAD)");
+		printf("%d passed, %d failed\n", passed, failed);
+		return 1;
+	}
+	check(1, "kernel double is preloaded (LD_PRELOAD)");
 
 	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 	check(kvm >= 0, "open /dev/kvm");
@@ -454,6 +563,8 @@ int main(void)
 
 	test_generation(&V12, vm);
 	test_generation(&V7, vm);
+	test_stress(&V12, vm);
+	test_stress(&V7, vm);
 
 	/* KVMI_KERNEL_DOUBLE_ABI restricts the generation; the rest is passed through */
 	{
@@ -478,7 +589,38 @@ int main(void)
 		close(sv[1]);
 	}
 
-	/* closing the VM fd is out of scope (see the doc); leave the VM unhooked */
+	/* a forked child closing the VM fd leaves the parent's hook alone */
+	{
+		int sv[2];
+		socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
+		check(hook(&V12, vm, sv[0], 0) == 0, "fork: HOOK in the parent -> 0");
+		pid_t pid = fork();
+		if (pid == 0) {
+			close(vm);
+			_exit(0);
+		}
+		int st = 0;
+		waitpid(pid, &st, 0);
+		check(WIFEXITED(st) && WEXITSTATUS(st) == 0, "fork: child closed its copy of the VM fd and exited");
+		check(hook(&V12, vm, sv[0], 0) == -EEXIST, "fork: parent still hooked (HOOK -> EEXIST)");
+		check(request(sv[1], KD_V12_GET_VERSION, NULL, 0, NULL, 0, NULL, NULL) == 0,
+		      "fork: parent's session still answers GET_VERSION");
+
+		/* closing the hooked VM fd unhooks, as VM destruction does */
+		int tasks = count_dir("/proc/self/task");
+		int old_vm = vm;
+		close(vm);
+		char c;
+		check(read_n(sv[1], &c, 1, 3000) == 0, "close(VM fd): the tool sees EOF");
+		check(count_dir("/proc/self/task") == tasks - 1, "close(VM fd): the serving thread is gone");
+		vm = ioctl(kvm, KVM_CREATE_VM, 0);
+		check(vm >= 0, "KVM_CREATE_VM again (fd %d, the old one was %d)", vm, old_vm);
+		check(hook(&V12, vm, sv[0], 0) == 0, "new VM starts unhooked: HOOK -> 0");
+		check(xioctl(vm, KD_V12_UNHOOK, NULL) == 0, "new VM: UNHOOK -> 0");
+		close(sv[0]);
+		close(sv[1]);
+	}
+
 	close(vm);
 	close(kvm);
 	printf("%d passed, %d failed\n", passed, failed);

@@ -1,0 +1,75 @@
+import Foundation
+import KVMIBrokerCore
+import KVMIBrokerOS
+import KVMITestIntrospector
+import Testing
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// A fresh unix socket path for one test.
+func temporarySocketPath(_ tag: String) -> String {
+    "/tmp/kvmib-test-\(getpid())-\(tag)-\(UInt32.random(in: 0...UInt32.max)).sock"
+}
+
+/// Polls until `body` returns true or `timeout` passes; returns the last result.
+func eventually(timeout: Duration = .seconds(5), _ body: () -> Bool) -> Bool {
+    let deadline = ContinuousClock.now.advanced(by: timeout)
+    while ContinuousClock.now < deadline {
+        if body() { return true }
+        usleep(5000)
+    }
+    return body()
+}
+
+/// The folder holding the built executables (next to the test bundle).
+func productsDirectory() -> URL {
+    let executable = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+    var directory = executable.deletingLastPathComponent()
+    // On Linux the runner is <products>/kvmi-brokerPackageTests.xctest (a plain executable).
+    if directory.lastPathComponent.hasSuffix(".xctest") { directory = directory.deletingLastPathComponent() }
+    return directory
+}
+
+/// Runs a process to completion with a time limit; returns (status, stdout, stderr).
+func runProcess(_ executable: URL, _ arguments: [String], timeout: TimeInterval = 30) throws -> (Int32, String, String) {
+    let process = Process()
+    process.executableURL = executable
+    process.arguments = arguments
+    let out = Pipe()
+    let err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    try process.run()
+    let deadline = Date().addingTimeInterval(timeout)
+    while process.isRunning && Date() < deadline { usleep(10_000) }
+    if process.isRunning {
+        process.terminate()
+        process.waitUntilExit()
+    }
+    let stdout = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    return (process.terminationStatus, stdout, stderr)
+}
+
+let testUUID = GuestUUID("6695eb01-f6a4-8304-79aa-97f2502e193f")!
+let testSecret = Array("s3cret with a newline\n".utf8)
+
+func parameters(_ abi: ABIGeneration = .v12, secret: [UInt8]? = testSecret, timeout: Duration = .seconds(2)) -> HandshakeParameters {
+    HandshakeParameters(
+        abi: abi, request: HandshakeRequest(uuid: testUUID, name: "guest-1", startTime: 1_700_000_000, maxGPA: 0x1_0000_0000),
+        expectedCookie: secret.map { CookieHash(secret: $0) }, timeout: timeout)
+}
+
+/// Every OS-layer suite nests here and runs one test at a time: the descriptor-leak checks
+/// count this process's open descriptors, which a parallel test would disturb.
+@Suite(.serialized) enum OSLayerTests {}
+
+/// What each open descriptor is, for leak reports.
+func describeDescriptors() -> String {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+    return entries.sorted { (Int($0) ?? 0) < (Int($1) ?? 0) }.map { entry in
+        "\(entry)=\((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(entry)")) ?? "?")"
+    }.joined(separator: " ")
+}

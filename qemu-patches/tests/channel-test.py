@@ -1,0 +1,802 @@
+#!/usr/bin/env python3
+#
+# channel-test.py: run a patched qemu-system-x86_64 against a scripted
+# broker and check QEMU's side of Documentation/channel-protocol.md.
+#
+# usage: channel-test.py QEMU [--kernel-double LIB.so] [-k PATTERN] [-v]
+#
+# Without a KVMI kernel the HOOK ioctl fails with the kernel's real errno
+# (ENOTTY on stock kernels); those tests always run.  The tests of the
+# hooked path (PREUNHOOK waits, hang-up, migration gate) need a kernel
+# double preloaded into QEMU that fakes the five introspection ioctls;
+# pass it with --kernel-double (it must accept HOOK with a socket fd,
+# answer PREUNHOOK with 0 and UNHOOK with 0).
+#
+# Needs: python3, /dev/kvm, Debian's seabios (-L /usr/share/seabios).
+# SPDX-License-Identifier: GPL-2.0-or-later
+
+import argparse
+import array
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid as uuidlib
+
+MAGIC = 0x494D564B
+HELLO, WELCOME, REFUSE = 0x1, 0x2, 0x3
+HOOK, SET_ALLOWED, PREUNHOOK, UNHOOK, RELEASE = 0x10, 0x11, 0x12, 0x13, 0x14
+EVENT, RESULT = 0x40, 0x80
+STEPS = {0: 'NONE', 1: 'HOOK', 2: 'COMMAND', 3: 'EVENT', 4: 'PREUNHOOK',
+         5: 'UNHOOK', 6: 'FD', 7: 'STATE', 8: 'REQUEST'}
+EVENTS = {1: 'TOOL_HANGUP', 2: 'PAUSED', 3: 'RESUMED', 4: 'MIGRATION_OUT',
+          5: 'MIGRATION_FAILED', 6: 'MIGRATION_IN', 7: 'RESET',
+          8: 'SHUTDOWN', 9: 'SAVEVM', 10: 'REQUIRED_TIMEOUT'}
+
+VERBOSE = False
+
+
+def log(*a):
+    if VERBOSE:
+        print('   ', *a, flush=True)
+
+
+class Fail(Exception):
+    pass
+
+
+def check(cond, what):
+    if not cond:
+        raise Fail(what)
+
+
+class Channel:
+    """The broker's end of one QEMU connection."""
+
+    def __init__(self, conn):
+        self.sock = conn
+        self.seq = 0
+        self.pending = []       # messages read but not consumed yet
+
+    def close(self):
+        self.sock.close()
+
+    def send(self, mtype, payload=b'', fds=(), seq=None, magic=MAGIC,
+             size=None):
+        if seq is None:
+            self.seq += 1
+            seq = self.seq
+        hdr = struct.pack('<IHHII', magic, mtype, 0, seq,
+                          len(payload) if size is None else size)
+        data = hdr + payload
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                    array.array('i', fds).tobytes())]
+            self.sock.sendmsg([data], anc)
+        else:
+            self.sock.sendall(data)
+        return seq
+
+    def _recv_exact(self, n, deadline):
+        buf = b''
+        while len(buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Fail('timeout reading from QEMU')
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(n - len(buf))
+            except socket.timeout:
+                raise Fail('timeout reading from QEMU')
+            if not chunk:
+                raise EOFError('QEMU closed the channel')
+            buf += chunk
+        return buf
+
+    def read_msg(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        hdr = self._recv_exact(16, deadline)
+        magic, mtype, flags, seq, size = struct.unpack('<IHHII', hdr)
+        check(magic == MAGIC, 'bad magic from QEMU')
+        check(size <= 4096, 'oversized message from QEMU')
+        payload = self._recv_exact(size, deadline) if size else b''
+        msg = {'type': mtype, 'seq': seq, 'payload': payload}
+        if mtype == EVENT:
+            kind, _, err, st, hooked, running = struct.unpack(
+                '<HHIqBB', payload[:18])
+            msg.update(kind=EVENTS.get(kind, kind), error=err,
+                       start_time=st, hooked=hooked, running=running)
+        elif mtype == RESULT:
+            rtype, step, hooked, err, fid = struct.unpack('<HBBIi',
+                                                          payload[:12])
+            msg.update(request_type=rtype, step=STEPS.get(step, step),
+                       hooked=hooked, error=err, failed_id=fid)
+        elif mtype == HELLO:
+            p = payload
+            (ver, flags, pid) = struct.unpack('<HHI', p[:8])
+            msg.update(version=ver, flags=flags, pid=pid,
+                       uuid=str(uuidlib.UUID(bytes=p[8:24])),
+                       start_time=struct.unpack('<q', p[24:32])[0],
+                       max_gpa=struct.unpack('<Q', p[32:40])[0],
+                       hooked_abi=p[40],
+                       cap_v12=struct.unpack('<i', p[44:48])[0],
+                       cap_v7=struct.unpack('<i', p[48:52])[0],
+                       param=struct.unpack('<i', p[52:56])[0],
+                       name=p[56:120].split(b'\0')[0].decode())
+        log('<-', {k: v for k, v in msg.items() if k != 'payload'})
+        return msg
+
+    def expect(self, mtype, timeout=10.0, **fields):
+        """Next message of mtype (others are kept for later)."""
+        for i, m in enumerate(self.pending):
+            if m['type'] == mtype and all(m.get(k) == v
+                                          for k, v in fields.items()):
+                return self.pending.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.read_msg(max(0.01, deadline - time.monotonic()))
+            if m['type'] == mtype and all(m.get(k) == v
+                                          for k, v in fields.items()):
+                return m
+            self.pending.append(m)
+
+    def event(self, kind, timeout=10.0):
+        return self.expect(EVENT, timeout, kind=kind)
+
+    def request(self, mtype, payload=b'', fds=(), timeout=10.0):
+        seq = self.send(mtype, payload, fds)
+        r = self.expect(RESULT, timeout)
+        check(r['seq'] == seq, 'RESULT seq %d != %d' % (r['seq'], seq))
+        check(r['request_type'] == mtype, 'RESULT for the wrong type')
+        return r
+
+    def assert_closed(self, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                self.read_msg(max(0.01, deadline - time.monotonic()))
+        except EOFError:
+            return
+        except (ConnectionResetError, Fail):
+            if time.monotonic() >= deadline:
+                raise Fail('QEMU did not close the channel')
+
+
+def lists(abi=12, commands=(-1,), events=(-1,)):
+    ids = list(commands) + list(events)
+    return struct.pack('<BBHHH', abi, 0, len(commands), len(events), 0) + \
+        struct.pack('<%di' % len(ids), *ids)
+
+
+class QMP:
+    def __init__(self, path, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.f = self.sock.makefile('rwb', buffering=0)
+        self.events = []
+        self._read()
+        self.cmd('qmp_capabilities')
+
+    def _read(self):
+        line = self.f.readline()
+        if not line:
+            raise EOFError('QMP closed')
+        return json.loads(line)
+
+    def cmd(self, name, timeout=30.0, **args):
+        msg = {'execute': name}
+        if args:
+            msg['arguments'] = args
+        self.sock.settimeout(timeout)
+        self.f.write(json.dumps(msg).encode() + b'\n')
+        while True:
+            r = self._read()
+            if 'event' in r:
+                self.events.append(r)
+                continue
+            if 'error' in r:
+                raise Fail('QMP %s: %s' % (name, r['error']))
+            return r['return']
+
+    def status(self):
+        return self.cmd('query-status')['status']
+
+    def close(self):
+        self.sock.close()
+
+
+class Env:
+    def __init__(self, qemu, double):
+        self.qemu = qemu
+        self.double = double
+        self.dir = tempfile.mkdtemp(prefix='ib-test-')
+        self.sock_path = os.path.join(self.dir, 'broker.sock')
+        self.listener = None
+        self.procs = []
+
+    def listen(self):
+        if self.listener:
+            self.listener.close()
+        if os.path.exists(self.sock_path):
+            os.unlink(self.sock_path)
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.sock_path)
+        self.listener.listen(8)
+
+    def accept(self, timeout=10.0):
+        self.listener.settimeout(timeout)
+        try:
+            conn, _ = self.listener.accept()
+        except socket.timeout:
+            raise Fail('QEMU did not connect within %s s' % timeout)
+        conn.settimeout(None)
+        return Channel(conn)
+
+    def start(self, obj_opts='', extra=(), stopped=True, name='demo',
+              uid=None, qmp_name='qmp', double=False, env_extra=None):
+        uid = uid or str(uuidlib.uuid4())
+        qmp_path = os.path.join(self.dir, qmp_name + '.sock')
+        args = [self.qemu, '-accel', 'kvm', '-L', '/usr/share/seabios',
+                '-m', '64', '-display', 'none', '-nodefaults',
+                '-uuid', uid, '-name', 'guest=' + name,
+                '-chardev', 'socket,id=chr0,path=%s,reconnect-ms=500'
+                % self.sock_path,
+                '-object', 'introspection-broker,id=vmi0,chardev=chr0' +
+                obj_opts,
+                '-qmp', 'unix:%s,server=on,wait=off' % qmp_path]
+        if stopped:
+            args.append('-S')
+        args += list(extra)
+        env = dict(os.environ)
+        if double:
+            env['LD_PRELOAD'] = self.double
+        env.update(env_extra or {})
+        errf = open(os.path.join(self.dir, qmp_name + '.stderr'), 'w+')
+        p = subprocess.Popen(args, stdout=errf, stderr=errf, env=env)
+        p.errf = errf
+        p.uid = uid
+        self.procs.append(p)
+        return p, QMP(qmp_path)
+
+    def stderr(self, p):
+        p.errf.flush()
+        p.errf.seek(0)
+        return p.errf.read()
+
+    def stop(self, p):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def cleanup(self):
+        for p in self.procs:
+            self.stop(p)
+        if self.listener:
+            self.listener.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def handshake(env, p=None, timeout=10.0):
+    ch = env.accept(timeout)
+    h = ch.expect(HELLO)
+    ch.send(WELCOME, struct.pack('<HHI', 1, 0, 0), seq=0)
+    return ch, h
+
+
+def tool_pair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return a, b
+
+
+# ---------------------------------------------------------------- tests
+
+def t_hello(env):
+    """HELLO carries identity, state and the capability probe"""
+    env.listen()
+    p, qmp = env.start()
+    ch, h = handshake(env)
+    check(h['version'] == 1, 'version')
+    check(h['pid'] == p.pid, 'pid %d != %d' % (h['pid'], p.pid))
+    check(h['uuid'] == p.uid, 'uuid')
+    check(h['name'] == 'demo', 'name')
+    check(abs(h['start_time'] - time.time()) < 30, 'start_time')
+    check(h['max_gpa'] == 64 << 20, 'max_gpa %#x' % h['max_gpa'])
+    check(h['flags'] == 0, 'flags %#x (paused, not hooked)' % h['flags'])
+    check(h['hooked_abi'] == 0, 'hooked_abi')
+    check(h['param'] in (-1, 0, 1), 'param')
+    print('    HELLO: cap_v12=%d cap_v7=%d param=%d max_gpa=%#x' %
+          (h['cap_v12'], h['cap_v7'], h['param'], h['max_gpa']))
+    ch.close()
+    env.stop(p)
+
+
+def t_hook_real_kernel(env):
+    """HOOK gets the kernel's errno (step HOOK); state checks; FD checks"""
+    env.listen()
+    p, qmp = env.start()
+    ch, h = handshake(env)
+    a, b = tool_pair()
+    r = ch.request(HOOK, lists(), fds=[a.fileno()])
+    check((r['step'], r['error']) == ('STATE', errno.EBUSY),
+          'HOOK while paused (-S): %s' % r)
+    qmp.cmd('cont')
+    ev = ch.event('RESUMED')
+    check(ev['running'] == 1 and ev['hooked'] == 0, 'RESUMED fields')
+    for abi in (12, 7):
+        r = ch.request(HOOK, lists(abi), fds=[a.fileno()])
+        check(r['step'] == 'HOOK' and r['hooked'] == 0,
+              'HOOK v%d: %s' % (abi, r))
+        print('    HOOK v%d on this kernel: errno %d (%s)' %
+              (abi, r['error'], os.strerror(r['error'])))
+        check(r['error'] == errno.ENOTTY, 'expected ENOTTY')
+    r = ch.request(HOOK, lists())
+    check((r['step'], r['error']) == ('FD', errno.EBADF), 'no fd: %s' % r)
+    r = ch.request(HOOK, lists(), fds=[a.fileno(), b.fileno()])
+    check((r['step'], r['error']) == ('FD', errno.EBADF), 'two fds: %s' % r)
+    r = ch.request(HOOK, lists(abi=9), fds=[a.fileno()])
+    check((r['step'], r['error']) == ('REQUEST', errno.EINVAL), 'abi 9')
+    r = ch.request(HOOK, lists(commands=[1] * 65), fds=[a.fileno()])
+    check((r['step'], r['error']) == ('REQUEST', errno.EINVAL), '65 ids')
+    r = ch.request(0x99)
+    check((r['step'], r['error']) == ('REQUEST', errno.ENOSYS), 'unknown')
+    r = ch.request(SET_ALLOWED, lists())
+    check((r['step'], r['error']) == ('STATE', errno.ENOTCONN),
+          'SET_ALLOWED unhooked: %s' % r)
+    r = ch.request(PREUNHOOK)
+    check((r['step'], r['error']) == ('STATE', errno.ENOTCONN), 'PREUNHOOK')
+    r = ch.request(UNHOOK)
+    check((r['step'], r['error']) == ('NONE', 0), 'UNHOOK idempotent')
+    r = ch.request(RELEASE)
+    check((r['step'], r['error']) == ('NONE', 0), 'RELEASE no-op')
+    # the channel is still alive and QEMU did not leak the fds it got
+    fds = len(os.listdir('/proc/%d/fd' % p.pid))
+    for _ in range(5):
+        ch.request(HOOK, lists(), fds=[a.fileno()])
+    check(len(os.listdir('/proc/%d/fd' % p.pid)) == fds, 'fd leak')
+    ch.close()
+    env.stop(p)
+
+
+def t_stop_cont_reset(env):
+    """stop/cont give PAUSED/RESUMED; system_reset gives a new start_time"""
+    env.listen()
+    p, qmp = env.start(stopped=False)
+    ch, h = handshake(env)
+    check(h['flags'] & 8, 'RUNNING flag')
+    qmp.cmd('stop')
+    ev = ch.event('PAUSED')
+    check(ev['running'] == 0, 'PAUSED running=0')
+    qmp.cmd('cont')
+    ev = ch.event('RESUMED')
+    check(ev['running'] == 1, 'RESUMED running=1')
+    t0 = ev['start_time']
+    time.sleep(1.2)
+    qmp.cmd('system_reset')
+    ev = ch.event('RESET')
+    check(ev['start_time'] > t0, 'RESET start_time %d !> %d' %
+          (ev['start_time'], t0))
+    ch.close()
+    env.stop(p)
+
+
+def t_reconnect(env):
+    """a broker restart gets a new HELLO; REFUSE and protocol errors"""
+    env.listen()
+    p, qmp = env.start(stopped=False)
+    ch, h1 = handshake(env)
+    ch.close()
+    env.listener.close()
+    env.listener = None
+    time.sleep(1)
+    env.listen()
+    ch, h2 = handshake(env, timeout=5)
+    check(h2['start_time'] == h1['start_time'], 'start_time kept')
+    check(h2['pid'] == p.pid, 'same QEMU')
+    # REFUSE: QEMU logs the reason and reconnects later
+    ch.close()
+    ch = env.accept()
+    ch.expect(HELLO)
+    ch.send(REFUSE, struct.pack('<i', errno.EPERM) + b'uuid mismatch',
+            seq=0)
+    ch.assert_closed()
+    ch = env.accept()
+    ch.expect(HELLO)
+    check('uuid mismatch' in env.stderr(p), 'REFUSE text logged')
+    # bad magic closes the channel
+    ch.send(WELCOME, struct.pack('<HHI', 1, 0, 0), seq=0)
+    ch.send(UNHOOK, magic=0x12345678)
+    ch.assert_closed()
+    ch, _ = handshake(env)
+    # oversized payload closes the channel
+    ch.send(UNHOOK, size=4097)
+    ch.assert_closed()
+    ch, _ = handshake(env)
+    # an fd on a message other than HOOK closes the channel
+    a, b = tool_pair()
+    ch.send(UNHOOK, fds=[a.fileno()])
+    ch.assert_closed()
+    ch, _ = handshake(env)
+    r = ch.request(UNHOOK)
+    check(r['error'] == 0, 'still serving after errors')
+    ch.close()
+    env.stop(p)
+
+
+def t_welcome_timeout(env):
+    """no WELCOME within 10 s: QEMU disconnects and reconnects"""
+    env.listen()
+    p, qmp = env.start()
+    ch = env.accept()
+    ch.expect(HELLO)
+    t0 = time.monotonic()
+    ch.assert_closed(timeout=15)
+    dt = time.monotonic() - t0
+    check(9 < dt < 12, 'closed after %.1f s' % dt)
+    ch = env.accept()
+    ch.expect(HELLO)
+    ch.close()
+    env.stop(p)
+
+
+def t_required_cont(env):
+    """required=on with -S: 'cont' is deferred until RELEASE"""
+    env.listen()
+    p, qmp = env.start(',required=on,required-timeout=2')
+    ch, h = handshake(env)
+    check(h['flags'] & 6 == 6, 'REQUIRED|HELD flags %#x' % h['flags'])
+    qmp.cmd('cont')       # succeeds, but the start is deferred
+    time.sleep(0.3)
+    check(qmp.status() != 'running', 'vCPUs held after cont')
+    ev = ch.event('REQUIRED_TIMEOUT', timeout=5)
+    check(ev['running'] == 0, 'still paused')
+    check('introspection is required' in env.stderr(p), 'logged why')
+    # HOOK is allowed while held (the real kernel then refuses it)
+    a, b = tool_pair()
+    r = ch.request(HOOK, lists(), fds=[a.fileno()])
+    check(r['step'] == 'HOOK', 'HOOK while held reaches the ioctl: %s' % r)
+    r = ch.request(RELEASE)
+    check(r['error'] == 0, 'RELEASE')
+    ch.event('RESUMED')
+    check(qmp.status() == 'running', 'running after RELEASE')
+    ch.close()
+    env.stop(p)
+
+
+def t_required_no_s(env):
+    """required=on without -S: the VM starts only after RELEASE"""
+    env.listen()
+    p, qmp = env.start(',required=on', stopped=False)
+    ch, h = handshake(env)
+    check(h['flags'] & 8 == 0, 'not running')
+    time.sleep(0.5)
+    check(qmp.status() != 'running', 'held: %s' % qmp.status())
+    ch.request(RELEASE)
+    ch.event('RESUMED')
+    check(qmp.status() == 'running', 'running after RELEASE')
+    ch.close()
+    env.stop(p)
+
+
+def t_migration(env):
+    """outgoing (cancelled, completed) and incoming migration events"""
+    env.listen()
+    p, qmp = env.start(stopped=False, qmp_name='src')
+    ch, h = handshake(env)
+    # cancelled: the destination never reads
+    qmp.cmd('migrate', uri='exec:sleep 30')
+    ev = ch.event('MIGRATION_OUT')
+    a, b = tool_pair()
+    r = ch.request(HOOK, lists(), fds=[a.fileno()])
+    check((r['step'], r['error']) == ('STATE', errno.EBUSY),
+          'HOOK while migrating: %s' % r)
+    qmp.cmd('migrate_cancel')
+    ev = ch.event('MIGRATION_FAILED')
+    check(ev['running'] == 1, 'runs here after cancel')
+    # a real migration to a second QEMU on the same broker
+    mig = os.path.join(env.dir, 'mig.sock')
+    p2, qmp2 = env.start(extra=['-incoming', 'unix:' + mig],
+                         stopped=False, qmp_name='dst', uid=p.uid)
+    ch2, h2 = handshake(env)
+    check(h2['flags'] & 8 == 0, 'destination not running')
+    r = ch2.request(HOOK, lists(), fds=[a.fileno()])
+    check((r['step'], r['error']) == ('STATE', errno.EBUSY),
+          'HOOK on the destination before the migration ended: %s' % r)
+    time.sleep(1.1)
+    qmp.cmd('migrate', uri='unix:' + mig)
+    ch.event('MIGRATION_OUT')
+    ev = ch2.event('MIGRATION_IN', timeout=30)
+    check(ev['start_time'] == h['start_time'],
+          'start_time carried: %d vs %d' % (ev['start_time'],
+                                            h['start_time']))
+    check(ev['running'] == 1, 'destination runs')
+    r = ch2.request(HOOK, lists(), fds=[a.fileno()])
+    check(r['step'] == 'HOOK', 'HOOK reaches the ioctl after MIGRATION_IN')
+    ch.close()
+    ch2.close()
+    env.stop(p)
+    env.stop(p2)
+
+
+def t_shutdown(env):
+    """QMP quit sends SHUTDOWN"""
+    env.listen()
+    p, qmp = env.start(stopped=False)
+    ch, h = handshake(env)
+    try:
+        qmp.cmd('quit')
+    except (EOFError, OSError):
+        pass
+    ch.event('SHUTDOWN')
+    p.wait(10)
+    ch.close()
+
+
+# -- with a kernel double: the hooked path
+
+def hooked(env, opts='', stopped=False, env_extra=None):
+    env.listen()
+    p, qmp = env.start(opts, stopped=stopped, double=True,
+                       env_extra=env_extra)
+    ch, h = handshake(env)
+    a, b = tool_pair()
+    r = ch.request(HOOK, lists(12, [-1], [0, 1, 5]), fds=[a.fileno()])
+    check((r['step'], r['error'], r['hooked']) == ('NONE', 0, 1),
+          'HOOK with the double: %s' % r)
+    a.close()           # QEMU keeps its own copy
+    return p, qmp, ch, b
+
+
+def t_d_hello_hooked(env):
+    """after a broker restart, HELLO says hooked with the abi"""
+    p, qmp, ch, tool = hooked(env)
+    a, _ = tool_pair()
+    r = ch.request(HOOK, lists(), fds=[a.fileno()])
+    check((r['step'], r['error']) == ('STATE', errno.EEXIST), 'EEXIST')
+    r = ch.request(SET_ALLOWED, lists(12, [2, 4], []))
+    check(r['error'] == 0 and r['hooked'] == 1, 'SET_ALLOWED: %s' % r)
+    r = ch.request(SET_ALLOWED, lists(7, [2], []))
+    check(r['step'] == 'REQUEST', 'SET_ALLOWED abi mismatch')
+    r = ch.request(SET_ALLOWED, lists(12, [99], []))
+    check((r['step'], r['error'], r['failed_id'], r['hooked']) ==
+          ('COMMAND', errno.EINVAL, 99, 0),
+          'SET_ALLOWED failure unhooks: %s' % r)
+    b = tool
+    a, tool = tool_pair()
+    r = ch.request(HOOK, lists(12, [-1], [-1]), fds=[a.fileno()])
+    check(r['hooked'] == 1, 'rehook')
+    ch.close()
+    ch, h = handshake(env)
+    check(h['flags'] & 1 and h['hooked_abi'] == 12, 'HELLO hooked v12')
+    r = ch.request(HOOK, lists(7, [5], [77]), fds=[a.fileno()])
+    check(r['step'] == 'STATE', 'still hooked')
+    ch.request(UNHOOK)
+    r = ch.request(HOOK, lists(12, [5], [77]), fds=[a.fileno()])
+    check((r['step'], r['error'], r['failed_id'], r['hooked']) ==
+          ('EVENT', errno.EINVAL, 77, 0), 'failed event id: %s' % r)
+    ch.close()
+    env.stop(p)
+
+
+def t_d_hangup(env):
+    """the tool closing its socket gives TOOL_HANGUP and an UNHOOK"""
+    p, qmp, ch, tool = hooked(env)
+    tool.close()
+    ev = ch.event('TOOL_HANGUP')
+    check(ev['hooked'] == 0, 'unhooked after hang-up')
+    check('double: UNHOOK' in env.stderr(p), 'UNHOOK issued')
+    ch.close()
+    env.stop(p)
+
+
+def t_d_stop_waits(env):
+    """QMP stop waits for the tool, without blocking the main loop"""
+    p, qmp, ch, tool = hooked(env)
+    qmp2 = QMP(os.path.join(env.dir, 'qmp.sock'))
+    import threading
+    done = {}
+
+    def do_stop():
+        t0 = time.monotonic()
+        qmp.cmd('stop')
+        done['t'] = time.monotonic() - t0
+    th = threading.Thread(target=do_stop)
+    th.start()
+    # the kernel double wrote KVMI_VM_EVENT_UNHOOK to the tool's socket
+    tool.settimeout(5)
+    ev = tool.recv(16)
+    check(len(ev) == 16, 'tool got the unhook event')
+    time.sleep(1.5)
+    check('t' not in done, 'stop returned before the tool closed')
+    # the broker channel (main loop) still answers while stop waits
+    r = ch.request(RELEASE, timeout=2)
+    check(r['error'] == 0, 'main loop alive during the wait')
+    tool.close()
+    th.join(10)
+    check('t' in done and done['t'] >= 1.5, 'stop waited for the tool')
+    ev = ch.event('PAUSED')
+    check(ev['hooked'] == 0 and ev['running'] == 0, 'PAUSED unhooked')
+    check(qmp.status() == 'paused', 'paused')
+    print('    stop returned after %.2f s (tool closed after ~1.5 s)' %
+          done['t'])
+    a, b = tool_pair()
+    r = ch.request(HOOK, lists(), fds=[a.fileno()])
+    check((r['step'], r['error']) == ('STATE', errno.EBUSY), 'paused')
+    qmp.cmd('cont')
+    ch.event('RESUMED')
+    r = ch.request(HOOK, lists(), fds=[a.fileno()])
+    check(r['hooked'] == 1, 'rehook after cont')
+    qmp2.close()
+    ch.close()
+    env.stop(p)
+
+
+def t_d_unhook_timeout(env):
+    """a tool that does not close is unhooked after unhook-timeout"""
+    p, qmp, ch, tool = hooked(env, ',unhook-timeout=2')
+    t0 = time.monotonic()
+    qmp.cmd('stop')
+    dt = time.monotonic() - t0
+    check(1.8 < dt < 4, 'stop took %.1f s' % dt)
+    ev = ch.event('PAUSED')
+    check(ev['error'] == errno.ETIMEDOUT and ev['hooked'] == 0,
+          'PAUSED after timeout: %s' % ev)
+    ch.close()
+    env.stop(p)
+
+
+def t_d_hmp_stop(env):
+    """HMP stop (no coroutine) is deferred until the tool unhooks"""
+    p, qmp, ch, tool = hooked(env)
+    qmp.cmd('human-monitor-command', command_line='stop')
+    check(qmp.status() == 'running', 'deferred')
+    tool.close()
+    ev = ch.event('PAUSED')
+    check(ev['hooked'] == 0, 'unhooked')
+    time.sleep(0.2)
+    check(qmp.status() == 'paused', 'paused after unhook')
+    ch.close()
+    env.stop(p)
+
+
+def t_d_preunhook_enoent(env):
+    """a tool without the unhook event: the stop unhooks at once"""
+    p, qmp, ch, tool = hooked(env,
+                              env_extra={'DOUBLE_PREUNHOOK_ENOENT': '1'})
+    t0 = time.monotonic()
+    qmp.cmd('stop')
+    check(time.monotonic() - t0 < 1, 'no wait')
+    ev = ch.event('PAUSED')
+    check(ev['error'] == errno.ENOENT and ev['hooked'] == 0, 'ENOENT')
+    ch.close()
+    env.stop(p)
+
+
+def t_d_migration(env):
+    """outgoing migration waits for the tool (WAIT_UNPLUG), then goes on"""
+    p, qmp, ch, tool = hooked(env)
+    qmp.cmd('migrate', uri='exec:cat > /dev/null')
+    time.sleep(1)
+    st = qmp.cmd('query-migrate')['status']
+    check(st == 'wait-unplug', 'migration waits: %s' % st)
+    check(qmp.status() == 'running', 'guest runs meanwhile')
+    tool.close()
+    ev = ch.event('MIGRATION_OUT')
+    check(ev['hooked'] == 0, 'unhooked')
+    for _ in range(100):
+        if qmp.cmd('query-migrate')['status'] == 'completed':
+            break
+        time.sleep(0.1)
+    check(qmp.cmd('query-migrate')['status'] == 'completed', 'completed')
+    ch.close()
+    env.stop(p)
+
+
+def t_d_migration_cancel(env):
+    """a migration cancelled while waiting re-enables introspection"""
+    p, qmp, ch, tool = hooked(env)
+    qmp.cmd('migrate', uri='exec:cat > /dev/null')
+    time.sleep(0.5)
+    qmp.cmd('migrate_cancel')
+    ev = ch.event('MIGRATION_FAILED')
+    check(ev['hooked'] == 0 and ev['running'] == 1, 'runs, unhooked')
+    a, b = tool_pair()
+    r = ch.request(HOOK, lists(), fds=[a.fileno()])
+    check(r['hooked'] == 1, 'HOOK again after the failed migration')
+    ch.close()
+    env.stop(p)
+
+
+def t_d_reset(env):
+    """guest reset while hooked: unhook, RESET with a new start_time"""
+    p, qmp, ch, tool = hooked(env)
+    time.sleep(1.1)
+    qmp.cmd('system_reset')
+    ev = ch.event('RESET')
+    check(ev['hooked'] == 0, 'unhooked by reset')
+    ch.close()
+    env.stop(p)
+
+
+def t_d_required(env):
+    """required=on: a successful HOOK starts the vCPUs"""
+    env.listen()
+    p, qmp = env.start(',required=on', stopped=False, double=True)
+    ch, h = handshake(env)
+    check(qmp.status() != 'running', 'held')
+    a, b = tool_pair()
+    r = ch.request(HOOK, lists(), fds=[a.fileno()])
+    check(r['hooked'] == 1, 'hooked while held')
+    ch.event('RESUMED')
+    check(qmp.status() == 'running', 'running after HOOK')
+    ch.close()
+    env.stop(p)
+
+
+BASE = [t_hello, t_hook_real_kernel, t_stop_cont_reset, t_reconnect,
+        t_required_cont, t_required_no_s, t_migration, t_shutdown,
+        t_welcome_timeout]
+DOUBLE = [t_d_hello_hooked, t_d_hangup, t_d_stop_waits, t_d_unhook_timeout,
+          t_d_hmp_stop, t_d_preunhook_enoent, t_d_migration,
+          t_d_migration_cancel, t_d_reset, t_d_required]
+
+
+def main():
+    global VERBOSE
+    ap = argparse.ArgumentParser()
+    ap.add_argument('qemu')
+    ap.add_argument('--kernel-double')
+    ap.add_argument('-k', default='')
+    ap.add_argument('-v', action='store_true')
+    o = ap.parse_args()
+    VERBOSE = o.v
+    tests = BASE + (DOUBLE if o.kernel_double else [])
+    failed = 0
+    for t in tests:
+        if not re.search(o.k, t.__name__):
+            continue
+        env = Env(os.path.abspath(o.qemu),
+                  os.path.abspath(o.kernel_double or ''))
+        t0 = time.monotonic()
+        try:
+            t(env)
+            print('ok   %-22s %5.1fs  %s' % (t.__name__,
+                                            time.monotonic() - t0,
+                                            t.__doc__), flush=True)
+        except Exception as e:
+            failed += 1
+            print('FAIL %-22s %s: %s' % (t.__name__, t.__doc__, e),
+                  flush=True)
+            if VERBOSE:
+                traceback.print_exc()
+            for p in env.procs:
+                print('   stderr of QEMU %d:' % p.pid)
+                print('   | ' + env.stderr(p).replace('\n', '\n   | '))
+        finally:
+            env.cleanup()
+    print('%d failed' % failed)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
