@@ -67,10 +67,11 @@ struct HandshakeBench: AsyncParsableCommand {
         let elapsed = wall.duration(to: clock.now)
         func percentile(_ p: Double) -> Duration { samples[min(samples.count - 1, Int(Double(samples.count) * p))] }
         print("handshakes: \(samples.count) over unix, ABI \(generation), concurrency \(concurrency), cookie checked")
-        print(String(format: "p50 %.1f us  p99 %.1f us  max %.1f us  mean %.1f us", percentile(0.50).secondsDouble * 1e6,
-                     percentile(0.99).secondsDouble * 1e6, samples.last!.secondsDouble * 1e6,
-                     samples.reduce(Duration.zero, +).secondsDouble / Double(samples.count) * 1e6))
+        print(
+            String(
+                format: "p50 %.1f us  p99 %.1f us  max %.1f us  mean %.1f us", percentile(0.50).secondsDouble * 1e6,
+                percentile(0.99).secondsDouble * 1e6, samples.last!.secondsDouble * 1e6,
+                samples.reduce(Duration.zero, +).secondsDouble / Double(samples.count) * 1e6))
         print(String(format: "throughput %.0f handshakes/s", Double(samples.count) / elapsed.secondsDouble))
     }
 }
-

@@ -8,4 +8,3 @@ struct KVMIBroker: AsyncParsableCommand {
         abstract: "Connects KVM guests to VM-introspection tools: policy, handshake, and the hand-over to KVM through QEMU.",
         subcommands: [ProbeCommand.self])
 }
-

@@ -3,6 +3,10 @@ import Foundation
 import KVMIBrokerCore
 import KVMIBrokerOS
 
+#if canImport(Glibc)
+    import Glibc
+#endif
+
 /// `kvmi-broker probe`: one handshake exactly as QEMU would do it, for introspector vendors.
 struct ProbeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -65,10 +69,28 @@ struct ProbeCommand: AsyncParsableCommand {
                 print("  cookie not checked: no --secret-file, so any hash is accepted (the tool is not authenticated)")
             }
             print("  handshake took \(format(outcome.handshakeDuration)) after connecting")
+            print("  \(describeQueuedBytes(outcome.descriptor.raw))")
             print("ok: \(target) completed the handshake")
         } catch let error as BrokerError {
             FileHandle.standardError.write(Data("kvmi-broker probe: \(error)\n".utf8))
             throw ExitCode(1)
         }
     }
+}
+
+/// What the tool already queued behind its reply, looked at without consuming it: with a real
+/// QEMU those bytes go to KVM, so a vendor sees whether the tool spoke KVMI first as libkvmi does.
+func describeQueuedBytes(_ fd: Int32) -> String {
+    usleep(20_000)  // give a tool that writes its first message separately a moment
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    let count = recv(fd, &buffer, buffer.count, Int32(MSG_PEEK | MSG_DONTWAIT))
+    guard count > 0 else { return "nothing queued behind the reply" }
+    var text = "\(count)\(count == buffer.count ? "+" : "") bytes queued behind the reply, left unread (they belong to KVM)"
+    if count >= 8 {
+        let id = buffer.read(UInt16.self, at: 0, order: .host)
+        let size = buffer.read(UInt16.self, at: 2, order: .host)
+        let seq = buffer.read(UInt32.self, at: 4, order: .host)
+        text += ": first KVMI header id=\(id)\(id == 2 ? " (KVMI_GET_VERSION)" : "") size=\(size) seq=\(seq)"
+    }
+    return text
 }

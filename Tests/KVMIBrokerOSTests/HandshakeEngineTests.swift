@@ -21,7 +21,8 @@ extension OSLayerTests {
             _ = IOReactor.shared
         }
 
-        @Test("v7 and v12: the tool gets our identity, we get its cookie, and its first KVMI message is left unread", arguments: ABIGeneration.allCases)
+        @Test(
+            "v7 and v12: the tool gets our identity, we get its cookie, and its first KVMI message is left unread", arguments: ABIGeneration.allCases)
         func completesWithoutOverRead(abi: ABIGeneration) async throws {
             let introspector = try TestIntrospector(
                 .init(endpoint: .unix(path: temporarySocketPath("ok")), secret: testSecret, sendsFirstMessage: true))
@@ -46,7 +47,9 @@ extension OSLayerTests {
         @Test("a longer reply is accepted; its tail is consumed and the message behind it is not")
         func longReply() async throws {
             let introspector = try TestIntrospector(
-                .init(endpoint: .unix(path: temporarySocketPath("long")), secret: testSecret, behaviour: .longReply(extra: 5000), sendsFirstMessage: true))
+                .init(
+                    endpoint: .unix(path: temporarySocketPath("long")), secret: testSecret, behaviour: .longReply(extra: 5000),
+                    sendsFirstMessage: true))
             defer { introspector.stop() }
             let outcome = try await connector.connectAndHandshake(to: introspector.endpoint, parameters())
             defer { outcome.descriptor.close() }
@@ -83,14 +86,17 @@ extension OSLayerTests {
                 Misbehaviour(behaviour: .announcedSize(0), code: .protocolViolation, text: "struct_size 0, less than the 24 bytes"),
                 Misbehaviour(behaviour: .announcedSize(3), code: .protocolViolation, text: "struct_size 3, less than the 24 bytes"),
                 Misbehaviour(behaviour: .announcedSize(23), code: .protocolViolation, text: "struct_size 23, less than the 24 bytes"),
-                Misbehaviour(behaviour: .announcedSize(0xFFFF_FFFF), code: .protocolViolation, text: "struct_size 4294967295, more than the 65536-byte limit"),
+                Misbehaviour(
+                    behaviour: .announcedSize(0xFFFF_FFFF), code: .protocolViolation, text: "struct_size 4294967295, more than the 65536-byte limit"),
                 Misbehaviour(behaviour: .wrongCookie, code: .authenticationFailed, text: "cookie rejected"),
-                Misbehaviour(behaviour: .closeMidReply(bytes: 10), code: .peerClosed, text: "closed the connection after 10 bytes of its handshake reply"),
+                Misbehaviour(
+                    behaviour: .closeMidReply(bytes: 10), code: .peerClosed, text: "closed the connection after 10 bytes of its handshake reply"),
             ])
         func misbehaviour(_ case: Misbehaviour) async throws {
             let before = openDescriptorCount()
             do {
-                let introspector = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("bad")), secret: testSecret, behaviour: `case`.behaviour))
+                let introspector = try TestIntrospector(
+                    .init(endpoint: .unix(path: temporarySocketPath("bad")), secret: testSecret, behaviour: `case`.behaviour))
                 defer { introspector.stop() }
                 do {
                     let outcome = try await connector.connectAndHandshake(to: introspector.endpoint, parameters())
@@ -134,7 +140,8 @@ extension OSLayerTests {
 
         @Test("without a secret any hash is accepted and reported as unauthenticated")
         func noSecret() async throws {
-            let introspector = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("nosecret")), secret: nil, behaviour: .wrongCookie))
+            let introspector = try TestIntrospector(
+                .init(endpoint: .unix(path: temporarySocketPath("nosecret")), secret: nil, behaviour: .wrongCookie))
             defer { introspector.stop() }
             let outcome = try await connector.connectAndHandshake(to: introspector.endpoint, parameters(secret: nil))
             outcome.descriptor.close()
@@ -143,7 +150,8 @@ extension OSLayerTests {
 
         @Test("cancelling a waiting handshake returns at once and closes the socket")
         func cancellation() async throws {
-            let introspector = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("cancel")), secret: testSecret, behaviour: .silent))
+            let introspector = try TestIntrospector(
+                .init(endpoint: .unix(path: temporarySocketPath("cancel")), secret: testSecret, behaviour: .silent))
             defer { introspector.stop() }
             try await Task.sleep(for: .milliseconds(200))  // the runtime creates its timer descriptors on first use
             let before = openDescriptorCount()
@@ -154,13 +162,18 @@ extension OSLayerTests {
             task.cancel()
             let result = await task.result
             #expect(start.duration(to: .now) < .seconds(1))
-            if case .failure(let error as BrokerError) = result { #expect(error.code == .cancelled) } else { Issue.record("not cancelled: \(result)") }
+            if case .failure(let error as BrokerError) = result {
+                #expect(error.code == .cancelled)
+            } else {
+                Issue.record("not cancelled: \(result)")
+            }
             #expect(eventually { openDescriptorCount() <= before }, "\(before) -> \(openDescriptorCount()): \(describeDescriptors())")
         }
 
         @Test("the next attempt follows the back-off")
         func retriesFollowBackoff() async throws {
-            let introspector = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("retry")), secret: testSecret, behaviour: .wrongCookie))
+            let introspector = try TestIntrospector(
+                .init(endpoint: .unix(path: temporarySocketPath("retry")), secret: testSecret, behaviour: .wrongCookie))
             defer { introspector.stop() }
             let backoff = try Backoff(initial: .milliseconds(200), maximum: .seconds(1), multiplier: 2, jitter: 0)
             let retrying = RetryingConnector(backoff: backoff, maximumAttempts: 3, logger: Logger(label: "test"))
@@ -192,7 +205,8 @@ extension OSLayerTests {
             let results = await withTaskGroup(of: Bool.self) { group in
                 for _ in 0..<200 {
                     group.addTask {
-                        guard let outcome = try? await IntrospectorConnector().connectAndHandshake(to: endpoint, parameters(timeout: .seconds(10))) else {
+                        guard let outcome = try? await IntrospectorConnector().connectAndHandshake(to: endpoint, parameters(timeout: .seconds(10)))
+                        else {
                             return false
                         }
                         outcome.descriptor.close()

@@ -22,16 +22,22 @@ extension OSLayerTests {
 
         @Test("a good endpoint: exit 0 and a readable account")
         func success() throws {
-            let introspector = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("probe")), secret: testSecret, sendsFirstMessage: true))
+            let introspector = try TestIntrospector(
+                .init(endpoint: .unix(path: temporarySocketPath("probe")), secret: testSecret, sendsFirstMessage: true))
             defer { introspector.stop() }
             let secret = secretFile(testSecret)
             defer { unlink(secret) }
             let (status, out, err) = try runProcess(
-                broker, ["probe", introspector.endpoint.description, "--secret-file", secret, "--abi", "v7", "--uuid", testUUID.description, "--name", "vendor-test"])
+                broker,
+                [
+                    "probe", introspector.endpoint.description, "--secret-file", secret, "--abi", "v7", "--uuid", testUUID.description, "--name",
+                    "vendor-test",
+                ])
             #expect(status == 0, "stderr: \(err)")
             #expect(out.contains("sent 96 bytes: uuid=\(testUUID) name=\"vendor-test\""))
             #expect(out.contains("received 24 bytes"))
             #expect(out.contains("cookie accepted (SHA-1 of \(secret), \(testSecret.count) bytes)"))
+            #expect(out.contains("8 bytes queued behind the reply, left unread (they belong to KVM): first KVMI header id=2 (KVMI_GET_VERSION)"))
             #expect(out.contains("ok: \(introspector.endpoint) completed the handshake"))
             let record = try #require(introspector.waitForRecords(1).first)
             #expect(record.handshake?.uuid == testUUID && record.handshake?.name == "vendor-test")
@@ -39,7 +45,8 @@ extension OSLayerTests {
 
         @Test("a wrong cookie: non-zero exit and one line saying so")
         func wrongCookie() throws {
-            let introspector = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("probe-bad")), secret: testSecret, behaviour: .wrongCookie))
+            let introspector = try TestIntrospector(
+                .init(endpoint: .unix(path: temporarySocketPath("probe-bad")), secret: testSecret, behaviour: .wrongCookie))
             defer { introspector.stop() }
             let secret = secretFile(testSecret)
             defer { unlink(secret) }
@@ -50,11 +57,13 @@ extension OSLayerTests {
             #expect(lines.first?.hasPrefix("kvmi-broker probe: \(introspector.endpoint): cookie rejected") == true, "\(err)")
         }
 
-        @Test("bad arguments are refused before anything is sent", arguments: [
-            (["probe", "tcp:host.example:1"], "host names are not resolved"),
-            (["probe", "unix:/x", "--abi", "v9"], "--abi must be v7 or v12"),
-            (["probe", "unix:/x", "--uuid", "nope"], "--uuid 'nope' is not a UUID"),
-        ])
+        @Test(
+            "bad arguments are refused before anything is sent",
+            arguments: [
+                (["probe", "tcp:host.example:1"], "host names are not resolved"),
+                (["probe", "unix:/x", "--abi", "v9"], "--abi must be v7 or v12"),
+                (["probe", "unix:/x", "--uuid", "nope"], "--uuid 'nope' is not a UUID"),
+            ])
         func badArguments(arguments: [String], text: String) throws {
             let (status, _, err) = try runProcess(broker, arguments)
             #expect(status != 0)
