@@ -34,12 +34,19 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "HeapModule", package: "swift-collections"),
             ]),
+        // Daemon layer: the QEMU channel server, sessions, identity checks.
+        .target(
+            name: "KVMIBrokerDaemon",
+            dependencies: [
+                "KVMIBrokerCore", "KVMIBrokerOS", "CKVMIBroker",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
         // The test introspector: the tool side of the handshake as libkvmi does it, plus misbehaviours.
         .target(name: "KVMITestIntrospector", dependencies: ["KVMIBrokerCore", "KVMIBrokerOS", "CKVMIBroker"]),
         .executableTarget(
             name: "kvmi-broker",
             dependencies: [
-                "KVMIBrokerCore", "KVMIBrokerOS",
+                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -58,6 +65,9 @@ let package = Package(
         .testTarget(name: "KVMIBrokerCoreTests", dependencies: ["KVMIBrokerCore"]),
         .testTarget(
             name: "KVMIBrokerOSTests",
-            dependencies: ["KVMIBrokerCore", "KVMIBrokerOS", "KVMITestIntrospector", "CKVMIBroker"]),
+            dependencies: [
+                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon", "KVMITestIntrospector", "CKVMIBroker",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
     ]
 )

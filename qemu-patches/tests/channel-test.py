@@ -503,8 +503,9 @@ def t_migration(env):
     env.listen()
     p, qmp = env.start(stopped=False, qmp_name='src')
     ch, h = handshake(env)
-    # cancelled: the destination never reads
-    qmp.cmd('migrate', uri='exec:sleep 30')
+    # cancelled: throttled so that it is still running
+    qmp.cmd('migrate-set-parameters', **{'max-bandwidth': 4096})
+    qmp.cmd('migrate', uri='exec:cat > /dev/null')
     ev = ch.event('MIGRATION_OUT')
     a, b = tool_pair()
     r = ch.request(HOOK, lists(), fds=[a.fileno()])
@@ -515,14 +516,16 @@ def t_migration(env):
     check(ev['running'] == 1, 'runs here after cancel')
     # a real migration to a second QEMU on the same broker
     mig = os.path.join(env.dir, 'mig.sock')
+    time.sleep(1.1)     # so that the destination's own start_time differs
     p2, qmp2 = env.start(extra=['-incoming', 'unix:' + mig],
                          stopped=False, qmp_name='dst', uid=p.uid)
     ch2, h2 = handshake(env)
     check(h2['flags'] & 8 == 0, 'destination not running')
+    check(h2['start_time'] != h['start_time'], 'own start_time first')
     r = ch2.request(HOOK, lists(), fds=[a.fileno()])
     check((r['step'], r['error']) == ('STATE', errno.EBUSY),
           'HOOK on the destination before the migration ended: %s' % r)
-    time.sleep(1.1)
+    qmp.cmd('migrate-set-parameters', **{'max-bandwidth': 1 << 30})
     qmp.cmd('migrate', uri='unix:' + mig)
     ch.event('MIGRATION_OUT')
     ev = ch2.event('MIGRATION_IN', timeout=30)

@@ -1,0 +1,220 @@
+/// The life of one guest's introspection session, as a pure state machine: the daemon feeds
+/// it what happened (QEMU's messages, handshake outcomes, timers) and performs the actions it
+/// returns. Keeping it free of I/O makes every transition testable.
+public struct GuestSessionMachine: Sendable {
+    public enum State: Sendable, Equatable, CustomStringConvertible {
+        /// Policy does not introspect this guest; vCPUs released.
+        case notIntrospected
+        /// Connecting and handshaking with the introspector (attempt n).
+        case connecting(attempt: Int)
+        /// HOOK sent, waiting for QEMU's RESULT.
+        case hooking(attempt: Int)
+        /// Waiting the back-off before attempt n.
+        case backingOff(nextAttempt: Int)
+        case hooked(ABIGeneration)
+        /// QEMU unhooked for a pause, outgoing migration or snapshot; waits for it to run again.
+        case suspended(Channel.Event.Kind)
+        /// The VM is shutting down or the channel closed.
+        case ended
+
+        public var description: String {
+            switch self {
+            case .notIntrospected: return "not introspected"
+            case .connecting(let attempt): return "connecting to the introspector (attempt \(attempt))"
+            case .hooking(let attempt): return "hooking (attempt \(attempt))"
+            case .backingOff(let next): return "waiting to retry (attempt \(next) next)"
+            case .hooked(let abi): return "hooked (ABI \(abi))"
+            case .suspended(let kind): return "unhooked for \(kind)"
+            case .ended: return "ended"
+            }
+        }
+    }
+
+    public enum Input: Sendable {
+        /// QEMU's HELLO passed the identity checks; `introspect` is the policy's decision.
+        case helloAccepted(Channel.Hello, introspect: Bool)
+        case handshakeSucceeded
+        case handshakeFailed(BrokerError)
+        case result(Channel.Result)
+        case event(Channel.Event)
+        case retryDue
+    }
+
+    public enum Action: Sendable, Equatable {
+        case sendWelcome
+        /// Start connect + handshake with the introspector.
+        case startHandshake
+        /// Send HOOK with the handshake's socket, then close the broker's copy.
+        case sendHook(Channel.AllowLists)
+        /// Discard the socket of a handshake that is no longer wanted.
+        case dropHandshake
+        case cancelHandshake
+        case sendRelease
+        case scheduleRetry(afterFailures: Int)
+        case cancelRetry
+        case log(LogLevel, String)
+        case closeChannel
+    }
+
+    public enum LogLevel: Sendable, Equatable {
+        case debug, info, notice, warning, error
+    }
+
+    public let allowLists: Channel.AllowLists
+    public private(set) var state: State = .notIntrospected
+    public private(set) var introspect = false
+    /// Consecutive failures since the last successful hook; drives the back-off.
+    public private(set) var failures = 0
+    /// The last failure's reason, so a repeated failure is logged once at warning level.
+    public private(set) var lastFailure: String?
+    private var held = false
+
+    public init(allowLists: Channel.AllowLists) {
+        self.allowLists = allowLists
+    }
+
+    public mutating func handle(_ input: Input) -> [Action] {
+        switch input {
+        case .helloAccepted(let hello, let introspect):
+            self.introspect = introspect
+            held = hello.flags.contains(.held)
+            var actions: [Action] = [.sendWelcome]
+            if hello.flags.contains(.hooked), let abi = hello.hookedABI {
+                state = .hooked(abi)
+                actions.append(.log(.notice, "QEMU reports the guest is already hooked (ABI \(abi)); nothing to do"))
+                if !introspect {
+                    actions.append(.log(.warning, "the guest is hooked but policy does not introspect it; it stays hooked until unhooked"))
+                }
+                if abi != allowLists.abi {
+                    actions.append(.log(.warning, "the guest is hooked with ABI \(abi) but the broker is configured for \(allowLists.abi)"))
+                }
+                return actions
+            }
+            if !introspect {
+                state = .notIntrospected
+                actions.append(.log(.notice, "policy does not introspect this guest"))
+                if held { actions.append(.sendRelease) }
+                return actions
+            }
+            return actions + startAttempt()
+
+        case .handshakeSucceeded:
+            guard case .connecting(let attempt) = state else { return [.dropHandshake] }
+            state = .hooking(attempt: attempt)
+            return [.sendHook(allowLists)]
+
+        case .handshakeFailed(let error):
+            guard case .connecting = state else { return [] }
+            if error.code == .cancelled { return [] }
+            return fail("introspector handshake failed: \(error)")
+
+        case .result(let result):
+            guard case .hooking = state, result.requestType == Channel.MessageType.hook.rawValue else {
+                return [.log(.debug, "RESULT for request type \(result.requestType) (step \(result.step), error \(result.error))")]
+            }
+            if result.error == 0 && result.hooked {
+                state = .hooked(allowLists.abi)
+                failures = 0
+                lastFailure = nil
+                held = false
+                return [.log(.notice, "guest hooked (ABI \(allowLists.abi))")]
+            }
+            return fail(Self.explain(result, abi: allowLists.abi))
+
+        case .retryDue:
+            guard case .backingOff = state, introspect else { return [] }
+            return startAttempt()
+
+        case .event(let event):
+            guard let kind = event.kind else { return [.log(.info, "ignoring QEMU event of unknown kind \(event.rawKind)")] }
+            return handle(kind, event)
+        }
+    }
+
+    private mutating func handle(_ kind: Channel.Event.Kind, _ event: Channel.Event) -> [Action] {
+        let note = Action.log(.info, "QEMU: \(kind)\(event.error != 0 ? " (\(errnoName(event.error)))" : "")")
+        switch kind {
+        case .toolHangup:
+            guard introspect, !isSuspended else { return [note] }
+            // The tool went away (crash or restart): reconnect after the back-off, never at once.
+            failures += 1
+            state = .backingOff(nextAttempt: 1)
+            return [note, .log(.warning, "the introspector closed its connection; QEMU unhooked the guest"), .scheduleRetry(afterFailures: failures)]
+        case .paused, .migrationOut, .savevm:
+            let actions = stopTrying()
+            state = .suspended(kind)
+            return [note] + actions
+        case .resumed, .migrationFailed, .migrationIn, .reset:
+            if case .hooked = state, event.hooked { return [note] }
+            guard introspect, event.running || kind == .reset || kind == .migrationIn else {
+                return [note]
+            }
+            if case .connecting = state { return [note] }
+            if case .hooking = state { return [note] }
+            return [note] + stopTrying() + startAttempt()
+        case .shutdown:
+            let actions = stopTrying()
+            state = .ended
+            return [note] + actions
+        case .requiredTimeout:
+            return [.log(.error, "QEMU held the guest's vCPUs past its required-timeout; the guest stays paused until it is hooked")]
+        }
+    }
+
+    private var isSuspended: Bool {
+        if case .suspended = state { return true }
+        return false
+    }
+
+    private mutating func startAttempt() -> [Action] {
+        let attempt = failures + 1
+        state = .connecting(attempt: attempt)
+        return [.startHandshake]
+    }
+
+    private mutating func stopTrying() -> [Action] {
+        switch state {
+        case .connecting: return [.cancelHandshake]
+        case .backingOff: return [.cancelRetry]
+        default: return []
+        }
+    }
+
+    private mutating func fail(_ reason: String) -> [Action] {
+        failures += 1
+        state = .backingOff(nextAttempt: failures + 1)
+        let repeated = reason == lastFailure
+        lastFailure = reason
+        return [
+            .log(repeated ? .info : .warning, repeated ? "\(reason) (again, attempt \(failures))" : reason),
+            .scheduleRetry(afterFailures: failures),
+        ]
+    }
+
+    /// A sentence for a failed HOOK, naming the likely cause.
+    public static func explain(_ result: Channel.Result, abi: ABIGeneration) -> String {
+        let code = errnoName(result.error)
+        switch (result.step, result.error) {
+        case (.hook, 25):  // ENOTTY
+            return
+                "the host kernel has no KVM introspection: \(result.step) for ABI \(abi) answered \(code) (if the kernel has KVMI, it speaks another ABI generation)"
+        case (.hook, 1):  // EPERM
+            return "KVM introspection is disabled in the kernel: \(result.step) answered \(code); load kvm with introspection=1"
+        case (.hook, 17):  // EEXIST
+            return "the kernel still holds an earlier introspection session for this VM (\(result.step) answered \(code))"
+        case (.hook, 22):  // EINVAL
+            return "the kernel refused the introspector socket (\(result.step) answered \(code))"
+        case (.command, _), (.event, _):
+            return
+                "the kernel refused \(result.step == .command ? "command" : "event") id \(result.failedID) (\(code)); QEMU unhooked the guest. Check the ABI generation (\(abi)) and the allow-list"
+        case (.fd, _):
+            return "QEMU did not receive the introspector socket with HOOK (\(code))"
+        case (.state, _):
+            return "QEMU refused HOOK in its current state (\(code))"
+        case (.request, _):
+            return "QEMU does not understand HOOK (\(code)); its patch may be older than the broker"
+        default:
+            return "HOOK failed at \(result.step): \(code)"
+        }
+    }
+}

@@ -1,0 +1,42 @@
+import KVMIBrokerCore
+
+/// The daemon's static configuration: one introspector and which guests it introspects.
+/// (The allow-policy files replace the guest selection and lists later.)
+public struct BrokerConfiguration: Sendable {
+    public var channelSocketPath: String
+    /// Group allowed to connect (mode 0660); nil keeps the socket root-only (0600).
+    public var channelSocketGroup: UInt32?
+    public var introspector: IntrospectorEndpoint
+    /// SHA-1 of the shared secret; nil accepts any cookie (logged as unauthenticated).
+    public var cookie: CookieHash?
+    public var allowLists: Channel.AllowLists
+    /// Guests to introspect; nil introspects every guest that connects.
+    public var guests: Set<GuestUUID>?
+    public var backoff: Backoff
+    public var handshakeTimeout: Duration
+    /// How long QEMU may take to answer a request.
+    public var resultTimeout: Duration
+    public var verifier: PeerVerifier
+    /// Where the per-session status is written as JSON (nil: not written).
+    public var statusFile: String?
+
+    public init(
+        channelSocketPath: String, channelSocketGroup: UInt32? = nil, introspector: IntrospectorEndpoint, cookie: CookieHash?,
+        allowLists: Channel.AllowLists, guests: Set<GuestUUID>? = nil, backoff: Backoff = .default, handshakeTimeout: Duration = .seconds(10),
+        resultTimeout: Duration = .seconds(10), verifier: PeerVerifier = PeerVerifier(), statusFile: String? = nil
+    ) {
+        self.channelSocketPath = channelSocketPath
+        self.channelSocketGroup = channelSocketGroup
+        self.introspector = introspector
+        self.cookie = cookie
+        self.allowLists = allowLists
+        self.guests = guests
+        self.backoff = backoff
+        self.handshakeTimeout = handshakeTimeout
+        self.resultTimeout = resultTimeout
+        self.verifier = verifier
+        self.statusFile = statusFile
+    }
+
+    public func introspects(_ uuid: GuestUUID) -> Bool { guests?.contains(uuid) ?? true }
+}

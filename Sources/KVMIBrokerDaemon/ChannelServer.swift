@@ -1,0 +1,93 @@
+import CKVMIBroker
+import Foundation
+import KVMIBrokerCore
+import KVMIBrokerOS
+import Logging
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// The broker's side of the QEMU channel: a unix-socket server, one session per guest.
+public final class ChannelServer: Sendable {
+    public let configuration: BrokerConfiguration
+    public let registry: SessionRegistry
+    private let logger: Logger
+    private let io: AsyncSocketIO
+    private let connector: IntrospectorConnector
+
+    public init(configuration: BrokerConfiguration, logger: Logger, io: AsyncSocketIO = AsyncSocketIO()) {
+        self.configuration = configuration
+        self.registry = SessionRegistry(statusFile: configuration.statusFile)
+        self.logger = logger
+        self.io = io
+        self.connector = IntrospectorConnector(io: io)
+    }
+
+    /// Binds the socket (mode 0600, or 0660 with the configured group).
+    public func bind() throws -> Descriptor {
+        let path = configuration.channelSocketPath
+        let directory = (path as NSString).deletingLastPathComponent
+        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+        let previous = umask(0o177)
+        defer { umask(previous) }
+        let (listener, _) = try listenSocket(on: .unix(path: path), nonBlocking: true)
+        if let group = configuration.channelSocketGroup {
+            guard chown(path, 0, group) == 0 || chown(path, getuid(), group) == 0, chmod(path, 0o660) == 0 else {
+                throw BrokerError(.io, "cannot give the channel socket to group \(group)", at: path, errno: errno)
+            }
+        }
+        return listener
+    }
+
+    /// Accepts connections until cancelled; each runs as a child task (no thread per guest).
+    public func run(listener: Descriptor) async {
+        logger.notice(
+            "listening for QEMU",
+            metadata: ["channel.socket": "\(configuration.channelSocketPath)", "tool.endpoint": "\(configuration.introspector)"])
+        await withDiscardingTaskGroup { group in
+            while !Task.isCancelled {
+                let raw = kvmib_accept(listener.raw, 1)
+                if raw < 0 {
+                    let error = errno
+                    if error == EAGAIN || error == EINTR || error == ECONNABORTED {
+                        if error == EAGAIN {
+                            do {
+                                _ = try await io.reactor.wait(for: .readable, on: listener.raw, until: .now.advanced(by: .seconds(3600)))
+                            } catch let error as BrokerError where error.code == .timedOut {
+                                continue
+                            } catch {
+                                break
+                            }
+                        }
+                        continue
+                    }
+                    logger.error("accept failed on the channel socket", metadata: ["errno": "\(errnoName(error))"])
+                    try? await Task.sleep(for: .milliseconds(100))
+                    continue
+                }
+                let connection = Descriptor(adopting: raw)
+                group.addTask { await self.serve(connection) }
+            }
+        }
+        listener.close()
+        unlink(configuration.channelSocketPath)
+    }
+
+    private func serve(_ connection: Descriptor) async {
+        var pid: pid_t = 0
+        var uid: uid_t = 0
+        var gid: gid_t = 0
+        guard kvmib_peer_credentials(connection.raw, &pid, &uid, &gid) == 0 else {
+            logger.error("cannot read the channel peer's credentials", metadata: ["errno": "\(errnoName(errno))"])
+            connection.close()
+            return
+        }
+        let peer = PeerCredentials(pid: pid, uid: uid, gid: gid)
+        let session = SessionDriver(
+            socket: ChannelSocket(connection, io: io), peer: peer, configuration: configuration, registry: registry, connector: connector,
+            logger: logger)
+        await session.run()
+        connection.close()
+    }
+}

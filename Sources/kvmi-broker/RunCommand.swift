@@ -1,0 +1,174 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import KVMIBrokerCore
+import KVMIBrokerDaemon
+import KVMIBrokerOS
+import Logging
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// `kvmi-broker run`: the daemon.
+struct RunCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run the broker: accept QEMU's channel, handshake with the introspector and have QEMU hook the guest.",
+        discussion: """
+            This static configuration (one introspector, numeric allow-lists) stands in until the policy files land.
+            """)
+
+    @Option(help: "The channel socket QEMU connects to.")
+    var channelSocket = "/run/kvmi-broker/qemu.sock"
+
+    @Option(help: "Group allowed to connect to the channel socket (mode 0660); default root only (0600).")
+    var socketGroup: String?
+
+    @Option(help: "The introspector endpoint: unix:/path, vsock:CID:PORT or tcp:ADDRESS:PORT.")
+    var introspector: String
+
+    @Option(help: "Shared secret file (cookie = SHA-1 of its exact bytes).")
+    var secretFile: String?
+
+    @Option(help: "ABI generation of this host's kernel: v7 or v12.")
+    var abi = "v12"
+
+    @Option(help: "Allowed command ids: all, none, or a comma-separated list.")
+    var commands = "all"
+
+    @Option(help: "Allowed event ids: all, none, or a comma-separated list (include 0, the unhook event, for graceful unhooks).")
+    var events = "all"
+
+    @Option(name: .customLong("guest"), help: "Introspect only this guest UUID (repeatable); default every guest that connects.")
+    var guests: [String] = []
+
+    @Option(help: "Write the per-session status as JSON here.")
+    var statusFile = "/run/kvmi-broker/status.json"
+
+    @Option(help: "First retry delay, seconds.")
+    var backoffInitial = 0.5
+
+    @Option(help: "Longest retry delay, seconds.")
+    var backoffMax = 30.0
+
+    @Option(help: "Seconds for connect + handshake with the introspector.")
+    var handshakeTimeout = 10.0
+
+    @Option(name: .customLong("emulator"), help: "Also accept this emulator path as a QEMU (repeatable).")
+    var emulators: [String] = []
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error.")
+    var logLevel = "info"
+
+    func validate() throws {
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level '\(logLevel)' is not a level") }
+        guard ABIGeneration(parsing: abi) != nil else { throw ValidationError("--abi must be v7 or v12, not '\(abi)'") }
+        for uuid in guests where GuestUUID(uuid) == nil { throw ValidationError("--guest '\(uuid)' is not a UUID") }
+        guard handshakeTimeout > 0 else { throw ValidationError("--handshake-timeout must be positive") }
+    }
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: logLevel)!
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "kvmi-broker")
+        let configuration: BrokerConfiguration
+        do {
+            configuration = try makeConfiguration()
+        } catch {
+            FileHandle.standardError.write(Data("kvmi-broker run: \(error)\n".utf8))
+            throw ExitCode(2)
+        }
+        signal(SIGPIPE, SIG_IGN)
+        let server = ChannelServer(configuration: configuration, logger: logger)
+        let listener: Descriptor
+        do {
+            listener = try server.bind()
+        } catch {
+            FileHandle.standardError.write(Data("kvmi-broker run: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+        let task = Task { await server.run(listener: listener) }
+        let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number)
+            source.setEventHandler {
+                logger.notice("stopping on signal \(number)")
+                task.cancel()
+            }
+            source.resume()
+            return source
+        }
+        await task.value
+        signals.forEach { $0.cancel() }
+    }
+
+    private func makeConfiguration() throws -> BrokerConfiguration {
+        let generation = ABIGeneration(parsing: abi)!
+        let endpoint = try IntrospectorEndpoint(parsing: introspector)
+        var cookie: CookieHash?
+        if let secretFile { cookie = CookieHash(secret: try SecretFile.load(secretFile)) }
+        let lists = try Channel.AllowLists(abi: generation, commands: try ids(commands, "--commands"), events: try ids(events, "--events"))
+        var group: UInt32?
+        if let socketGroup {
+            guard let entry = getgrnam(socketGroup) else { throw BrokerError(.invalidArgument, "--socket-group '\(socketGroup)' is not a group") }
+            group = entry.pointee.gr_gid
+        }
+        return BrokerConfiguration(
+            channelSocketPath: channelSocket, channelSocketGroup: group, introspector: endpoint, cookie: cookie, allowLists: lists,
+            guests: guests.isEmpty ? nil : Set(guests.compactMap(GuestUUID.init)),
+            backoff: try Backoff(
+                initial: .milliseconds(Int64(backoffInitial * 1000)), maximum: .milliseconds(Int64(backoffMax * 1000)), multiplier: 2, jitter: 0.2),
+            handshakeTimeout: .milliseconds(Int64(handshakeTimeout * 1000)),
+            verifier: PeerVerifier(extraEmulators: emulators), statusFile: statusFile.isEmpty ? nil : statusFile)
+    }
+
+    private func ids(_ text: String, _ option: String) throws -> [Int32] {
+        switch text {
+        case "all": return [-1]
+        case "none": return []
+        default:
+            var result: [Int32] = []
+            for part in text.split(separator: ",") {
+                guard let id = Int32(part.trimmingCharacters(in: .whitespaces)), id >= 0 else {
+                    throw BrokerError(.invalidArgument, "\(option): '\(part)' is not an id (use all, none, or numbers like 2,4,6)")
+                }
+                result.append(id)
+            }
+            return result
+        }
+    }
+}
+
+/// `kvmi-broker status`: the sessions the running broker holds.
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "status", abstract: "Show the status of every guest session.")
+
+    @Option(help: "The status file the broker writes.")
+    var statusFile = "/run/kvmi-broker/status.json"
+
+    @Flag(help: "Print the raw JSON.")
+    var json = false
+
+    func run() throws {
+        guard let data = FileManager.default.contents(atPath: statusFile) else {
+            throw ValidationError("no status at \(statusFile): is the broker running?")
+        }
+        if json {
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        let sessions = try decoder.decode([SessionStatus].self, from: data)
+        if sessions.isEmpty { print("no guest sessions") }
+        for session in sessions {
+            print("\(session.name) \(session.uuid) qemu pid \(session.qemuPID): \(session.state)")
+            if let failure = session.lastFailure { print("    last failure (\(session.failures) in a row): \(failure)") }
+        }
+    }
+}

@@ -1,0 +1,166 @@
+import Testing
+
+@testable import KVMIBrokerCore
+
+@Suite("Broker <-> QEMU channel codec")
+struct ChannelCodecTests {
+    static let hello = Channel.Hello(
+        flags: [.required, .held], pid: 4242, uuid: GuestUUID("6695eb01-f6a4-8304-79aa-97f2502e193f")!, startTime: 1_700_000_000,
+        maxGPA: 0x1_2000_0000, hookedABI: nil, capV12: 1, capV7: 0, introspectionParameter: -1, name: "win10")
+
+    @Test("a frame is a 16-byte little-endian header and its payload")
+    func frameGolden() {
+        let bytes = Channel.Frame(.unhook, seq: 7, payload: [0xAA]).encoded()
+        #expect(bytes == [0x4B, 0x56, 0x4D, 0x49, 0x13, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0xAA])
+    }
+
+    @Test("HELLO has the documented offsets and round-trips")
+    func helloLayout() throws {
+        let payload = Self.hello.encoded()
+        #expect(payload.count == 120)
+        #expect(payload.read(UInt16.self, at: 0, order: .little) == 1)
+        #expect(payload.read(UInt16.self, at: 2, order: .little) == 0b110)
+        #expect(payload.read(UInt32.self, at: 4, order: .little) == 4242)
+        #expect(Array(payload[8..<24]) == Self.hello.uuid.bytes)
+        #expect(payload.read(Int64.self, at: 24, order: .little) == 1_700_000_000)
+        #expect(payload.read(UInt64.self, at: 32, order: .little) == 0x1_2000_0000)
+        #expect(payload[40] == 0)
+        #expect(payload.read(Int32.self, at: 52, order: .little) == -1)
+        #expect(Array(payload[56..<61]) == Array("win10".utf8))
+        #expect(try Channel.Hello(decoding: payload) == Self.hello)
+        // A longer payload from a later version decodes; its tail is ignored.
+        #expect(try Channel.Hello(decoding: payload + [1, 2, 3]) == Self.hello)
+    }
+
+    @Test("HOOK allow-lists: abi, counts, then ids")
+    func allowLists() throws {
+        let lists = try Channel.AllowLists(abi: .v12, commands: [-1], events: [0, 5])
+        let bytes = lists.encoded()
+        #expect(bytes == [12, 0, 1, 0, 2, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0, 5, 0, 0, 0])
+        #expect(try Channel.AllowLists(decoding: bytes) == lists)
+        #expect(throws: BrokerError.self) { try Channel.AllowLists(abi: .v7, commands: [-1, 3], events: []) }
+        #expect(throws: BrokerError.self) { try Channel.AllowLists(abi: .v7, commands: Array(0..<65), events: []) }
+        #expect(throws: BrokerError.self) { try Channel.AllowLists(decoding: [12, 0, 5, 0, 0, 0, 0, 0, 1, 0, 0, 0]) }
+    }
+
+    @Test("RESULT and EVENT round-trip")
+    func resultAndEvent() throws {
+        let result = Channel.Result(requestType: 0x10, step: .hook, hooked: false, error: 25, failedID: -1)
+        #expect(result.encoded().count == 16)
+        #expect(try Channel.Result(decoding: result.encoded()) == result)
+        let event = Channel.Event(kind: .reset, error: 0, startTime: 99, hooked: false, running: true)
+        #expect(event.encoded().count == 24)
+        #expect(try Channel.Event(decoding: event.encoded()) == event)
+    }
+
+    @Test("the frame reader is bounded and rejects garbage")
+    func frameReader() throws {
+        var reader = Channel.FrameReader()
+        let frame = Channel.Frame(.hello, seq: 1, payload: Self.hello.encoded())
+        let bytes = frame.encoded()
+        var decoded: Channel.Frame?
+        var offset = 0
+        while decoded == nil {
+            let take = min(reader.readLimit, 5)
+            decoded = try reader.consume(bytes[offset..<offset + take])
+            offset += take
+        }
+        #expect(decoded == frame && offset == bytes.count)
+        var bad = Channel.FrameReader()
+        #expect(throws: BrokerError.self) { _ = try bad.consume([UInt8](repeating: 0x41, count: 16)) }
+        var huge = Channel.FrameReader()
+        #expect(throws: BrokerError.self) {
+            _ = try huge.consume(Channel.Frame(type: 0x40, seq: 1, payload: []).encoded().prefix(12) + [0x01, 0x10, 0, 0])
+        }
+        var short = Channel.FrameReader()
+        #expect(throws: BrokerError.self) { _ = try short.consume(Channel.Frame(.hello, seq: 1, payload: [1, 2]).encoded().prefix(16)) }
+    }
+}
+
+@Suite("Guest session state machine")
+struct GuestSessionMachineTests {
+    static let lists = try! Channel.AllowLists(abi: .v12, commands: [-1], events: [-1])
+
+    func hello(_ flags: Channel.Hello.Flags = [.running], abi: ABIGeneration? = nil) -> Channel.Hello {
+        Channel.Hello(
+            flags: flags, pid: 1, uuid: .zero, startTime: 1, maxGPA: 0, hookedABI: abi, capV12: 0, capV7: 0, introspectionParameter: -1, name: "g")
+    }
+
+    func event(_ kind: Channel.Event.Kind, running: Bool = true) -> Channel.Event {
+        Channel.Event(kind: kind, error: 0, startTime: 2, hooked: false, running: running)
+    }
+
+    @Test("HELLO -> handshake -> HOOK -> hooked")
+    func happyPath() {
+        var machine = GuestSessionMachine(allowLists: Self.lists)
+        #expect(machine.handle(.helloAccepted(hello(), introspect: true)) == [.sendWelcome, .startHandshake])
+        #expect(machine.handle(.handshakeSucceeded) == [.sendHook(Self.lists)])
+        let actions = machine.handle(.result(Channel.Result(requestType: 0x10, step: .none, hooked: true, error: 0, failedID: -1)))
+        #expect(machine.state == .hooked(.v12))
+        #expect(actions.count == 1)
+    }
+
+    @Test("a guest outside the policy is released and left alone")
+    func notIntrospected() {
+        var machine = GuestSessionMachine(allowLists: Self.lists)
+        let actions = machine.handle(.helloAccepted(hello([.held, .required]), introspect: false))
+        #expect(actions.contains(.sendRelease) && !actions.contains(.startHandshake))
+        #expect(machine.state == .notIntrospected)
+        #expect(machine.handle(.event(event(.resumed))).contains(.startHandshake) == false)
+    }
+
+    @Test("a QEMU that is already hooked is not hooked twice")
+    func alreadyHooked() {
+        var machine = GuestSessionMachine(allowLists: Self.lists)
+        let actions = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        #expect(!actions.contains(.startHandshake))
+        #expect(machine.state == .hooked(.v12))
+    }
+
+    @Test("HOOK failing with ENOTTY: one warning naming the missing kernel support, then back-off, repeats quieter")
+    func enotty() {
+        var machine = GuestSessionMachine(allowLists: Self.lists)
+        _ = machine.handle(.helloAccepted(hello(), introspect: true))
+        _ = machine.handle(.handshakeSucceeded)
+        let failed = Channel.Result(requestType: 0x10, step: .hook, hooked: false, error: 25, failedID: -1)
+        let first = machine.handle(.result(failed))
+        guard case .log(.warning, let text) = first.first else {
+            Issue.record("no warning: \(first)")
+            return
+        }
+        #expect(text.contains("the host kernel has no KVM introspection") && text.contains("ENOTTY"))
+        #expect(first.last == .scheduleRetry(afterFailures: 1))
+        #expect(machine.handle(.retryDue) == [.startHandshake])
+        _ = machine.handle(.handshakeSucceeded)
+        let second = machine.handle(.result(failed))
+        if case .log(let level, _) = second.first { #expect(level == .info) }
+        #expect(second.last == .scheduleRetry(afterFailures: 2))
+    }
+
+    @Test("pause stops the attempts; resume starts a new handshake")
+    func pauseResume() {
+        var machine = GuestSessionMachine(allowLists: Self.lists)
+        _ = machine.handle(.helloAccepted(hello(), introspect: true))
+        _ = machine.handle(.handshakeFailed(BrokerError(.timedOut, "x")))
+        #expect(machine.handle(.event(event(.paused, running: false))).contains(.cancelRetry))
+        #expect(machine.state == .suspended(.paused))
+        #expect(machine.handle(.retryDue) == [])
+        #expect(machine.handle(.event(event(.resumed))).contains(.startHandshake))
+    }
+
+    @Test("a tool hang-up reconnects after the back-off, never at once")
+    func hangup() {
+        var machine = GuestSessionMachine(allowLists: Self.lists)
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        let actions = machine.handle(.event(event(.toolHangup)))
+        #expect(actions.contains(.scheduleRetry(afterFailures: 1)) && !actions.contains(.startHandshake))
+    }
+
+    @Test("a handshake that completes after a pause is dropped, not hooked")
+    func lateHandshake() {
+        var machine = GuestSessionMachine(allowLists: Self.lists)
+        _ = machine.handle(.helloAccepted(hello(), introspect: true))
+        _ = machine.handle(.event(event(.paused, running: false)))
+        #expect(machine.handle(.handshakeSucceeded) == [.dropHandshake])
+    }
+}
