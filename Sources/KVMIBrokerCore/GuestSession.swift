@@ -138,7 +138,7 @@ public struct GuestSessionMachine: Sendable {
             guard introspect, !isSuspended else { return [note] }
             // The tool went away (crash or restart): reconnect after the back-off, never at once.
             failures += 1
-            state = .backingOff(nextAttempt: 1)
+            state = .backingOff(nextAttempt: failures + 1)
             return [note, .log(.warning, "the introspector closed its connection; QEMU unhooked the guest"), .scheduleRetry(afterFailures: failures)]
         case .paused, .migrationOut, .savevm:
             let actions = stopTrying()

@@ -79,7 +79,11 @@ struct ChannelCodecTests {
 
 @Suite("Guest session state machine")
 struct GuestSessionMachineTests {
-    static let lists = try! Channel.AllowLists(abi: .v12, commands: [-1], events: [-1])
+    let lists: Channel.AllowLists
+
+    init() throws {
+        lists = try Channel.AllowLists(abi: .v12, commands: [-1], events: [-1])
+    }
 
     func hello(_ flags: Channel.Hello.Flags = [.running], abi: ABIGeneration? = nil) -> Channel.Hello {
         Channel.Hello(
@@ -92,9 +96,9 @@ struct GuestSessionMachineTests {
 
     @Test("HELLO -> handshake -> HOOK -> hooked")
     func happyPath() {
-        var machine = GuestSessionMachine(allowLists: Self.lists)
+        var machine = GuestSessionMachine(allowLists: lists)
         #expect(machine.handle(.helloAccepted(hello(), introspect: true)) == [.sendWelcome, .startHandshake])
-        #expect(machine.handle(.handshakeSucceeded) == [.sendHook(Self.lists)])
+        #expect(machine.handle(.handshakeSucceeded) == [.sendHook(lists)])
         let actions = machine.handle(.result(Channel.Result(requestType: 0x10, step: .none, hooked: true, error: 0, failedID: -1)))
         #expect(machine.state == .hooked(.v12))
         #expect(actions.count == 1)
@@ -102,7 +106,7 @@ struct GuestSessionMachineTests {
 
     @Test("a guest outside the policy is released and left alone")
     func notIntrospected() {
-        var machine = GuestSessionMachine(allowLists: Self.lists)
+        var machine = GuestSessionMachine(allowLists: lists)
         let actions = machine.handle(.helloAccepted(hello([.held, .required]), introspect: false))
         #expect(actions.contains(.sendRelease) && !actions.contains(.startHandshake))
         #expect(machine.state == .notIntrospected)
@@ -111,7 +115,7 @@ struct GuestSessionMachineTests {
 
     @Test("a QEMU that is already hooked is not hooked twice")
     func alreadyHooked() {
-        var machine = GuestSessionMachine(allowLists: Self.lists)
+        var machine = GuestSessionMachine(allowLists: lists)
         let actions = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
         #expect(!actions.contains(.startHandshake))
         #expect(machine.state == .hooked(.v12))
@@ -119,7 +123,7 @@ struct GuestSessionMachineTests {
 
     @Test("HOOK failing with ENOTTY: one warning naming the missing kernel support, then back-off, repeats quieter")
     func enotty() {
-        var machine = GuestSessionMachine(allowLists: Self.lists)
+        var machine = GuestSessionMachine(allowLists: lists)
         _ = machine.handle(.helloAccepted(hello(), introspect: true))
         _ = machine.handle(.handshakeSucceeded)
         let failed = Channel.Result(requestType: 0x10, step: .hook, hooked: false, error: 25, failedID: -1)
@@ -139,7 +143,7 @@ struct GuestSessionMachineTests {
 
     @Test("pause stops the attempts; resume starts a new handshake")
     func pauseResume() {
-        var machine = GuestSessionMachine(allowLists: Self.lists)
+        var machine = GuestSessionMachine(allowLists: lists)
         _ = machine.handle(.helloAccepted(hello(), introspect: true))
         _ = machine.handle(.handshakeFailed(BrokerError(.timedOut, "x")))
         #expect(machine.handle(.event(event(.paused, running: false))).contains(.cancelRetry))
@@ -150,7 +154,7 @@ struct GuestSessionMachineTests {
 
     @Test("a tool hang-up reconnects after the back-off, never at once")
     func hangup() {
-        var machine = GuestSessionMachine(allowLists: Self.lists)
+        var machine = GuestSessionMachine(allowLists: lists)
         _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
         let actions = machine.handle(.event(event(.toolHangup)))
         #expect(actions.contains(.scheduleRetry(afterFailures: 1)) && !actions.contains(.startHandshake))
@@ -158,7 +162,7 @@ struct GuestSessionMachineTests {
 
     @Test("a handshake that completes after a pause is dropped, not hooked")
     func lateHandshake() {
-        var machine = GuestSessionMachine(allowLists: Self.lists)
+        var machine = GuestSessionMachine(allowLists: lists)
         _ = machine.handle(.helloAccepted(hello(), introspect: true))
         _ = machine.handle(.event(event(.paused, running: false)))
         #expect(machine.handle(.handshakeSucceeded) == [.dropHandshake])
