@@ -51,11 +51,16 @@ public struct PeerVerifier: Sendable {
             return "cannot read the command line of pid \(peer.pid)"
         }
         let arguments = data.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
-        guard let flag = arguments.firstIndex(where: { $0 == "-uuid" || $0 == "--uuid" }), flag + 1 < arguments.count else {
+        let values = arguments.indices.filter { ($0 + 1) < arguments.count && (arguments[$0] == "-uuid" || arguments[$0] == "--uuid") }
+            .map { arguments[$0 + 1] }
+        guard let text = values.first else {
             return "QEMU pid \(peer.pid) has no -uuid argument, so its identity cannot be checked"
         }
-        guard let uuid = GuestUUID(arguments[flag + 1]) else {
-            return "QEMU pid \(peer.pid) has -uuid '\(arguments[flag + 1])', which is not a UUID"
+        guard Set(values).count == 1 else {
+            return "QEMU pid \(peer.pid) has several different -uuid arguments (\(values.joined(separator: ", "))), so its identity is ambiguous"
+        }
+        guard let uuid = GuestUUID(text) else {
+            return "QEMU pid \(peer.pid) has -uuid '\(text)', which is not a UUID"
         }
         guard uuid == hello.uuid else {
             return "HELLO claims UUID \(hello.uuid) but QEMU pid \(peer.pid) was started with -uuid \(uuid)"

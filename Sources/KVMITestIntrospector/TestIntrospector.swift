@@ -76,12 +76,18 @@ public final class TestIntrospector: Sendable {
         public var behaviour: Behaviour
         /// Put a KVMI_GET_VERSION message right behind the reply, in the same write, as libkvmi does.
         public var sendsFirstMessage: Bool
+        /// After the handshake, speak KVMI to the kernel as a real tool does first (implies the first message).
+        public var kvmiClient: KVMIClientPlan?
 
-        public init(endpoint: IntrospectorEndpoint, secret: [UInt8]?, behaviour: Behaviour = .normal, sendsFirstMessage: Bool = false) {
+        public init(
+            endpoint: IntrospectorEndpoint, secret: [UInt8]?, behaviour: Behaviour = .normal, sendsFirstMessage: Bool = false,
+            kvmiClient: KVMIClientPlan? = nil
+        ) {
             self.endpoint = endpoint
             self.secret = secret
             self.behaviour = behaviour
-            self.sendsFirstMessage = sendsFirstMessage
+            self.sendsFirstMessage = sendsFirstMessage || kvmiClient != nil
+            self.kvmiClient = kvmiClient
         }
     }
 
@@ -90,6 +96,8 @@ public final class TestIntrospector: Sendable {
         public var handshake: ReceivedHandshake?
         public var error: String?
         public var bytesReplied: Int
+        /// In KVMI client mode: what the session with the kernel saw, updated live.
+        public var kvmi: KVMISessionRecord?
     }
 
     /// The KVMI_GET_VERSION request libkvmi sends first: `kvmi_msg_hdr {u16 id=2; u16 size=0; u32 seq=1}`.
@@ -199,6 +207,13 @@ public final class TestIntrospector: Sendable {
             let raw = kvmib_accept(listener.raw, 0)
             if raw < 0 { continue }
             let connection = Descriptor(adopting: raw)
+            if configuration.kvmiClient != nil, configuration.behaviour == .normal {
+                spawn("test-introspector-kvmi") { [self] in
+                    if let index = self.serve(connection, keepRecordIndex: true) { self.runKVMI(connection, record: index) }
+                    connection.close()
+                }
+                continue
+            }
             switch configuration.behaviour {
             case .normal, .longReply, .wrongCookie, .announcedSize, .flood:
                 if serve(connection) { parked.append(connection) } else { connection.close() }
@@ -211,10 +226,41 @@ public final class TestIntrospector: Sendable {
         }
     }
 
-    /// Handles one connection; returns true when it should stay open (parked).
+    /// Handshake, then the KVMI client on the same socket; its progress goes into the record.
+    private func runKVMI(_ connection: Descriptor, record index: Int) {
+        guard let plan = configuration.kvmiClient else { return }
+        state.withLock { $0.records[index].kvmi = KVMISessionRecord() }
+        let client = KVMIClient(fd: connection.raw, plan: plan, stopFD: stopPipe.0.raw) { change in
+            self.state.withLock { state in
+                var session = state.records[index].kvmi ?? KVMISessionRecord()
+                change(&session)
+                state.records[index].kvmi = session
+            }
+        }
+        client.run()
+    }
+
+    /// Handles the handshake of one connection and records it; returns the record's index when
+    /// the connection succeeded.
+    private func serve(_ connection: Descriptor, keepRecordIndex: Bool) -> Int? {
+        var index: Int?
+        let kept = serve(connection) { record in
+            self.state.withLock { state in
+                state.records.append(record)
+                index = state.records.count - 1
+            }
+        }
+        return kept ? index : nil
+    }
+
     private func serve(_ connection: Descriptor) -> Bool {
+        serve(connection) { record in self.state.withLock { $0.records.append(record) } }
+    }
+
+    /// Handles one connection; returns true when it should stay open.
+    private func serve(_ connection: Descriptor, recording: (Record) -> Void) -> Bool {
         var record = Record(handshake: nil, error: nil, bytesReplied: 0)
-        defer { state.withLock { $0.records.append(record) } }
+        defer { recording(record) }
         do {
             record.handshake = try readHandshake(connection.raw)
         } catch {

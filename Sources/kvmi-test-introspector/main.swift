@@ -30,6 +30,15 @@ struct TestIntrospectorCommand: ParsableCommand {
     @Flag(help: "Send a KVMI_GET_VERSION message right behind the reply, in the same write, as libkvmi does.")
     var sendGetVersion = false
 
+    @Option(help: "KVMI client mode for this ABI (v7 or v12): after the handshake, talk to the kernel as a tool does first.")
+    var kvmi: String?
+
+    @Option(help: "KVMI client mode: commands to check with VM_CHECK_COMMAND (comma-separated names).")
+    var checkCommands: String = ""
+
+    @Option(help: "KVMI client mode: events to check with VM_CHECK_EVENT (comma-separated names).")
+    var checkEvents: String = ""
+
     func run() throws {
         guard let behaviour = TestIntrospector.Behaviour(parsing: mode) else {
             throw ValidationError("unknown --mode '\(mode)'")
@@ -41,24 +50,38 @@ struct TestIntrospectorCommand: ParsableCommand {
             }
             return Array(data)
         }
-        let introspector = try TestIntrospector(
-            .init(endpoint: endpoint, secret: secret, behaviour: behaviour, sendsFirstMessage: sendGetVersion))
-        emit("test introspector listening on \(introspector.endpoint) (\(behaviour))")
-        var seen = 0
-        while true {
-            let records = introspector.waitForRecords(seen + 1, timeout: .seconds(3600))
-            for record in records.dropFirst(seen) {
-                if let handshake = record.handshake {
-                    let gpa = handshake.maxGPA.map { String(format: " max_gpa=0x%llx", $0) } ?? ""
-                    emit(
-                        "handshake: \(handshake.structSize) bytes, uuid=\(handshake.uuid) name=\"\(handshake.name)\" start_time=\(handshake.startTime)\(gpa); replied \(record.bytesReplied) bytes"
-                    )
-                } else {
-                    emit("connection failed: \(record.error ?? "unknown")")
-                }
-            }
-            seen = records.count
+        var plan: KVMIClientPlan?
+        if let kvmi {
+            guard let abi = ABIGeneration(parsing: kvmi) else { throw ValidationError("--kvmi must be v7 or v12") }
+            func names(_ text: String) -> [String] { text.split(separator: ",").map { String($0) } }
+            plan = try KVMIClientPlan(abi: abi, commands: names(checkCommands), events: names(checkEvents))
         }
+        let introspector = try TestIntrospector(
+            .init(endpoint: endpoint, secret: secret, behaviour: behaviour, sendsFirstMessage: sendGetVersion, kvmiClient: plan))
+        emit("test introspector listening on \(introspector.endpoint) (\(behaviour))")
+        var printed: [String] = []
+        while true {
+            let lines = introspector.records.map(Self.describe)
+            for (index, line) in lines.enumerated() where index >= printed.count || printed[index] != line { emit(line) }
+            printed = lines
+            usleep(50_000)
+        }
+    }
+
+    static func describe(_ record: TestIntrospector.Record) -> String {
+        guard let handshake = record.handshake else { return "connection failed: \(record.error ?? "unknown")" }
+        let gpa = handshake.maxGPA.map { String(format: " max_gpa=0x%llx", $0) } ?? ""
+        var line =
+            "handshake: \(handshake.structSize) bytes, uuid=\(handshake.uuid) name=\"\(handshake.name)\" start_time=\(handshake.startTime)\(gpa); replied \(record.bytesReplied) bytes"
+        if let kvmi = record.kvmi {
+            line += "; kvmi: version=\(kvmi.version.map(String.init) ?? "-")"
+            for (name, err) in kvmi.checks.sorted(by: { $0.key < $1.key }) {
+                line += " \(name)=\(err == 0 ? "allowed" : err == -1 ? "EPERM" : String(err))"
+            }
+            line += " unhook-event=\(kvmi.unhookEnabled.map { $0 == 0 ? "enabled" : String($0) } ?? "-")"
+            if let ended = kvmi.ended { line += "; ended: \(ended)" }
+        }
+        return line
     }
 }
 

@@ -1,3 +1,4 @@
+import CKVMIBroker
 import Foundation
 import KVMIBrokerCore
 import KVMIBrokerOS
