@@ -34,6 +34,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "HeapModule", package: "swift-collections"),
             ]),
+        // The allow-policy: GKeyFile drop-in directories, semantics, check/explain/dump. Pure apart from reading files.
+        .target(name: "KVMIBrokerPolicy", dependencies: ["KVMIBrokerCore", "CGLib"]),
         // Daemon layer: the QEMU channel server, sessions, identity checks.
         .target(
             name: "KVMIBrokerDaemon",
@@ -46,7 +48,7 @@ let package = Package(
         .executableTarget(
             name: "kvmi-broker",
             dependencies: [
-                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon",
+                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon", "KVMIBrokerPolicy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -63,6 +65,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "KVMIBrokerCoreTests", dependencies: ["KVMIBrokerCore"]),
+        .testTarget(name: "KVMIBrokerPolicyTests", dependencies: ["KVMIBrokerPolicy", "KVMIBrokerCore"], resources: [.copy("Corpus")]),
         .testTarget(
             name: "KVMIBrokerOSTests",
             dependencies: [

@@ -98,6 +98,8 @@ public final class TestIntrospector: Sendable {
         public var bytesReplied: Int
         /// In KVMI client mode: what the session with the kernel saw, updated live.
         public var kvmi: KVMISessionRecord?
+        /// When the connection was accepted.
+        public var acceptedAt: ContinuousClock.Instant = .now
     }
 
     /// The KVMI_GET_VERSION request libkvmi sends first: `kvmi_msg_hdr {u16 id=2; u16 size=0; u32 seq=1}`.

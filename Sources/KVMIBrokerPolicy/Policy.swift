@@ -1,0 +1,4 @@
+import KVMIBrokerCore
+
+/// Placeholder so the target builds; the policy engine replaces this file.
+public enum PolicyPlaceholder {}
