@@ -17,6 +17,11 @@ public struct GuestSessionMachine: Sendable {
         /// The VM is shutting down or the channel closed.
         case ended
 
+        public var isHooked: Bool {
+            if case .hooked = self { return true }
+            return false
+        }
+
         public var description: String {
             switch self {
             case .notIntrospected: return "not introspected"

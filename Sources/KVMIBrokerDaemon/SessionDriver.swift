@@ -119,7 +119,14 @@ final class SessionDriver: Sendable {
                 case .result:
                     state.resultTimer?.cancel()
                     guard let result = try? Channel.Result(decoding: frame.payload) else { return }
+                    let wasHooked = state.machine.state.isHooked
                     actions = state.machine.handle(.result(result))
+                    if !wasHooked, state.machine.state.isHooked, let start = state.triggeredAt {
+                        state.lastHook = start.duration(to: .now)
+                        state.hooks += 1
+                        state.triggeredAt = nil
+                        logger.info("hooked \(format(state.lastHook ?? .zero)) after the trigger")
+                    }
                 case .event:
                     guard let event = try? Channel.Event(decoding: frame.payload) else { return }
                     // The tool learns the guest's current session id (new after a reset or an incoming migration).
@@ -165,6 +172,10 @@ final class SessionDriver: Sendable {
         var retryTask: Task<Void, Never>?
         var resultTimer: Task<Void, Never>?
         var pendingOutcome: HandshakeOutcome?
+        /// When the current attempt series began (the trigger), for the hook latency.
+        var triggeredAt: ContinuousClock.Instant?
+        var lastHook: Duration?
+        var hooks = 0
 
         mutating func nextSeq() -> UInt32 {
             seq += 1
@@ -181,6 +192,11 @@ final class SessionDriver: Sendable {
             if case .hooked = machine.state { status.hooked = true } else { status.hooked = false }
             status.failures = machine.failures
             status.lastFailure = machine.lastFailure
+            status.hooks = state.hooks
+            if let last = state.lastHook {
+                let (seconds, attoseconds) = last.components
+                status.lastHookMicroseconds = seconds * 1_000_000 + attoseconds / 1_000_000_000_000
+            }
         }
     }
 
@@ -194,6 +210,7 @@ final class SessionDriver: Sendable {
                 case .sendWelcome:
                     try await send(.welcome, Channel.welcome(version: Channel.version), &state)
                 case .startHandshake:
+                    if state.triggeredAt == nil { state.triggeredAt = .now }
                     let parameters = HandshakeParameters(
                         abi: configuration.allowLists.abi,
                         request: state.request,

@@ -12,6 +12,10 @@ public struct SessionStatus: Sendable, Codable, Equatable {
     public var lastFailure: String?
     public var startTime: Int64
     public var since: Date
+    /// From the trigger (HELLO, resume, reset, ...) to QEMU's HOOK success, for the last hook.
+    public var lastHookMicroseconds: Int64?
+    /// Hooks completed by this session.
+    public var hooks: Int = 0
 }
 
 /// Sessions keyed by guest UUID: at most one live channel per guest, and the status view.

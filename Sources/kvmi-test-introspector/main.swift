@@ -61,7 +61,7 @@ struct TestIntrospectorCommand: ParsableCommand {
         emit("test introspector listening on \(introspector.endpoint) (\(behaviour))")
         var printed: [String] = []
         while true {
-            let lines = introspector.records.map(Self.describe)
+            let lines = introspector.records.enumerated().map { "connection \($0.offset + 1): \(Self.describe($0.element))" }
             for (index, line) in lines.enumerated() where index >= printed.count || printed[index] != line { emit(line) }
             printed = lines
             usleep(50_000)

@@ -1,0 +1,142 @@
+import Foundation
+import KVMIBrokerCore
+import KVMIBrokerDaemon
+import KVMIBrokerOS
+import KVMITestIntrospector
+import Logging
+import Testing
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// A child process whose output goes to a file, stopped by pid when done.
+final class ChildProcess {
+    let process = Process()
+    let logPath = "/tmp/kvmib-child-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log"
+
+    init(_ executable: URL, _ arguments: [String]) throws {
+        process.executableURL = executable
+        process.arguments = arguments
+        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
+        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
+        process.standardOutput = log
+        process.standardError = log
+        try process.run()
+    }
+
+    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    func kill(_ signal: Int32 = SIGTERM) {
+        guard process.isRunning else { return }
+        Glibc.kill(process.processIdentifier, signal)
+        process.waitUntilExit()
+    }
+
+    deinit {
+        kill(SIGKILL)
+        unlink(logPath)
+    }
+}
+
+extension OSLayerTests {
+    /// Faults with real processes: the introspector and the broker are killed and restarted.
+    /// QEMU is the real patched one with the KERNEL DOUBLE preloaded (the one stand-in).
+    @Suite("Faults: introspector and broker crashes")
+    struct FaultTests {
+        let uuid = GuestUUID("5c0ffee0-1234-4abc-8def-0123456789ab")!
+        let products = productsDirectory()
+
+        func secretFile() -> String {
+            let path = "/tmp/kvmib-fault-secret-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+            _ = FileManager.default.createFile(atPath: path, contents: Data(testSecret))
+            chmod(path, 0o600)
+            return path
+        }
+
+        func introspectorProcess(_ socket: String, _ secret: String) throws -> ChildProcess {
+            let child = try ChildProcess(
+                products.appendingPathComponent("kvmi-test-introspector"),
+                ["--listen", "unix:\(socket)", "--secret-file", secret, "--kvmi", "v12", "--check-commands", "VM_READ_PHYSICAL"])
+            #expect(eventually { child.log.contains("listening") })
+            return child
+        }
+
+        func brokerProcess(channel: String, tool: String, secret: String, status: String) throws -> ChildProcess {
+            try ChildProcess(
+                products.appendingPathComponent("kvmi-broker"),
+                [
+                    "run", "--channel-socket", channel, "--introspector", "unix:\(tool)", "--secret-file", secret, "--abi", "v12",
+                    "--commands", "12,10", "--events", "0", "--status-file", status, "--backoff-initial", "0.2", "--backoff-max", "1",
+                    "--log-level", "debug",
+                ])
+        }
+
+        func status(_ path: String) -> [SessionStatus] {
+            guard let data = FileManager.default.contents(atPath: path) else { return [] }
+            let decoder = JSONDecoder()
+            decoder.dateDecodingStrategy = .iso8601
+            return (try? decoder.decode([SessionStatus].self, from: data)) ?? []
+        }
+
+        @Test("the tool is killed: QEMU unhooks; the broker reconnects with back-off once the tool is back")
+        func toolKilled() async throws {
+            let secret = secretFile()
+            defer { unlink(secret) }
+            let toolSocket = temporarySocketPath("tool")
+            let channel = temporarySocketPath("channel")
+            let statusPath = "/tmp/kvmib-fault-status-\(getpid()).json"
+            defer { unlink(statusPath) }
+            var tool = try introspectorProcess(toolSocket, secret)
+            let broker = try brokerProcess(channel: channel, tool: toolSocket, secret: secret, status: statusPath)
+            #expect(eventually { FileManager.default.fileExists(atPath: channel) })
+            let qemu = try QEMUProcess(channelSocket: channel, uuid: uuid, name: "fault-guest", kernelDouble: try kernelDouble())
+            defer { qemu.stop() }
+            #expect(eventually(timeout: .seconds(20)) { status(statusPath).first?.hooked == true }, "broker log:\n\(broker.log)\nQEMU:\n\(qemu.log)")
+
+            tool.kill(SIGKILL)
+            #expect(eventually(timeout: .seconds(10)) { status(statusPath).first?.hooked == false }, "broker log:\n\(broker.log)")
+            #expect(broker.log.contains("the introspector closed its connection; QEMU unhooked the guest"))
+            // While the tool is away the broker keeps trying, no faster than the back-off (0.2 s doubling to 1 s).
+            try await Task.sleep(for: .seconds(2))
+            let failures = status(statusPath).first?.failures ?? 0
+            #expect(failures >= 2 && failures <= 6, "failures while the tool was down: \(failures)")
+            tool = try introspectorProcess(toolSocket, secret)
+            #expect(eventually(timeout: .seconds(10)) { status(statusPath).first?.hooked == true }, "broker log:\n\(broker.log)")
+            #expect(eventually { tool.log.contains("version=1") }, "tool log:\n\(tool.log)")
+            broker.kill()
+        }
+
+        @Test("the broker is SIGKILLed and restarted: QEMU reconnects, reports it is still hooked, nothing is hooked twice")
+        func brokerKilled() async throws {
+            let secret = secretFile()
+            defer { unlink(secret) }
+            let toolSocket = temporarySocketPath("tool")
+            let channel = temporarySocketPath("channel")
+            let statusPath = "/tmp/kvmib-fault-status2-\(getpid()).json"
+            defer { unlink(statusPath) }
+            let tool = try introspectorProcess(toolSocket, secret)
+            var broker = try brokerProcess(channel: channel, tool: toolSocket, secret: secret, status: statusPath)
+            #expect(eventually { FileManager.default.fileExists(atPath: channel) })
+            let qemu = try QEMUProcess(channelSocket: channel, uuid: uuid, name: "restart-guest", kernelDouble: try kernelDouble())
+            defer { qemu.stop() }
+            #expect(eventually(timeout: .seconds(20)) { status(statusPath).first?.hooked == true }, "broker log:\n\(broker.log)\nQEMU:\n\(qemu.log)")
+            #expect(eventually { tool.log.contains("unhook-event=enabled") }, "tool log:\n\(tool.log)")
+            func connections() -> Int { Set(tool.log.components(separatedBy: "\n").compactMap { $0.split(separator: ":").first }.filter { $0.hasPrefix("connection ") }).count }
+            let handshakes = connections()
+
+            broker.kill(SIGKILL)
+            unlink(statusPath)
+            broker = try brokerProcess(channel: channel, tool: toolSocket, secret: secret, status: statusPath)
+            #expect(eventually(timeout: .seconds(20)) { status(statusPath).first?.hooked == true }, "new broker log:\n\(broker.log)")
+            #expect(broker.log.contains("already hooked"), "\(broker.log)")
+            try await Task.sleep(for: .seconds(1))
+            // No new handshake, the tool's session still open, the guest hooked once.
+            #expect(connections() == handshakes && handshakes == 1, "\(tool.log)")
+            #expect(!tool.log.contains("ended:"), "the tool's session ended:\n\(tool.log)")
+            #expect(status(statusPath).first?.hooks == 0)
+            broker.kill()
+            tool.kill()
+        }
+    }
+}
