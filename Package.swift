@@ -61,7 +61,8 @@ let package = Package(
         .executableTarget(
             name: "kvmi-bench",
             dependencies: [
-                "KVMIBrokerCore", "KVMIBrokerOS", "KVMITestIntrospector",
+                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon", "KVMITestIntrospector",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "KVMIBrokerCoreTests", dependencies: ["KVMIBrokerCore"]),

@@ -2,7 +2,9 @@ import ArgumentParser
 import Foundation
 import KVMIBrokerCore
 import KVMIBrokerOS
+import KVMIBrokerDaemon
 import KVMITestIntrospector
+import Logging
 
 /// Benchmarks kept in the project, so that the figures in Documentation/ can be re-measured.
 @main
@@ -10,7 +12,7 @@ struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kvmi-bench",
         abstract: "kvmi-broker benchmarks.",
-        subcommands: [HandshakeBench.self])
+        subcommands: [HandshakeBench.self, HookBench.self])
 }
 
 /// Handshake latency over a unix socket: connect + 104-byte struct + 24-byte reply + cookie check,
@@ -73,5 +75,67 @@ struct HandshakeBench: AsyncParsableCommand {
                 percentile(0.99).secondsDouble * 1e6, samples.last!.secondsDouble * 1e6,
                 samples.reduce(Duration.zero, +).secondsDouble / Double(samples.count) * 1e6))
         print(String(format: "throughput %.0f handshakes/s", Double(samples.count) / elapsed.secondsDouble))
+    }
+}
+
+/// QEMU's trigger (HELLO, then RESUMED after each pause) to "hooked": the broker's handshake with
+/// the test introspector, HOOK with the fd, QEMU's ioctls, RESULT. Real patched QEMU, with the
+/// KERNEL DOUBLE preloaded because no kernel here has KVMI. Compare with Benchmarks/hook-floor.
+struct HookBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "hook", abstract: "Trigger-to-hooked latency over pause/resume cycles of one real QEMU (through the kernel double).")
+
+    @Option(help: "The patched qemu-system-x86_64 (qemu-patches/build --print-path).")
+    var qemu: String
+
+    @Option(help: "The kernel double library (Tests/KernelDouble/build DIR).")
+    var double: String
+
+    @Option(help: "Pause/resume cycles (each one hook).")
+    var cycles = 300
+
+    func run() async throws {
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = .error
+            return handler
+        }
+        let tag = "\(getpid())"
+        let secret = Array("bench secret\n".utf8)
+        let introspector = try TestIntrospector(
+            .init(endpoint: .unix(path: "/tmp/kvmi-bench-tool-\(tag).sock"), secret: secret, kvmiClient: try KVMIClientPlan(abi: .v12, commands: [], events: [])))
+        defer { introspector.stop() }
+        let configuration = BrokerConfiguration(
+            channelSocketPath: "/tmp/kvmi-bench-channel-\(tag).sock", introspector: introspector.endpoint, cookie: CookieHash(secret: secret),
+            allowLists: try Channel.AllowLists(abi: .v12, commands: [12, 7, 10], events: [0, 17]))
+        let server = ChannelServer(configuration: configuration, logger: Logger(label: "bench"))
+        let listener = try server.bind()
+        let task = Task { await server.run(listener: listener) }
+        defer { task.cancel() }
+        let uuid = GuestUUID("9a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d")!
+        let vm = try QEMUProcess(qemu: qemu, channelSocket: configuration.channelSocketPath, uuid: uuid, name: "bench", kernelDouble: double)
+        defer { vm.stop() }
+        func waitHooks(_ count: Int) async throws -> SessionStatus {
+            let deadline = ContinuousClock.now.advanced(by: .seconds(30))
+            while ContinuousClock.now < deadline {
+                if let status = await server.registry.snapshot().first, status.hooked, status.hooks >= count { return status }
+                try await Task.sleep(for: .microseconds(200))
+            }
+            throw BrokerError(.timedOut, "not hooked (\(count)); QEMU log: \(vm.log)")
+        }
+        var samples: [Int64] = [try await waitHooks(1).lastHookMicroseconds ?? 0]
+        let qmp = try QMPClient(path: vm.qmpPath)
+        _ = try qmp.execute(#"{"execute":"cont"}"#, timeout: 30)
+        for cycle in 0..<cycles {
+            _ = try qmp.execute(#"{"execute":"stop"}"#, timeout: 30)
+            _ = try qmp.execute(#"{"execute":"cont"}"#, timeout: 30)
+            samples.append(try await waitHooks(cycle + 2).lastHookMicroseconds ?? 0)
+        }
+        let first = samples.removeFirst()
+        samples.sort()
+        print("first hook after HELLO: \(first) us")
+        print(
+            "broker + patched QEMU: \(samples.count) hooks after RESUMED, p50 \(samples[samples.count / 2]) us  p99 \(samples[Int(Double(samples.count) * 0.99)]) us  max \(samples.last ?? 0) us"
+        )
     }
 }
