@@ -1,0 +1,501 @@
+import KVMIBrokerCore
+
+/// Turns policy files into a `Policy`, collecting every diagnostic with its file and line.
+struct PolicyCompiler {
+    static let introspectorKeys = [
+        "Description", "Endpoint", "ABI", "SecretFile", "HandshakeTimeout", "UnhookTimeout", "BackoffInitial", "BackoffMax", "AllowedPeer",
+    ]
+    static let guestKeys = ["Description", "MatchUUID", "MatchName", "MatchMetadata", "Introspector", "Commands", "Events", "Mode"]
+    static let matchKeys = ["MatchUUID", "MatchName", "MatchMetadata"]
+
+    let sources: PolicySources
+    var diagnostics: [PolicyDiagnostic] = []
+    var introspectors: [String: IntrospectorConfig] = [:]
+    var replacedIntrospectors: [String: RuleLocation] = [:]
+    /// Introspectors whose sections had errors: rules naming them get no second error.
+    var brokenIntrospectors: Set<String> = []
+    var rules: [GuestRule?] = []
+    var ruleSlots: [String: Int] = [:]
+    /// The line of each rule's Match key, by order.
+    var matchLines: [Int: Int] = [:]
+    /// Rules often share lists: resolve each distinct (lists, generation) once.
+    var resolutions: [ResolutionKey: ResolvedLists] = [:]
+
+    struct ResolutionKey: Hashable {
+        var commands: [String]
+        var events: [String]
+        var abi: ABIGeneration
+    }
+
+    init(sources: PolicySources) { self.sources = sources }
+
+    mutating func error(_ file: String, _ line: Int?, _ message: String, _ code: BrokerError.Code = .invalidArgument) {
+        diagnostics.append(PolicyDiagnostic(.error, code, file: file, line: line, message))
+    }
+
+    mutating func warning(_ file: String, _ line: Int?, _ message: String) {
+        diagnostics.append(PolicyDiagnostic(.warning, file: file, line: line, message))
+    }
+
+    mutating func compile(_ files: [SourceFile], entries: [PolicyFileEntry]) throws(PolicyLoadError) -> (Policy, [PolicyDiagnostic]) {
+        for file in files { compileFile(file) }
+        let effective = rules.compactMap { $0 }
+        detectStaticConflicts(effective)
+        if diagnostics.contains(where: { $0.severity == .error }) { throw PolicyLoadError(diagnostics: diagnostics) }
+        var policy = Policy(sources: sources, introspectors: introspectors, rules: effective, files: entries)
+        policy.replacedIntrospectors = replacedIntrospectors
+        return (policy, diagnostics)
+    }
+
+    mutating func compileFile(_ file: SourceFile) {
+        let groups: [ScannedGroup]
+        let keyFile: GKeyFileHandle
+        do throws(KeyFileSyntaxError) {
+            groups = try KeyFileScanner.scan(file.bytes)
+            keyFile = try GKeyFileHandle(file.bytes)
+        } catch {
+            self.error(file.path, error.line, error.message)
+            return
+        }
+        var seen: [String: Int] = [:]
+        for group in groups {
+            if let first = seen[group.name] {
+                error(file.path, group.line, "section [\(group.name)] appears twice in this file (first at line \(first))")
+                continue
+            }
+            seen[group.name] = group.line
+            var section = SectionReader(file: file, group: group, keyFile: keyFile)
+            let words = group.name.split(separator: " ", maxSplits: 1).map { String($0).trimmingWhitespace() }
+            let expected = file.kind == .introspectors ? "introspector" : "guest"
+            guard words.count == 2, !words[1].isEmpty else {
+                error(file.path, group.line, "section [\(group.name)] must be named '[\(expected) NAME]'")
+                continue
+            }
+            let (kind, name) = (words[0], words[1])
+            guard kind == expected else {
+                if kind == "introspector" || kind == "guest" {
+                    error(
+                        file.path, group.line,
+                        "[\(group.name)] belongs in \(kind == "guest" ? "guests.d" : "introspectors.d"), not \(file.kind.rawValue)")
+                } else {
+                    error(
+                        file.path, group.line,
+                        "unknown section kind '\(kind)' in \(file.kind.rawValue)\(didYouMean(closest(to: kind, among: [expected])))")
+                }
+                continue
+            }
+            guard name.utf8.allSatisfy({ isNameByte($0) }), let first = name.utf8.first, first != UInt8(ascii: "-"), first != UInt8(ascii: ".") else {
+                error(
+                    file.path, group.line,
+                    "\(kind) name '\(name)' may hold only letters, digits, '.', '_' and '-', and must not start with '.' or '-'")
+                continue
+            }
+            let known = kind == "guest" ? Self.guestKeys : Self.introspectorKeys
+            var keyLines: [String: Int] = [:]
+            var clean = true
+            for key in group.keys {
+                if let earlier = keyLines[key.name] {
+                    error(file.path, key.line, "\(key.name)= appears twice in [\(group.name)] (first at line \(earlier))")
+                    clean = false
+                } else if !known.contains(key.name) {
+                    error(file.path, key.line, "unknown key '\(key.name)' in [\(group.name)]\(didYouMean(closest(to: key.name, among: known)))")
+                    clean = false
+                }
+                keyLines[key.name] = keyLines[key.name] ?? key.line
+            }
+            section.lines = keyLines
+            let location = RuleLocation(file: file.path, line: group.line, section: group.name)
+            if kind == "introspector" {
+                compileIntrospector(name, location, &section, clean: clean)
+            } else {
+                compileGuest(name, location, &section, clean: clean)
+            }
+        }
+    }
+
+    // MARK: introspectors
+
+    mutating func compileIntrospector(_ name: String, _ location: RuleLocation, _ section: inout SectionReader, clean: Bool) {
+        let before = diagnostics.count
+        let endpoint: IntrospectorEndpoint? = section.required("Endpoint", &self, example: "Endpoint=vsock:3:1234").flatMap { text in
+            do throws(BrokerError) {
+                return try IntrospectorEndpoint(parsing: text)
+            } catch {
+                self.error(location.file, section.lines["Endpoint"], error.message)
+                return nil
+            }
+        }
+        let abi: ABIGeneration? = section.required("ABI", &self, example: "ABI=v12").flatMap { text in
+            guard let abi = ABIGeneration(parsing: text) else {
+                self.error(location.file, section.lines["ABI"], "ABI '\(text)' is not v7 or v12")
+                return nil
+            }
+            return abi
+        }
+        let secretFile = section.string("SecretFile", &self)
+        if let secretFile, !secretFile.hasPrefix("/") {
+            error(location.file, section.lines["SecretFile"], "SecretFile '\(secretFile)' must be an absolute path")
+        }
+        let handshake = section.duration("HandshakeTimeout", &self) ?? IntrospectorConfig.defaultHandshakeTimeout
+        let unhook = section.duration("UnhookTimeout", &self) ?? IntrospectorConfig.defaultUnhookTimeout
+        let initial = section.duration("BackoffInitial", &self) ?? Backoff.default.initial
+        let maximum = section.duration("BackoffMax", &self) ?? Backoff.default.maximum
+        var backoff = Backoff.default
+        do throws(BrokerError) {
+            backoff = try Backoff(initial: initial, maximum: maximum, multiplier: Backoff.default.multiplier, jitter: Backoff.default.jitter)
+        } catch {
+            self.error(location.file, section.lines["BackoffMax"] ?? section.lines["BackoffInitial"], error.message)
+        }
+        var peers: [AllowedPeer] = []
+        for item in section.list("AllowedPeer", &self) ?? [] {
+            let line = section.lines["AllowedPeer"]
+            let parts = item.split(separator: ":", maxSplits: 1).map(String.init)
+            let peer: AllowedPeer?
+            switch (parts.first, parts.count) {
+            case ("uid", 2): peer = UInt32(parts[1]).map(AllowedPeer.uid)
+            case ("cid", 2): peer = UInt32(parts[1]).map(AllowedPeer.cid)
+            case ("user", 2): peer = parts[1].isEmpty || parts[1].contains(where: { $0.isWhitespace }) ? nil : .user(parts[1])
+            default: peer = nil
+            }
+            guard let peer else {
+                error(location.file, line, "AllowedPeer '\(item)' is not 'uid:NUMBER', 'user:NAME' or 'cid:NUMBER'")
+                continue
+            }
+            switch (peer, endpoint) {
+            case (.cid, .unix?), (.uid, .vsock?), (.user, .vsock?):
+                error(
+                    location.file, line,
+                    "AllowedPeer '\(item)' cannot apply to the \(endpoint.map(\.description) ?? "") endpoint (uid/user go with unix:, cid with vsock:)"
+                )
+            case (_, .tcp?):
+                error(location.file, line, "AllowedPeer has no meaning for a tcp: endpoint; authenticate it with SecretFile=")
+            default:
+                peers.append(peer)
+            }
+        }
+        let summary = section.string("Description", &self)
+        guard clean, diagnostics.count == before, let endpoint, let abi else {
+            brokenIntrospectors.insert(name)
+            return
+        }
+        if let earlier = introspectors[name] { replacedIntrospectors[name] = earlier.location }
+        introspectors[name] = IntrospectorConfig(
+            name: name, endpoint: endpoint, secretFile: secretFile, abi: abi, handshakeTimeout: handshake, unhookTimeout: unhook,
+            backoff: backoff, allowedPeers: peers, summary: summary, location: location)
+    }
+
+    // MARK: guest rules
+
+    mutating func compileGuest(_ name: String, _ location: RuleLocation, _ section: inout SectionReader, clean: Bool) {
+        let before = diagnostics.count
+        let file = location.file
+        let present = Self.matchKeys.filter { section.lines[$0] != nil }.sorted { section.lines[$0, default: 0] < section.lines[$1, default: 0] }
+        var match: GuestMatch?
+        if present.isEmpty {
+            error(file, location.line, "[\(location.section)] has no MatchUUID=, MatchName= or MatchMetadata=: it would match nothing")
+        } else if present.count > 1 {
+            error(
+                file, section.lines[present[1]],
+                "a rule matches by one of MatchUUID=, MatchName= or MatchMetadata=, and this one already has \(present[0])= at line \(section.lines[present[0]] ?? 0); split it into two rules"
+            )
+        } else {
+            let key = present[0]
+            let line = section.lines[key]
+            let items = section.list(key, &self) ?? []
+            if items.isEmpty && diagnostics.count == before { error(file, line, "\(key)= is empty: the rule would match nothing") }
+            switch key {
+            case "MatchUUID":
+                var uuids: [GuestUUID] = []
+                for item in items {
+                    if let uuid = GuestUUID(item) {
+                        uuids.append(uuid)
+                    } else {
+                        error(file, line, "'\(item)' is not a UUID like 6695eb01-f6a4-8304-79aa-97f2502e193f")
+                    }
+                }
+                match = .uuids(uuids)
+            case "MatchName":
+                for item in items {
+                    do throws(BrokerError) { _ = try NamePattern(item) } catch { self.error(file, line, error.message) }
+                }
+                match = .names(items)
+            default:
+                var values: [String?] = []
+                for item in items {
+                    if item == "wanted" {
+                        values.append(nil)
+                    } else if item.hasPrefix("introspector:"), item.count > 13 {
+                        values.append(String(item.dropFirst(13)))
+                    } else {
+                        error(file, line, "MatchMetadata value '\(item)' is not 'wanted' or 'introspector:NAME'")
+                    }
+                }
+                match = .metadata(values)
+            }
+        }
+        var introspector = section.string("Introspector", &self)
+        if introspector?.isEmpty == true { introspector = nil }
+        var abi: ABIGeneration?
+        if let introspector {
+            if let config = introspectors[introspector] {
+                abi = config.abi
+            } else if !brokenIntrospectors.contains(introspector) {
+                error(
+                    file, section.lines["Introspector"],
+                    "no introspector named '\(introspector)' is defined in introspectors.d\(didYouMean(closest(to: introspector, among: introspectors.keys)))"
+                )
+            }
+        } else if case .metadata? = match {
+            // The domain's metadata names the introspector.
+        } else if present.count == 1 {
+            error(file, location.line, "Introspector= is missing (only MatchMetadata= rules may leave it to the domain's metadata)")
+        }
+        let required: Bool
+        switch section.string("Mode", &self) {
+        case nil, "best-effort"?: required = false
+        case "required"?: required = true
+        case let other?:
+            required = false
+            error(
+                file, section.lines["Mode"],
+                "Mode '\(other)' is not 'required' or 'best-effort'\(didYouMean(closest(to: other, among: ["required", "best-effort"])))")
+        }
+        var lists: [NameKind: [String]] = [:]
+        for kind in [NameKind.command, .event] {
+            let key = kind == .command ? "Commands" : "Events"
+            guard section.lines[key] != nil else {
+                error(file, location.line, "\(key)= is missing (an empty \(key)= allows only the kernel's defaults)")
+                continue
+            }
+            let items = section.list(key, &self) ?? []
+            lists[kind] = items
+            checkNames(items, kind, abi: abi, introspector: introspector, file: file, line: section.lines[key])
+        }
+        let summary = section.string("Description", &self)
+        guard clean, diagnostics.count == before, let match else { return }
+        var resolved: [ABIGeneration: ResolvedLists] = [:]
+        for generation in ABIGeneration.allCases {
+            let key = ResolutionKey(commands: lists[.command] ?? [], events: lists[.event] ?? [], abi: generation)
+            if let known = resolutions[key] {
+                resolved[generation] = known
+            } else {
+                let fresh = resolve(commands: key.commands, events: key.events, generation)
+                resolutions[key] = fresh
+                resolved[generation] = fresh
+            }
+        }
+        if let abi, case .missing(let names)? = resolved[abi] {
+            error(file, section.lines["Commands"], "cannot build the allow-lists for ABI \(abi): \(names.joined(separator: ", "))")
+            return
+        }
+        for generation in ABIGeneration.allCases where abi == nil || abi == generation {
+            if case .resolved(let lists, _, _)? = resolved[generation], let id = KVMINames.events(generation)["UNHOOK"], !lists.events.contains(id),
+                !lists.events.contains(-1)
+            {
+                warning(
+                    file, section.lines["Events"], "Events= lacks UNHOOK: graceful unhook is impossible (the introspector cannot be asked to let go)")
+                break
+            }
+        }
+        let order = rules.count
+        var replaced: RuleLocation?
+        if let slot = ruleSlots[name], let earlier = rules[slot] {
+            replaced = earlier.location
+            rules[slot] = nil
+        }
+        ruleSlots[name] = order
+        matchLines[order] = section.lines[present[0]]
+        rules.append(
+            GuestRule(
+                name: name, match: match, introspector: introspector, commands: lists[.command] ?? [], events: lists[.event] ?? [],
+                required: required,
+                summary: summary, location: location, replaced: replaced, resolved: resolved, order: order))
+    }
+
+    /// Reports unknown names and groups, and names the introspector's generation lacks.
+    mutating func checkNames(_ items: [String], _ kind: NameKind, abi: ABIGeneration?, introspector: String?, file: String, line: Int?) {
+        let key = kind == .command ? "Commands" : "Events"
+        for item in items {
+            if item.hasPrefix("@") {
+                if !PolicyGroups.names.contains(item) {
+                    error(file, line, "\(key): unknown group '\(item)'\(didYouMean(closest(to: item, among: PolicyGroups.names)))")
+                }
+                continue
+            }
+            let name = normalizedName(item, kind)
+            let having = ABIGeneration.allCases.filter { kind.table($0)[name] != nil }
+            let candidates = abi.map { Array(kind.table($0).keys) } ?? ABIGeneration.allCases.flatMap { kind.table($0).keys }
+            let suggestion = didYouMean(closest(to: name, among: candidates))
+            if having.isEmpty {
+                let other: NameKind = kind == .command ? .event : .command
+                if ABIGeneration.allCases.contains(where: { other.table($0)[normalizeOther(item, other)] != nil }) {
+                    error(
+                        file, line,
+                        "\(key): '\(item)' is \(other == .event ? "an event" : "a command"), not a \(kind.rawValue); list it in \(other == .event ? "Events" : "Commands")="
+                    )
+                } else {
+                    error(file, line, "\(key): unknown \(kind.rawValue) '\(item)'\(suggestion)")
+                }
+            } else if let abi, !having.contains(abi), let introspector {
+                let only = having.map(\.description).joined(separator: " and ")
+                error(
+                    file, line,
+                    "\(key): ABI \(abi) has no \(kind.rawValue) '\(name)' (only \(only) has it), and introspector '\(introspector)' speaks \(abi)\(suggestion)"
+                )
+            }
+        }
+    }
+
+    private func normalizeOther(_ item: String, _ kind: NameKind) -> String { normalizedName(item, kind) }
+
+    /// Names and groups to ids for one generation; always-allowed commands are implicit.
+    func resolve(commands: [String], events: [String], _ abi: ABIGeneration) -> ResolvedLists {
+        var missing: [String] = []
+        func expand(_ items: [String], _ kind: NameKind) -> [(String, Int32)] {
+            var out: [String: Int32] = [:]
+            for item in items {
+                let names = item.hasPrefix("@") ? (kind.group(item, abi) ?? []) : [normalizedName(item, kind)]
+                for name in names {
+                    if let id = kind.table(abi)[name] { out[name] = id } else { missing.append(name) }
+                }
+            }
+            if kind == .command { for name in KVMINames.alwaysAllowed { out[name] = nil } }
+            return out.sorted { $0.value < $1.value }
+        }
+        let commandPairs = expand(commands, .command)
+        let eventPairs = expand(events, .event)
+        if !missing.isEmpty { return .missing(missing) }
+        do throws(BrokerError) {
+            let lists = try Channel.AllowLists(abi: abi, commands: commandPairs.map(\.1), events: eventPairs.map(\.1))
+            return .resolved(lists, commands: commandPairs.map(\.0), events: eventPairs.map(\.0))
+        } catch {
+            return .missing(["(\(error.message))"])
+        }
+    }
+
+    // MARK: static conflicts
+
+    /// Identical match values in two rules: different introspectors is an error naming both
+    /// places; the same introspector is a warning (the later rule shadows the earlier).
+    mutating func detectStaticConflicts(_ rules: [GuestRule]) {
+        var seen: [ConflictKey: GuestRule] = [:]
+        for rule in rules {
+            let values: [ConflictKey]
+            switch rule.match {
+            case .uuids(let uuids): values = uuids.map(ConflictKey.uuid)
+            case .names(let names): values = names.map(ConflictKey.name)
+            case .metadata(let items): values = items.map(ConflictKey.metadata)
+            }
+            for key in values {
+                defer { seen[key] = rule }
+                guard let earlier = seen[key], earlier.order != rule.order else { continue }
+                let line = matchLines[rule.order] ?? rule.location.line
+                let label = key.label
+                if earlier.introspector != rule.introspector {
+                    error(
+                        rule.location.file, line,
+                        "\(label) gets introspector \(describe(rule.introspector)) from [\(rule.location.section)] here but \(describe(earlier.introspector)) from \(earlier.location)"
+                    )
+                } else {
+                    warning(rule.location.file, line, "\(label) is also matched by \(earlier.location); this later rule shadows it")
+                }
+            }
+        }
+    }
+
+    enum ConflictKey: Hashable {
+        case uuid(GuestUUID)
+        case name(String)
+        case metadata(String?)
+
+        var label: String {
+            switch self {
+            case .uuid(let uuid): return "UUID \(uuid)"
+            case .name(let name): return "name pattern '\(name)'"
+            case .metadata(let value): return value.map { "MatchMetadata=introspector:\($0)" } ?? "MatchMetadata=wanted"
+            }
+        }
+    }
+
+    private func describe(_ introspector: String?) -> String { introspector.map { "'\($0)'" } ?? "(from metadata)" }
+}
+
+private func isNameByte(_ byte: UInt8) -> Bool {
+    switch byte {
+    case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): return true
+    case UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "-"): return true
+    default: return false
+    }
+}
+
+/// Reads one section's values through GKeyFile, reporting problems at the key's line.
+struct SectionReader {
+    let file: SourceFile
+    let group: ScannedGroup
+    let keyFile: GKeyFileHandle
+    var lines: [String: Int] = [:]
+
+    init(file: SourceFile, group: ScannedGroup, keyFile: GKeyFileHandle) {
+        self.file = file
+        self.group = group
+        self.keyFile = keyFile
+    }
+
+    func string(_ key: String, _ compiler: inout PolicyCompiler) -> String? {
+        guard let line = lines[key] else { return nil }
+        do throws(KeyFileSyntaxError) {
+            return try keyFile.string(group.name, key).trimmingWhitespace()
+        } catch {
+            compiler.error(file.path, line, "\(key)=: \(error.message)")
+            return nil
+        }
+    }
+
+    func required(_ key: String, _ compiler: inout PolicyCompiler, example: String) -> String? {
+        guard lines[key] != nil else {
+            compiler.error(file.path, group.line, "[\(group.name)] has no \(key)= (for example \(example))")
+            return nil
+        }
+        guard let value = string(key, &compiler) else { return nil }
+        if value.isEmpty { compiler.error(file.path, lines[key], "\(key)= is empty (for example \(example))") }
+        return value.isEmpty ? nil : value
+    }
+
+    func list(_ key: String, _ compiler: inout PolicyCompiler) -> [String]? {
+        guard let line = lines[key] else { return nil }
+        do throws(KeyFileSyntaxError) {
+            return try keyFile.list(group.name, key)
+        } catch {
+            compiler.error(file.path, line, "\(key)=: \(error.message)")
+            return nil
+        }
+    }
+
+    /// Seconds: `10`, `2.5`, `10s` or `500ms`; more than 0 and at most an hour.
+    func duration(_ key: String, _ compiler: inout PolicyCompiler) -> Duration? {
+        guard let text = string(key, &compiler) else { return nil }
+        if let duration = parseDuration(text) { return duration }
+        compiler.error(file.path, lines[key], "\(key) '\(text)' is not a duration like 10, 2.5s or 500ms (more than 0, at most 3600 s)")
+        return nil
+    }
+}
+
+func parseDuration(_ text: String) -> Duration? {
+    var number = Substring(text)
+    var scale = 1.0
+    if number.hasSuffix("ms") {
+        number = number.dropLast(2)
+        scale = 0.001
+    } else if number.hasSuffix("s") {
+        number = number.dropLast()
+    }
+    guard let value = Double(number), value.isFinite else { return nil }
+    let seconds = value * scale
+    guard seconds > 0, seconds <= 3600 else { return nil }
+    return .milliseconds(Int64((seconds * 1000).rounded()))
+}
+
+func formatDuration(_ duration: Duration) -> String {
+    let milliseconds = Int64((duration.secondsDouble * 1000).rounded())
+    return milliseconds % 1000 == 0 ? "\(milliseconds / 1000)s" : "\(milliseconds)ms"
+}
