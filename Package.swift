@@ -36,6 +36,17 @@ let package = Package(
             ]),
         // The allow-policy: GKeyFile drop-in directories, semantics, check/explain/dump. Pure apart from reading files.
         .target(name: "KVMIBrokerPolicy", dependencies: ["KVMIBrokerCore", "CGLib"]),
+        // libvirt through pkg-config: the public headers and a few getters Swift 6 needs.
+        .systemLibrary(
+            name: "CLibvirt", pkgConfig: "libvirt",
+            providers: [.apt(["libvirt-dev"])]),
+        // libvirt layer: discovery (events, keepalive, reconnect + resync), our metadata, enrolment, QEMU pids.
+        .target(
+            name: "KVMIBrokerLibvirt",
+            dependencies: [
+                "KVMIBrokerCore", "CLibvirt",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
         // Daemon layer: the QEMU channel server, sessions, identity checks.
         .target(
             name: "KVMIBrokerDaemon",
@@ -48,7 +59,7 @@ let package = Package(
         .executableTarget(
             name: "kvmi-broker",
             dependencies: [
-                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon", "KVMIBrokerPolicy",
+                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon", "KVMIBrokerPolicy", "KVMIBrokerLibvirt",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -61,11 +72,14 @@ let package = Package(
         .executableTarget(
             name: "kvmi-bench",
             dependencies: [
-                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon", "KVMITestIntrospector",
+                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon", "KVMIBrokerPolicy", "KVMITestIntrospector",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "KVMIBrokerCoreTests", dependencies: ["KVMIBrokerCore"]),
+        .testTarget(
+            name: "KVMIBrokerLibvirtTests",
+            dependencies: ["KVMIBrokerLibvirt", "KVMIBrokerCore", "CLibvirt", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "KVMIBrokerPolicyTests", dependencies: ["KVMIBrokerPolicy", "KVMIBrokerCore"], resources: [.copy("Corpus")]),
         .testTarget(
             name: "KVMIBrokerOSTests",

@@ -1,8 +1,9 @@
 import ArgumentParser
 import Foundation
 import KVMIBrokerCore
-import KVMIBrokerOS
 import KVMIBrokerDaemon
+import KVMIBrokerOS
+import KVMIBrokerPolicy
 import KVMITestIntrospector
 import Logging
 
@@ -12,7 +13,7 @@ struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kvmi-bench",
         abstract: "kvmi-broker benchmarks.",
-        subcommands: [HandshakeBench.self, HookBench.self])
+        subcommands: [HandshakeBench.self, HookBench.self, PolicyBench.self])
 }
 
 /// Handshake latency over a unix socket: connect + 104-byte struct + 24-byte reply + cookie check,
@@ -103,7 +104,9 @@ struct HookBench: AsyncParsableCommand {
         let tag = "\(getpid())"
         let secret = Array("bench secret\n".utf8)
         let introspector = try TestIntrospector(
-            .init(endpoint: .unix(path: "/tmp/kvmi-bench-tool-\(tag).sock"), secret: secret, kvmiClient: try KVMIClientPlan(abi: .v12, commands: [], events: [])))
+            .init(
+                endpoint: .unix(path: "/tmp/kvmi-bench-tool-\(tag).sock"), secret: secret,
+                kvmiClient: try KVMIClientPlan(abi: .v12, commands: [], events: [])))
         defer { introspector.stop() }
         let configuration = BrokerConfiguration(
             channelSocketPath: "/tmp/kvmi-bench-channel-\(tag).sock", introspector: introspector.endpoint, cookie: CookieHash(secret: secret),
@@ -137,5 +140,22 @@ struct HookBench: AsyncParsableCommand {
         print(
             "broker + patched QEMU: \(samples.count) hooks after RESUMED, p50 \(samples[samples.count / 2]) us  p99 \(samples[Int(Double(samples.count) * 0.99)]) us  max \(samples.last ?? 0) us"
         )
+    }
+}
+
+/// Policy decision time per guest with many rules (UUID, metadata and glob rules mixed).
+struct PolicyBench: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "policy", abstract: "Decision time per guest with N rules.")
+
+    @Option(help: "Number of rules.")
+    var rules = 10_000
+
+    @Option(help: "Number of decisions to time.")
+    var lookups = 100_000
+
+    func run() throws {
+        let result = try PolicyBenchmark.run(rules: rules, lookups: lookups)
+        print("policy: \(result.rules) rules loaded in \(format(result.load)); \(result.lookups) decisions, \(result.introspected) introspected")
+        print(String(format: "per decision: %.2f us", result.perDecision.secondsDouble * 1e6))
     }
 }

@@ -122,7 +122,9 @@ extension OSLayerTests {
             defer { qemu.stop() }
             #expect(eventually(timeout: .seconds(20)) { status(statusPath).first?.hooked == true }, "broker log:\n\(broker.log)\nQEMU:\n\(qemu.log)")
             #expect(eventually { tool.log.contains("unhook-event=enabled") }, "tool log:\n\(tool.log)")
-            func connections() -> Int { Set(tool.log.components(separatedBy: "\n").compactMap { $0.split(separator: ":").first }.filter { $0.hasPrefix("connection ") }).count }
+            func connections() -> Int {
+                Set(tool.log.components(separatedBy: "\n").compactMap { $0.split(separator: ":").first }.filter { $0.hasPrefix("connection ") }).count
+            }
             let handshakes = connections()
 
             broker.kill(SIGKILL)

@@ -65,7 +65,9 @@ extension OSLayerTests {
                 #expect(first.handshake?.uuid == uuid && first.handshake?.name == "e2e-guest")
                 #expect(first.handshake?.structSize == 104 && (first.handshake?.maxGPA ?? 0) >= 64 << 20)
                 // The broker closed the introspector connection after the failure (the tool read EOF).
-                #expect(eventually { introspector.records.first?.kvmi?.ended?.contains("closed") == true }, "\(String(describing: introspector.records.first?.kvmi))")
+                #expect(
+                    eventually { introspector.records.first?.kvmi?.ended?.contains("closed") == true },
+                    "\(String(describing: introspector.records.first?.kvmi))")
 
                 // No faster than the back-off: 1 s, then 2 s. QEMU's descriptors stay level.
                 #expect(await eventuallyAsync { await server.registry.snapshot().first?.failures ?? 0 >= 2 })

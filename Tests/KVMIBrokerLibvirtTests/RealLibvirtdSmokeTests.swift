@@ -1,0 +1,85 @@
+import CLibvirt
+import Foundation
+import KVMIBrokerCore
+import Testing
+
+@testable import KVMIBrokerLibvirt
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// Against a real libvirtd (`scripts/libvirtd-ci start`) with a defined, shut-off TCG domain
+/// named by KVMIB_REAL_LIBVIRT_DOMAIN: start it, check identity, restart libvirtd, check the
+/// resync, destroy it. Off unless that variable is set (needs root and a real QEMU).
+@Suite(.serialized, .enabled(if: ProcessInfo.processInfo.environment["KVMIB_REAL_LIBVIRT_DOMAIN"] != nil))
+struct RealLibvirtdSmokeTests {
+    @Test func eventsIdentityAndResyncAcrossALibvirtdRestart() async throws {
+        let name = try #require(ProcessInfo.processInfo.environment["KVMIB_REAL_LIBVIRT_DOMAIN"])
+        let script = ProcessInfo.processInfo.environment["KVMIB_LIBVIRTD_CI"] ?? "scripts/libvirtd-ci"
+        let watcher = LibvirtWatcher(
+            configuration: .init(backoff: try Backoff(initial: .milliseconds(100), maximum: .seconds(1), multiplier: 2, jitter: 0)))
+        let log = EventLog(watcher.events)
+        watcher.start()
+        defer { watcher.stop() }
+        #expect(await log.wait { $0.contains { $0.resynced != nil } })
+
+        let control = try LibvirtConnection.open("qemu:///system", readOnly: false)
+        try control.withDomain(name) { domain throws(BrokerError) in
+            guard virDomainCreate(domain) == 0 else { throw LibvirtConnection.lastError(.io, "start", at: name) }
+        }
+        #expect(await log.wait { $0.contains { $0.lifecycle?.name == name && $0.lifecycle?.kind == .started } })
+        let started = try #require(log.events.compactMap(\.lifecycle).first { $0.name == name && $0.kind == .started })
+        let pid = try #require(started.domain?.qemuPID)
+        #expect(await watcher.verifyPeer(uuid: started.uuid, pid: pid) == .accepted(try #require(started.domain)))
+        #expect(await watcher.verifyPeer(uuid: started.uuid, pid: pid + 1) != .accepted(try #require(started.domain)))
+
+        let clock = ContinuousClock()
+        let restartedAt = clock.now
+        // Not Foundation.Process: its waitUntilExit hung here once the script had daemonised libvirtd.
+        var child: pid_t = 0
+        let argv: [UnsafeMutablePointer<CChar>?] = [strdup(script), strdup("restart"), nil]
+        defer { argv.forEach { free($0) } }
+        #expect(posix_spawn(&child, script, nil, nil, argv, environ) == 0)
+        var status: Int32 = 0
+        #expect(waitpid(child, &status, 0) == child)
+        #expect(status == 0)
+        #expect(await log.wait { $0.contains { if case .disconnected = $0 { true } else { false } } })
+        #expect(await log.wait { $0.compactMap(\.resynced).count >= 2 })
+        let resynced = try #require(log.events.compactMap(\.resynced).last)
+        #expect(resynced.contains { $0.name == name && $0.qemuPID == pid })
+        print("real libvirtd: disconnected + resynced \(clock.now - restartedAt) after the restart began; events: \(log.events.count)")
+
+        let again = try LibvirtConnection.open("qemu:///system", readOnly: false)  // the restart closed `control`
+        try again.withDomain(name) { domain throws(BrokerError) in
+            guard virDomainDestroy(domain) == 0 else { throw LibvirtConnection.lastError(.io, "destroy", at: name) }
+        }
+        #expect(await log.wait { $0.contains { $0.lifecycle?.name == name && $0.lifecycle?.kind == .stopped } })
+    }
+
+    /// A libvirtd that stops answering (SIGSTOP) is noticed by keepalive, and the watcher comes back after SIGCONT.
+    @Test func keepaliveNoticesAFrozenLibvirtd() async throws {
+        let pidText = try String(contentsOfFile: "/run/libvirtd.pid", encoding: .utf8)
+        let daemon = try #require(Int32(pidText.trimmingCharacters(in: .whitespacesAndNewlines)))
+        let watcher = LibvirtWatcher(
+            configuration: .init(
+                backoff: try Backoff(initial: .milliseconds(200), maximum: .seconds(1), multiplier: 2, jitter: 0), keepAliveInterval: 1,
+                keepAliveCount: 2))
+        let log = EventLog(watcher.events)
+        watcher.start()
+        defer { watcher.stop() }
+        #expect(await log.wait { $0.contains { $0.resynced != nil } })
+        let clock = ContinuousClock()
+        let frozenAt = clock.now
+        kill(daemon, SIGSTOP)
+        var noticed = false
+        for _ in 0..<100 where !noticed {
+            try await Task.sleep(for: .milliseconds(100))
+            noticed = log.events.contains(.disconnected(reason: .keepalive))
+        }
+        print("real libvirtd: keepalive noticed the frozen daemon after \(clock.now - frozenAt): \(noticed)")
+        kill(daemon, SIGCONT)
+        #expect(noticed)
+        #expect(await log.wait { $0.compactMap(\.resynced).count >= 2 })
+    }
+}
