@@ -14,6 +14,9 @@ public struct GuestSessionMachine: Sendable {
         case hooked(ABIGeneration)
         /// QEMU unhooked for a pause, outgoing migration or snapshot; waits for it to run again.
         case suspended(Channel.Event.Kind)
+        /// Policy introspects the guest, but QEMU accepts HOOK only while the VM runs (or while
+        /// `required=on` holds its vCPUs): waiting for it to start or resume.
+        case waitingForVM
         /// The VM is shutting down or the channel closed.
         case ended
 
@@ -30,6 +33,7 @@ public struct GuestSessionMachine: Sendable {
             case .backingOff(let next): return "waiting to retry (attempt \(next) next)"
             case .hooked(let abi): return "hooked (ABI \(abi))"
             case .suspended(let kind): return "unhooked for \(kind)"
+            case .waitingForVM: return "waiting for the VM to run"
             case .ended: return "ended"
             }
         }
@@ -101,6 +105,10 @@ public struct GuestSessionMachine: Sendable {
                 if held { actions.append(.sendRelease) }
                 return actions
             }
+            guard hello.flags.contains(.running) || held else {
+                state = .waitingForVM
+                return actions
+            }
             return actions + startAttempt()
 
         case .handshakeSucceeded:
@@ -144,25 +152,44 @@ public struct GuestSessionMachine: Sendable {
             // The tool went away (crash or restart): reconnect after the back-off, never at once.
             failures += 1
             state = .backingOff(nextAttempt: failures + 1)
-            return [note, .log(.warning, "the introspector closed its connection; QEMU unhooked the guest"), .scheduleRetry(afterFailures: failures)]
-        case .paused, .migrationOut, .savevm:
-            let actions = stopTrying()
-            state = .suspended(kind)
-            return [note] + actions
-        case .resumed, .migrationFailed, .migrationIn, .reset:
-            if case .hooked = state, event.hooked { return [note] }
-            guard introspect, event.running || kind == .reset || kind == .migrationIn else {
-                return [note]
+            let actions: [Action] = [
+                note, .log(.warning, "the introspector closed its connection; QEMU unhooked the guest"), .scheduleRetry(afterFailures: failures),
+            ]
+            guard event.running else {
+                state = .waitingForVM
+                return Array(actions.dropLast())
             }
-            if case .connecting = state { return [note] }
-            if case .hooking = state { return [note] }
-            return [note] + stopTrying() + startAttempt()
+            return actions
         case .shutdown:
             let actions = stopTrying()
             state = .ended
             return [note] + actions
         case .requiredTimeout:
             return [.log(.error, "QEMU held the guest's vCPUs past its required-timeout; the guest stays paused until it is hooked")]
+        case .paused, .migrationOut, .savevm, .resumed, .migrationFailed, .migrationIn, .reset:
+            // QEMU's word on whether the VM is hooked is the truth (it may stop without unhooking,
+            // e.g. on an I/O error, and it says so).
+            if event.hooked {
+                let actions = stopTrying()
+                if !state.isHooked { state = .hooked(allowLists.abi) }
+                return [note] + actions
+            }
+            guard introspect else { return [note] }
+            if [.paused, .migrationOut, .savevm].contains(kind) {
+                // Unhooked for a pause, an outgoing migration or a snapshot: wait for QEMU to say the VM runs here again.
+                let actions = stopTrying()
+                state = .suspended(kind)
+                return [note] + actions
+            }
+            guard event.running else {
+                let actions = stopTrying()
+                state = .waitingForVM
+                return [note] + actions
+            }
+            if case .connecting = state { return [note] }
+            if case .hooking = state { return [note] }
+            if case .backingOff = state { return [note] }
+            return [note] + stopTrying() + startAttempt()
         }
     }
 

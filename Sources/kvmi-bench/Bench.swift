@@ -126,9 +126,9 @@ struct HookBench: AsyncParsableCommand {
             }
             throw BrokerError(.timedOut, "not hooked (\(count)); QEMU log: \(vm.log)")
         }
-        var samples: [Int64] = [try await waitHooks(1).lastHookMicroseconds ?? 0]
         let qmp = try QMPClient(path: vm.qmpPath)
         _ = try qmp.execute(#"{"execute":"cont"}"#, timeout: 30)
+        var samples: [Int64] = [try await waitHooks(1).lastHookMicroseconds ?? 0]
         for cycle in 0..<cycles {
             _ = try qmp.execute(#"{"execute":"stop"}"#, timeout: 30)
             _ = try qmp.execute(#"{"execute":"cont"}"#, timeout: 30)
@@ -136,7 +136,7 @@ struct HookBench: AsyncParsableCommand {
         }
         let first = samples.removeFirst()
         samples.sort()
-        print("first hook after HELLO: \(first) us")
+        print("first hook after the first start: \(first) us")
         print(
             "broker + patched QEMU: \(samples.count) hooks after RESUMED, p50 \(samples[samples.count / 2]) us  p99 \(samples[Int(Double(samples.count) * 0.99)]) us  max \(samples.last ?? 0) us"
         )

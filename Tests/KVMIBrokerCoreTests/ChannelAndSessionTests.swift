@@ -167,4 +167,34 @@ struct GuestSessionMachineTests {
         _ = machine.handle(.event(event(.paused, running: false)))
         #expect(machine.handle(.handshakeSucceeded) == [.dropHandshake])
     }
+
+    @Test("a VM that does not run yet (-S) is not hooked until QEMU says it runs; a held one is hooked at once")
+    func waitsForTheVM() {
+        var machine = GuestSessionMachine(allowLists: lists)
+        #expect(machine.handle(.helloAccepted(hello([]), introspect: true)) == [.sendWelcome])
+        #expect(machine.state == .waitingForVM)
+        #expect(machine.handle(.event(event(.resumed))).contains(.startHandshake))
+        var held = GuestSessionMachine(allowLists: lists)
+        #expect(held.handle(.helloAccepted(hello([.required, .held]), introspect: true)).contains(.startHandshake))
+    }
+
+    @Test("QEMU's hooked flag is the truth: a stop it did not intercept leaves the session hooked")
+    func uninterceptedStop() {
+        var machine = GuestSessionMachine(allowLists: lists)
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        _ = machine.handle(.event(Channel.Event(kind: .paused, error: 0, startTime: 1, hooked: true, running: false)))
+        #expect(machine.state == .hooked(.v12))
+        #expect(
+            machine.handle(.event(Channel.Event(kind: .resumed, error: 0, startTime: 1, hooked: true, running: true))).contains(.startHandshake)
+                == false)
+    }
+
+    @Test("an outgoing migration suspends even though the VM still runs; a failed one re-handshakes")
+    func migration() {
+        var machine = GuestSessionMachine(allowLists: lists)
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        #expect(!machine.handle(.event(event(.migrationOut, running: true))).contains(.startHandshake))
+        #expect(machine.state == .suspended(.migrationOut))
+        #expect(machine.handle(.event(event(.migrationFailed))).contains(.startHandshake))
+    }
 }

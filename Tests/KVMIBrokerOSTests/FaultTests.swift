@@ -92,6 +92,7 @@ extension OSLayerTests {
             #expect(eventually { FileManager.default.fileExists(atPath: channel) })
             let qemu = try QEMUProcess(channelSocket: channel, uuid: uuid, name: "fault-guest", kernelDouble: try kernelDouble())
             defer { qemu.stop() }
+            _ = try qemu.qmp(#"{"execute":"cont"}"#)
             #expect(eventually(timeout: .seconds(20)) { status(statusPath).first?.hooked == true }, "broker log:\n\(broker.log)\nQEMU:\n\(qemu.log)")
 
             tool.kill(SIGKILL)
@@ -120,6 +121,7 @@ extension OSLayerTests {
             #expect(eventually { FileManager.default.fileExists(atPath: channel) })
             let qemu = try QEMUProcess(channelSocket: channel, uuid: uuid, name: "restart-guest", kernelDouble: try kernelDouble())
             defer { qemu.stop() }
+            _ = try qemu.qmp(#"{"execute":"cont"}"#)
             #expect(eventually(timeout: .seconds(20)) { status(statusPath).first?.hooked == true }, "broker log:\n\(broker.log)\nQEMU:\n\(qemu.log)")
             #expect(eventually { tool.log.contains("unhook-event=enabled") }, "tool log:\n\(tool.log)")
             func connections() -> Int {

@@ -51,6 +51,7 @@ extension OSLayerTests {
             let (server, task, socketPath) = try startBroker(introspector.endpoint)
             let qemu = try QEMUProcess(channelSocket: socketPath, uuid: uuid, name: "hooked-guest", kernelDouble: try kernelDouble())
             defer { qemu.stop() }
+            _ = try qemu.qmp(#"{"execute":"cont"}"#)
             #expect(await hooked(server), "not hooked; QEMU log:\n\(qemu.log)")
             #expect(eventually { introspector.records.first?.kvmi?.unhookEnabled != nil }, "\(introspector.records)")
             let kvmi = try #require(introspector.records.first?.kvmi)
@@ -76,8 +77,8 @@ extension OSLayerTests {
             let (server, task, socketPath) = try startBroker(introspector.endpoint)
             let qemu = try QEMUProcess(channelSocket: socketPath, uuid: uuid, name: "pause-guest", kernelDouble: try kernelDouble())
             defer { qemu.stop() }
-            #expect(await hooked(server), "not hooked; QEMU log:\n\(qemu.log)")
             _ = try qemu.qmp(#"{"execute":"cont"}"#)
+            #expect(await hooked(server), "not hooked; QEMU log:\n\(qemu.log)")
             #expect(eventually { introspector.records.first?.kvmi?.unhookEnabled == 0 })
             let stop = try qemu.qmp(#"{"execute":"stop"}"#)
             #expect(stop.contains("\"return\""), "\(stop)")

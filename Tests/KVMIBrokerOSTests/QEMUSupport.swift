@@ -32,7 +32,7 @@ func patchedQEMU() throws -> String {
     try buildOnce("qemu") {
         if let path = ProcessInfo.processInfo.environment["KVMIB_QEMU"], FileManager.default.isExecutableFile(atPath: path) { return path }
         let script = projectRoot.appendingPathComponent("qemu-patches/build")
-        let (status, out, err) = try runProcess(script, ["--print-path"], timeout: 3600)
+        let (status, out, err) = try runProcess(script, [], timeout: 3600)
         let path = out.split(separator: "\n").last.map(String.init) ?? ""
         guard status == 0, FileManager.default.isExecutableFile(atPath: path) else {
             throw BrokerError(.io, "qemu-patches/build failed (status \(status)): \(err.suffix(2000))")

@@ -50,6 +50,8 @@ extension OSLayerTests {
             let backoff = try Backoff(initial: .seconds(1), maximum: .seconds(8), multiplier: 2, jitter: 0)
             let (server, task, socketPath) = try broker(introspector: introspector!.endpoint, backoff: backoff)
             var qemu: QEMUProcess? = try QEMUProcess(channelSocket: socketPath, uuid: uuid, name: "e2e-guest")
+            // QEMU accepts HOOK only while the VM runs: start the -S guest.
+            _ = try qemu?.qmp(#"{"execute":"cont"}"#)
             do {
                 let introspector = introspector!
                 let qemu = qemu!

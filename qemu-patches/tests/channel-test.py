@@ -276,6 +276,8 @@ class Env:
         return p, QMP(qmp_path)
 
     def stderr(self, p):
+        if not hasattr(p, 'errf'):
+            return ''
         p.errf.flush()
         p.errf.seek(0)
         return p.errf.read()
@@ -327,6 +329,58 @@ def t_hello(env):
     check(h['param'] in (-1, 0, 1), 'param')
     print('    HELLO: cap_v12=%d cap_v7=%d param=%d max_gpa=%#x' %
           (h['cap_v12'], h['cap_v7'], h['param'], h['max_gpa']))
+    ch.close()
+    env.stop(p)
+
+
+def t_config_errors(env):
+    """bad object configurations are refused at start-up"""
+    env.listen()
+    other = os.path.join(env.dir, 'other.sock')
+    lsock = socket.socket(socket.AF_UNIX)
+    lsock.bind(other)
+    lsock.listen(8)
+    base = [env.qemu, '-accel', 'kvm', '-L', '/usr/share/seabios', '-m',
+            '64', '-display', 'none', '-nodefaults', '-S']
+    cases = [
+        ([], 'chardev=nochr', "chardev 'nochr' not found"),
+        (['-chardev', 'socket,id=c,path=%s,server=on,wait=off' %
+          os.path.join(env.dir, 's.sock')], 'chardev=c',
+         'must be a client socket'),
+        (['-chardev', 'socket,id=c,path=%s' % other], 'chardev=c',
+         'must be a client socket'),
+        (['-chardev', 'socket,id=c,host=127.0.0.1,port=1,reconnect-ms=1000'],
+         'chardev=c', 'must be a unix socket'),
+        (['-chardev', 'null,id=c'], 'chardev=c', 'is not a socket'),
+        (['-chardev', 'socket,id=c,path=%s,reconnect-ms=1000' %
+          other], 'chardev=c,unhook-timeout=0', 'at least 1'),
+    ]
+    for extra, opts, msg in cases:
+        r = subprocess.run(base + extra + ['-object',
+                           'introspection-broker,id=v,' + opts],
+                           capture_output=True, text=True, timeout=20)
+        check(r.returncode != 0 and msg in r.stderr,
+              '%s: rc=%d %s' % (opts, r.returncode, r.stderr.strip()))
+    # two objects
+    r = subprocess.run(base + ['-chardev', 'socket,id=c,path=%s,'
+                               'reconnect-ms=1000' % other,
+                               '-chardev', 'socket,id=d,path=%s,'
+                               'reconnect-ms=1000' % other,
+                               '-object', 'introspection-broker,id=a,'
+                               'chardev=c', '-object',
+                               'introspection-broker,id=b,chardev=d'],
+                       capture_output=True, text=True, timeout=20)
+    check(r.returncode != 0 and 'only one' in r.stderr, r.stderr)
+    lsock.close()
+    # the deprecated reconnect=N (seconds) is accepted
+    args = base + ['-chardev', 'socket,id=c,path=%s,reconnect=1' %
+                   env.sock_path, '-object',
+                   'introspection-broker,id=v,chardev=c']
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    env.procs.append(p)
+    ch = env.accept()
+    ch.expect(HELLO)
     ch.close()
     env.stop(p)
 
@@ -541,6 +595,52 @@ def t_migration(env):
     env.stop(p2)
 
 
+def make_disk(env, qmp):
+    """a qcow2 node 'disk0' for internal snapshots (no qemu-img needed)"""
+    img = os.path.join(env.dir, 'disk.qcow2')
+    open(img, 'wb').close()
+    qmp.cmd('blockdev-add', driver='file', filename=img,
+            **{'node-name': 'file0'})
+    qmp.cmd('blockdev-create', **{'job-id': 'create0', 'options': {
+        'driver': 'qcow2', 'file': 'file0', 'size': 1 << 20}})
+    wait_job(qmp, 'create0')
+    qmp.cmd('blockdev-add', driver='qcow2', file='file0',
+            **{'node-name': 'disk0'})
+
+
+def wait_job(qmp, job_id, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for j in qmp.cmd('query-jobs'):
+            if j['id'] == job_id and j['status'] == 'concluded':
+                qmp.cmd('job-dismiss', id=job_id)
+                check('error' not in j, 'job %s: %s' % (job_id,
+                                                       j.get('error')))
+                return
+        time.sleep(0.1)
+    raise Fail('job %s did not conclude' % job_id)
+
+
+def snapshot_save(qmp, tag):
+    qmp.cmd('snapshot-save', **{'job-id': 'save-' + tag, 'tag': tag,
+                                'vmstate': 'disk0', 'devices': ['disk0']})
+
+
+def t_savevm(env):
+    """snapshot-save gives SAVEVM then RESUMED"""
+    env.listen()
+    p, qmp = env.start(stopped=False)
+    ch, h = handshake(env)
+    make_disk(env, qmp)
+    snapshot_save(qmp, 'snap1')
+    wait_job(qmp, 'save-snap1')
+    ev = ch.event('SAVEVM')
+    check(ev['running'] == 0, 'SAVEVM while stopped')
+    ch.event('RESUMED')
+    ch.close()
+    env.stop(p)
+
+
 def t_shutdown(env):
     """QMP quit sends SHUTDOWN"""
     env.listen()
@@ -557,7 +657,7 @@ def t_shutdown(env):
 
 # -- with a kernel double: the hooked path
 
-def hooked(env, opts='', stopped=False, env_extra=None):
+def hooked(env, opts='', stopped=False, env_extra=None, enable=True):
     env.listen()
     p, qmp = env.start(opts, stopped=stopped, double=True,
                        env_extra=env_extra)
@@ -567,7 +667,26 @@ def hooked(env, opts='', stopped=False, env_extra=None):
     check((r['step'], r['error'], r['hooked']) == ('NONE', 0, 1),
           'HOOK with the double: %s' % r)
     a.close()           # QEMU keeps its own copy
+    if enable:
+        enable_unhook_event(b)
     return p, qmp, ch, b
+
+
+def enable_unhook_event(tool):
+    """As a KVMI tool does: KVMI_VM_CONTROL_EVENTS(UNHOOK, enable), v12.
+
+    A kernel double that serves the socket answers; one that does not
+    (it then sends the unhook event unconditionally) stays silent."""
+    tool.sendall(struct.pack('<HHI', 10, 8, 1) +
+                 struct.pack('<HBBI', 0, 1, 0, 0))
+    tool.settimeout(1)
+    try:
+        reply = tool.recv(16)
+        check(len(reply) == 16 and struct.unpack('<i', reply[8:12])[0] == 0,
+              'VM_CONTROL_EVENTS reply %r' % reply)
+    except socket.timeout:
+        pass
+    tool.settimeout(None)
 
 
 def t_d_hello_hooked(env):
@@ -607,7 +726,7 @@ def t_d_hangup(env):
     tool.close()
     ev = ch.event('TOOL_HANGUP')
     check(ev['hooked'] == 0, 'unhooked after hang-up')
-    check('double: UNHOOK' in env.stderr(p), 'UNHOOK issued')
+    check('UNHOOK' in env.stderr(p), 'UNHOOK issued (double log)')
     ch.close()
     env.stop(p)
 
@@ -615,7 +734,6 @@ def t_d_hangup(env):
 def t_d_stop_waits(env):
     """QMP stop waits for the tool, without blocking the main loop"""
     p, qmp, ch, tool = hooked(env)
-    qmp2 = QMP(os.path.join(env.dir, 'qmp.sock'))
     import threading
     done = {}
 
@@ -649,7 +767,6 @@ def t_d_stop_waits(env):
     ch.event('RESUMED')
     r = ch.request(HOOK, lists(), fds=[a.fileno()])
     check(r['hooked'] == 1, 'rehook after cont')
-    qmp2.close()
     ch.close()
     env.stop(p)
 
@@ -671,7 +788,7 @@ def t_d_unhook_timeout(env):
 def t_d_hmp_stop(env):
     """HMP stop (no coroutine) is deferred until the tool unhooks"""
     p, qmp, ch, tool = hooked(env)
-    qmp.cmd('human-monitor-command', command_line='stop')
+    qmp.cmd('human-monitor-command', **{'command-line': 'stop'})
     check(qmp.status() == 'running', 'deferred')
     tool.close()
     ev = ch.event('PAUSED')
@@ -684,7 +801,9 @@ def t_d_hmp_stop(env):
 
 def t_d_preunhook_enoent(env):
     """a tool without the unhook event: the stop unhooks at once"""
-    p, qmp, ch, tool = hooked(env,
+    # (DOUBLE_PREUNHOOK_ENOENT is for a double that does not serve the
+    # socket and would otherwise always send the unhook event)
+    p, qmp, ch, tool = hooked(env, enable=False,
                               env_extra={'DOUBLE_PREUNHOOK_ENOENT': '1'})
     t0 = time.monotonic()
     qmp.cmd('stop')
@@ -721,6 +840,11 @@ def t_d_migration_cancel(env):
     qmp.cmd('migrate', uri='exec:cat > /dev/null')
     time.sleep(0.5)
     qmp.cmd('migrate_cancel')
+    # QEMU's WAIT_UNPLUG state lets a started unplug finish, even when
+    # the migration is cancelled: the tool unhooks, then the failure is
+    # reported
+    time.sleep(0.5)
+    tool.close()
     ev = ch.event('MIGRATION_FAILED')
     check(ev['hooked'] == 0 and ev['running'] == 1, 'runs, unhooked')
     a, b = tool_pair()
@@ -731,12 +855,70 @@ def t_d_migration_cancel(env):
 
 
 def t_d_reset(env):
-    """guest reset while hooked: unhook, RESET with a new start_time"""
+    """guest reset while hooked waits for the tool, then RESET"""
     p, qmp, ch, tool = hooked(env)
     time.sleep(1.1)
     qmp.cmd('system_reset')
+    tool.settimeout(5)
+    check(len(tool.recv(16)) == 16, 'tool got the unhook event')
+    try:
+        ch.event('RESET', timeout=1)
+        raise Fail('RESET before the tool closed')
+    except Fail as e:
+        if 'before' in str(e):
+            raise
+    tool.close()
     ev = ch.event('RESET')
     check(ev['hooked'] == 0, 'unhooked by reset')
+    check(ev['start_time'] > 0, 'start_time')
+    ch.close()
+    env.stop(p)
+
+
+def t_d_shutdown(env):
+    """quit while hooked waits for the tool (bounded), then SHUTDOWN"""
+    p, qmp, ch, tool = hooked(env, ',unhook-timeout=2')
+    t0 = time.monotonic()
+    try:
+        qmp.cmd('quit')
+    except (EOFError, OSError):
+        pass
+    ev = ch.event('SHUTDOWN')
+    dt = time.monotonic() - t0
+    check(1.8 < dt < 4, 'waited %.1f s for the tool' % dt)
+    check(ev['error'] == errno.ETIMEDOUT and ev['hooked'] == 0, str(ev))
+    p.wait(10)
+    ch.close()
+
+
+def t_d_savevm(env):
+    """snapshot-save waits for the tool in its job coroutine"""
+    p, qmp, ch, tool = hooked(env)
+    make_disk(env, qmp)
+    snapshot_save(qmp, 'snap1')
+    tool.settimeout(5)
+    check(len(tool.recv(16)) == 16, 'tool got the unhook event')
+    time.sleep(1)
+    check(qmp.status() == 'running', 'guest runs while the tool unhooks')
+    tool.close()
+    wait_job(qmp, 'save-snap1')
+    ev = ch.event('SAVEVM')
+    check(ev['hooked'] == 0, 'unhooked before the snapshot')
+    ch.event('RESUMED')
+    ch.close()
+    env.stop(p)
+
+
+def t_d_hmp_savevm(env):
+    """HMP savevm cannot wait: PREUNHOOK, UNHOOK at once"""
+    p, qmp, ch, tool = hooked(env)
+    make_disk(env, qmp)
+    qmp.cmd('human-monitor-command', **{'command-line': 'savevm snap2'})
+    ev = ch.event('SAVEVM')
+    check(ev['hooked'] == 0, 'unhooked')
+    tool.settimeout(5)
+    check(len(tool.recv(16)) == 16, 'tool got the unhook event')
+    ch.event('RESUMED')
     ch.close()
     env.stop(p)
 
@@ -756,12 +938,13 @@ def t_d_required(env):
     env.stop(p)
 
 
-BASE = [t_hello, t_hook_real_kernel, t_stop_cont_reset, t_reconnect,
-        t_required_cont, t_required_no_s, t_migration, t_shutdown,
+BASE = [t_hello, t_config_errors, t_hook_real_kernel, t_stop_cont_reset, t_reconnect,
+        t_required_cont, t_required_no_s, t_migration, t_savevm, t_shutdown,
         t_welcome_timeout]
 DOUBLE = [t_d_hello_hooked, t_d_hangup, t_d_stop_waits, t_d_unhook_timeout,
           t_d_hmp_stop, t_d_preunhook_enoent, t_d_migration,
-          t_d_migration_cancel, t_d_reset, t_d_required]
+          t_d_migration_cancel, t_d_reset, t_d_shutdown, t_d_savevm,
+          t_d_hmp_savevm, t_d_required]
 
 
 def main():
