@@ -8,7 +8,7 @@ import KVMIBrokerCore
 /// Test equipment: a real QEMU process with the introspection-broker object, paused (-S), KVM, SeaBIOS,
 /// optionally with the kernel double preloaded.
 public final class QEMUProcess {
-    public let process = Process()
+    public let process: SpawnedProcess
     public let qmpPath: String
     public let logPath: String
     public let uuid: GuestUUID
@@ -21,8 +21,7 @@ public final class QEMUProcess {
         let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         qmpPath = "/tmp/kvmib-qmp-\(tag).sock"
         logPath = "/tmp/kvmib-qemu-\(tag).log"
-        process.executableURL = URL(fileURLWithPath: qemu)
-        process.arguments =
+        let arguments =
             [
                 "-accel", "kvm", "-S", "-L", "/usr/share/seabios", "-m", "64", "-display", "none", "-nodefaults", "-no-user-config",
                 "-uuid", "\(uuid)", "-name", "guest=\(name)",
@@ -32,34 +31,25 @@ public final class QEMUProcess {
             ] + extraArguments
         var environment = ProcessInfo.processInfo.environment
         if let kernelDouble { environment["LD_PRELOAD"] = kernelDouble }
-        process.environment = environment
-        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
-        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
-        process.standardOutput = log
-        process.standardError = log
-        try process.run()
+        process = try SpawnedProcess(qemu, arguments, environment: environment, logPath: logPath)
     }
 
-    public var pid: Int32 { process.processIdentifier }
+    public var pid: Int32 { process.pid }
 
-    public var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+    public var log: String { process.log }
 
     /// Open descriptors of the QEMU process.
     public var descriptorCount: Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1 }
 
     public func stop() {
-        if process.isRunning {
-            kill(pid, SIGTERM)
-            let deadline = Date().addingTimeInterval(5)
-            while process.isRunning && Date() < deadline { usleep(10_000) }
-            if process.isRunning { kill(pid, SIGKILL) }
-            process.waitUntilExit()
-        }
+        process.terminate(SIGTERM, grace: 5)
         unlink(qmpPath)
-        unlink(logPath)
     }
 
-    deinit { stop() }
+    deinit {
+        stop()
+        unlink(logPath)
+    }
 
     /// Runs one QMP command and returns the raw reply line (events skipped).
     public func qmp(_ command: String, timeout: TimeInterval = 120) throws -> String {

@@ -12,30 +12,20 @@ import Testing
 
 /// A child process whose output goes to a file, stopped by pid when done.
 final class ChildProcess {
-    let process = Process()
-    let logPath = "/tmp/kvmib-child-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log"
+    let process: SpawnedProcess
 
     init(_ executable: URL, _ arguments: [String]) throws {
-        process.executableURL = executable
-        process.arguments = arguments
-        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
-        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
-        process.standardOutput = log
-        process.standardError = log
-        try process.run()
+        process = try SpawnedProcess(
+            executable.path, arguments, logPath: "/tmp/kvmib-child-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log")
     }
 
-    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+    var log: String { process.log }
 
-    func kill(_ signal: Int32 = SIGTERM) {
-        guard process.isRunning else { return }
-        Glibc.kill(process.processIdentifier, signal)
-        process.waitUntilExit()
-    }
+    func kill(_ signal: Int32 = SIGTERM) { process.terminate(signal) }
 
     deinit {
-        kill(SIGKILL)
-        unlink(logPath)
+        process.terminate(SIGKILL, grace: 0)
+        unlink(process.logPath)
     }
 }
 

@@ -40,9 +40,8 @@ extension OSLayerTests {
         @Test("HELLO carries QEMU's identity; HOOK fails with the kernel's ENOTTY; one clear reason; retries follow the back-off; nothing leaks")
         func kernelWithoutKVMI() async throws {
             _ = try patchedQEMU()
-            _ = IOReactor.shared
-            try await Task.sleep(for: .milliseconds(400))
-            let before = openDescriptorCount()
+            try await warmUpRuntimeDescriptors()
+            let before = openSocketCount()
             var introspector: TestIntrospector? = try TestIntrospector(
                 .init(
                     endpoint: .unix(path: temporarySocketPath("tool")), secret: testSecret,
@@ -91,7 +90,7 @@ extension OSLayerTests {
             await task.value
             introspector?.stop()
             introspector = nil
-            #expect(eventually { openDescriptorCount() == before }, "broker descriptors before \(before): \(describeDescriptors())")
+            #expect(eventually { openSocketCount() == before }, "broker sockets before \(before): \(describeDescriptors())")
         }
 
         @Test("a real QEMU whose identity is ambiguous (two different -uuid) is refused and never handshaken")

@@ -73,3 +73,18 @@ func describeDescriptors() -> String {
         "\(entry)=\((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(entry)")) ?? "?")"
     }.joined(separator: " ")
 }
+
+/// Lets the runtime create the descriptors it keeps for the life of the process (the reactor,
+/// Dispatch's timers, Foundation's process monitor), so that a leak check counts only ours.
+func warmUpRuntimeDescriptors() async throws {
+    _ = IOReactor.shared
+    _ = try runProcess(URL(fileURLWithPath: "/bin/true"), [])
+    try await Task.sleep(for: .milliseconds(400))
+}
+
+/// Open sockets of this process: the leak check for tests that also start processes, where the
+/// runtime adds descriptors of its own (Dispatch's event loops, Foundation's process monitor).
+func openSocketCount() -> Int {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+    return entries.filter { ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\($0)")) ?? "").hasPrefix("socket:") }.count
+}

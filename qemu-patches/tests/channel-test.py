@@ -957,7 +957,7 @@ def main():
     o = ap.parse_args()
     VERBOSE = o.v
     tests = BASE + (DOUBLE if o.kernel_double else [])
-    failed = 0
+    failed = passed = 0
     for t in tests:
         if not re.search(o.k, t.__name__):
             continue
@@ -966,6 +966,7 @@ def main():
         t0 = time.monotonic()
         try:
             t(env)
+            passed += 1
             print('ok   %-22s %5.1fs  %s' % (t.__name__,
                                             time.monotonic() - t0,
                                             t.__doc__), flush=True)
@@ -980,7 +981,7 @@ def main():
                 print('   | ' + env.stderr(p).replace('\n', '\n   | '))
         finally:
             env.cleanup()
-    print('%d failed' % failed)
+    print('%d passed, %d failed' % (passed, failed))
     return 1 if failed else 0
 
 
