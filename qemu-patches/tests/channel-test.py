@@ -646,6 +646,9 @@ def t_shutdown(env):
     env.listen()
     p, qmp = env.start(stopped=False)
     ch, h = handshake(env)
+    # A round trip first: QEMU must have read everything we sent, else its exit
+    # resets the connection and the SHUTDOWN event queued for us is dropped.
+    ch.request(RELEASE)
     try:
         qmp.cmd('quit')
     except (EOFError, OSError):
