@@ -122,7 +122,7 @@ struct HookBench: AsyncParsableCommand {
             let deadline = ContinuousClock.now.advanced(by: .seconds(30))
             while ContinuousClock.now < deadline {
                 if let status = await server.registry.snapshot().first, status.hooked, status.hooks >= count { return status }
-                try await Task.sleep(for: .microseconds(200))
+                try await Task.sleep(for: .milliseconds(2))
             }
             throw BrokerError(.timedOut, "not hooked (\(count)); QEMU log: \(vm.log)")
         }
