@@ -51,7 +51,7 @@ let package = Package(
         .target(
             name: "KVMIBrokerDaemon",
             dependencies: [
-                "KVMIBrokerCore", "KVMIBrokerOS", "CKVMIBroker",
+                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerPolicy", "CKVMIBroker",
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // The test introspector: the tool side of the handshake as libkvmi does it, plus misbehaviours.
@@ -84,7 +84,7 @@ let package = Package(
         .testTarget(
             name: "KVMIBrokerOSTests",
             dependencies: [
-                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon", "KVMITestIntrospector", "CKVMIBroker",
+                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon", "KVMIBrokerPolicy", "KVMITestIntrospector", "CKVMIBroker",
                 .product(name: "Logging", package: "swift-log"),
             ]),
     ]

@@ -254,6 +254,15 @@ public enum Channel {
             self.events = events
         }
 
+        /// Empty lists: only the kernel's defaults (for a session that is not introspected).
+        public static func kernelDefaults(_ abi: ABIGeneration) -> AllowLists { AllowLists(unchecked: abi) }
+
+        private init(unchecked abi: ABIGeneration) {
+            self.abi = abi
+            self.commands = []
+            self.events = []
+        }
+
         public func encoded() -> [UInt8] {
             var bytes: [UInt8] = [abi.channelCode, 0]
             bytes.append(UInt16(commands.count), order: .little)

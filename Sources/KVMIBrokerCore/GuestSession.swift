@@ -17,12 +17,25 @@ public struct GuestSessionMachine: Sendable {
         /// Policy introspects the guest, but QEMU accepts HOOK only while the VM runs (or while
         /// `required=on` holds its vCPUs): waiting for it to start or resume.
         case waitingForVM
+        /// A policy change: SET_ALLOWED sent, waiting for QEMU's RESULT.
+        case updating
+        /// A policy change withdrew the guest or gave it another introspector: PREUNHOOK sent or
+        /// the tool asked to let go; QEMU unhooks on the tool's hang-up or on UNHOOK.
+        case unhooking
         /// The VM is shutting down or the channel closed.
         case ended
 
         public var isHooked: Bool {
             if case .hooked = self { return true }
             return false
+        }
+
+        /// A policy change is being applied to a hooked session.
+        public var isUnhookingOrUpdating: Bool {
+            switch self {
+            case .unhooking, .updating: return true
+            default: return false
+            }
         }
 
         public var description: String {
@@ -34,6 +47,8 @@ public struct GuestSessionMachine: Sendable {
             case .hooked(let abi): return "hooked (ABI \(abi))"
             case .suspended(let kind): return "unhooked for \(kind)"
             case .waitingForVM: return "waiting for the VM to run"
+            case .updating: return "changing the allow-lists"
+            case .unhooking: return "unhooking for a policy change"
             case .ended: return "ended"
             }
         }
@@ -47,6 +62,11 @@ public struct GuestSessionMachine: Sendable {
         case result(Channel.Result)
         case event(Channel.Event)
         case retryDue
+        /// The policy was reloaded: this guest's new decision. `sameIntrospector` is false when
+        /// the tool, its endpoint, secret or ABI changed (the session must be handed over).
+        case policyChanged(introspect: Bool, allowLists: Channel.AllowLists, sameIntrospector: Bool)
+        /// The tool did not let go within its unhook timeout after PREUNHOOK.
+        case unhookDeadline
     }
 
     public enum Action: Sendable, Equatable {
@@ -61,6 +81,13 @@ public struct GuestSessionMachine: Sendable {
         case sendRelease
         case scheduleRetry(afterFailures: Int)
         case cancelRetry
+        case sendSetAllowed(Channel.AllowLists)
+        case sendPreunhook
+        case sendUnhook
+        /// Arm the introspector's unhook timeout (then `unhookDeadline`).
+        case scheduleUnhookDeadline
+        /// The new decision's introspector takes over: reload the connection parameters.
+        case adoptNewIntrospector
         case log(LogLevel, String)
         case closeChannel
     }
@@ -69,8 +96,12 @@ public struct GuestSessionMachine: Sendable {
         case debug, info, notice, warning, error
     }
 
-    public let allowLists: Channel.AllowLists
+    public private(set) var allowLists: Channel.AllowLists
     public private(set) var state: State = .notIntrospected
+    /// Whether QEMU last said the VM runs (HELLO, events).
+    public private(set) var vmRunning = false
+    /// After a policy-driven unhook: start over with the new introspector.
+    private var handOver = false
     public private(set) var introspect = false
     /// Consecutive failures since the last successful hook; drives the back-off.
     public private(set) var failures = 0
@@ -87,6 +118,7 @@ public struct GuestSessionMachine: Sendable {
         case .helloAccepted(let hello, let introspect):
             self.introspect = introspect
             held = hello.flags.contains(.held)
+            vmRunning = hello.flags.contains(.running)
             var actions: [Action] = [.sendWelcome]
             if hello.flags.contains(.hooked), let abi = hello.hookedABI {
                 state = .hooked(abi)
@@ -121,6 +153,33 @@ public struct GuestSessionMachine: Sendable {
             if error.code == .cancelled { return [] }
             return fail("introspector handshake failed: \(error)")
 
+        case .result(let result) where result.requestType == Channel.MessageType.setAllowed.rawValue:
+            guard case .updating = state else { return [] }
+            if result.error == 0 && result.hooked {
+                state = .hooked(allowLists.abi)
+                return [.log(.notice, "allow-lists changed in place (SET_ALLOWED)")]
+            }
+            return fail("SET_ALLOWED failed at \(result.step): \(errnoName(result.error)); QEMU unhooked the guest")
+
+        case .result(let result) where result.requestType == Channel.MessageType.preunhook.rawValue:
+            guard case .unhooking = state else { return [] }
+            if result.error == 0 { return [.scheduleUnhookDeadline] }
+            return [
+                .log(.notice, "PREUNHOOK refused (\(errnoName(result.error))): the tool did not ask for the unhook event; unhooking at once"),
+                .sendUnhook,
+            ]
+
+        case .result(let result) where result.requestType == Channel.MessageType.unhook.rawValue:
+            guard case .unhooking = state, !result.hooked else { return [] }
+            return finishUnhook()
+
+        case .unhookDeadline:
+            guard case .unhooking = state else { return [] }
+            return [.log(.warning, "the introspector did not close within its unhook timeout; unhooking"), .sendUnhook]
+
+        case .policyChanged(let newIntrospect, let lists, let sameIntrospector):
+            return policyChanged(introspect: newIntrospect, lists: lists, sameIntrospector: sameIntrospector)
+
         case .result(let result):
             guard case .hooking = state, result.requestType == Channel.MessageType.hook.rawValue else {
                 return [.log(.debug, "RESULT for request type \(result.requestType) (step \(result.step), error \(result.error))")]
@@ -139,9 +198,76 @@ public struct GuestSessionMachine: Sendable {
             return startAttempt()
 
         case .event(let event):
+            vmRunning = event.running
             guard let kind = event.kind else { return [.log(.info, "ignoring QEMU event of unknown kind \(event.rawKind)")] }
+            if case .unhooking = state, !event.hooked, kind != .shutdown {
+                // QEMU let go (the tool closed after PREUNHOOK, or an interception unhooked).
+                return [.log(.info, "QEMU: \(kind)")] + finishUnhook()
+            }
             return handle(kind, event)
         }
+    }
+
+    private mutating func policyChanged(introspect newIntrospect: Bool, lists: Channel.AllowLists, sameIntrospector: Bool) -> [Action] {
+        let before = introspect
+        introspect = newIntrospect
+        switch state {
+        case .hooked:
+            if !newIntrospect || !sameIntrospector {
+                allowLists = lists
+                handOver = newIntrospect
+                state = .unhooking
+                let why = newIntrospect ? "the policy gives the guest another introspector" : "the policy no longer introspects the guest"
+                return [.log(.notice, "\(why): PREUNHOOK, then unhook"), .sendPreunhook]
+            }
+            guard lists != allowLists else { return [] }
+            allowLists = lists
+            state = .updating
+            return [.log(.notice, "the policy changed the allow-lists: SET_ALLOWED"), .sendSetAllowed(lists)]
+        case .unhooking, .updating, .ended:
+            allowLists = lists
+            handOver = newIntrospect
+            return []
+        default:
+            allowLists = lists
+            var actions: [Action] = []
+            if !sameIntrospector { actions.append(.adoptNewIntrospector) }
+            if !newIntrospect {
+                actions += stopTrying()
+                state = .notIntrospected
+                actions.append(.log(.notice, "the policy no longer introspects the guest"))
+                if held { actions.append(.sendRelease) }
+                return actions
+            }
+            if !before || !sameIntrospector {
+                actions += stopTrying()
+                guard vmRunning || held else {
+                    state = .waitingForVM
+                    return actions
+                }
+                failures = 0
+                return actions + [.log(.notice, "the policy now introspects the guest")] + startAttempt()
+            }
+            return actions
+        }
+    }
+
+    /// QEMU has unhooked after a policy change: hand over to the new introspector, or stop.
+    private mutating func finishUnhook() -> [Action] {
+        var actions: [Action] = [.log(.notice, "guest unhooked for the policy change")]
+        if introspect && handOver {
+            handOver = false
+            failures = 0
+            actions.append(.adoptNewIntrospector)
+            guard vmRunning || held else {
+                state = .waitingForVM
+                return actions
+            }
+            return actions + startAttempt()
+        }
+        handOver = false
+        state = .notIntrospected
+        return actions
     }
 
     private mutating func handle(_ kind: Channel.Event.Kind, _ event: Channel.Event) -> [Action] {

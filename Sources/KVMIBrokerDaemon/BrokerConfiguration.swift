@@ -19,6 +19,11 @@ public struct BrokerConfiguration: Sendable {
     public var verifier: PeerVerifier
     /// Where the per-session status is written as JSON (nil: not written).
     public var statusFile: String?
+    /// Who decides sessions: the allow-policy when set, else this static configuration.
+    public var policy: PolicyStore?
+
+    /// The source of session decisions in force.
+    public var plans: any PlanSource { policy ?? self }
 
     public init(
         channelSocketPath: String, channelSocketGroup: UInt32? = nil, introspector: IntrospectorEndpoint, cookie: CookieHash?,
@@ -36,6 +41,17 @@ public struct BrokerConfiguration: Sendable {
         self.resultTimeout = resultTimeout
         self.verifier = verifier
         self.statusFile = statusFile
+    }
+
+    /// Sessions decided by the allow-policy (the static introspector fields are then unused).
+    public init(
+        channelSocketPath: String, channelSocketGroup: UInt32? = nil, policy: PolicyStore, resultTimeout: Duration = .seconds(10),
+        verifier: PeerVerifier = PeerVerifier(), statusFile: String? = nil
+    ) {
+        self.init(
+            channelSocketPath: channelSocketPath, channelSocketGroup: channelSocketGroup, introspector: .unix(path: "/"), cookie: nil,
+            allowLists: .kernelDefaults(.v12), guests: [], resultTimeout: resultTimeout, verifier: verifier, statusFile: statusFile)
+        self.policy = policy
     }
 
     public func introspects(_ uuid: GuestUUID) -> Bool { guests?.contains(uuid) ?? true }

@@ -40,6 +40,29 @@ public final class ChannelServer: Sendable {
         return listener
     }
 
+    /// Reloads the policy (SIGHUP): all or nothing. On success every session re-decides from the
+    /// new snapshot (SET_ALLOWED, unhook, or a new introspector); on failure the old policy stays
+    /// and every diagnostic is logged with its file:line.
+    @discardableResult
+    public func reloadPolicy() async -> Bool {
+        guard let store = configuration.policy else {
+            logger.notice("reload requested, but the broker runs without a policy (static configuration)")
+            return false
+        }
+        switch store.reload() {
+        case .success(let (snapshot, warnings)):
+            for warning in warnings { logger.warning("policy: \(warning)") }
+            logger.notice(
+                "policy reloaded", metadata: ["policy.generation": "\(snapshot.generation)", "policy.rules": "\(snapshot.policy.rules.count)"])
+            await registry.broadcastPolicyChange()
+            return true
+        case .failure(let error):
+            for diagnostic in error.diagnostics { logger.error("policy: \(diagnostic)") }
+            logger.error("policy reload failed; the previous policy stays in force", metadata: ["policy.generation": "\(store.snapshot.generation)"])
+            return false
+        }
+    }
+
     /// Accepts connections until cancelled; each runs as a child task (no thread per guest).
     public func run(listener: Descriptor) async {
         logger.notice(

@@ -12,6 +12,8 @@ final class SessionDriver: Sendable {
         case handshake(Result<HandshakeOutcome, BrokerError>)
         case retryDue
         case resultTimeout(seq: UInt32)
+        case unhookDeadline
+        case policyReloaded
         case closed(BrokerError?)
     }
 
@@ -97,18 +99,23 @@ final class SessionDriver: Sendable {
                 continuation.yield(.closed(BrokerError(.io, "\(error)")))
             }
         }
+        let plans = configuration.plans
+        let (plan, reason) = plans.plan(uuid: hello.uuid, name: hello.name)
+        logger.notice("policy decision: \(reason)", metadata: ["policy.rule": "\(plan?.rule ?? "-")"])
         var state = LoopState(
-            machine: GuestSessionMachine(allowLists: configuration.allowLists),
-            request: HandshakeRequest(uuid: hello.uuid, name: hello.name, startTime: hello.startTime, maxGPA: hello.maxGPA))
+            machine: GuestSessionMachine(allowLists: plan?.allowLists ?? .kernelDefaults(.v12)),
+            request: HandshakeRequest(uuid: hello.uuid, name: hello.name, startTime: hello.startTime, maxGPA: hello.maxGPA), plan: plan)
+        await registry.listen(token: token) { continuation.yield(.policyReloaded) }
         defer {
             reader.cancel()
             state.handshakeTask?.cancel()
             state.retryTask?.cancel()
             state.resultTimer?.cancel()
+            state.unhookTimer?.cancel()
             state.pendingOutcome?.descriptor.close()
             continuation.finish()
         }
-        let first = state.machine.handle(.helloAccepted(hello, introspect: configuration.introspects(hello.uuid)))
+        let first = state.machine.handle(.helloAccepted(hello, introspect: plan != nil))
         if await perform(first, &state, continuation, logger) == false { return }
         await publish(state, hello.uuid, token)
         for await input in inputs {
@@ -151,6 +158,28 @@ final class SessionDriver: Sendable {
             case .retryDue:
                 state.retryTask = nil
                 actions = state.machine.handle(.retryDue)
+            case .unhookDeadline:
+                actions = state.machine.handle(.unhookDeadline)
+            case .policyReloaded:
+                let (next, reason) = plans.plan(uuid: hello.uuid, name: hello.name)
+                let same: Bool
+                switch (state.plan, next) {
+                case (nil, nil): same = true
+                case (let old?, let new?): same = new.sameIntrospector(as: old)
+                default: same = false
+                }
+                // Every decision is audited; a changed one at notice level.
+                logger.log(
+                    level: next != state.plan ? .notice : .info, "policy reloaded: \(next != state.plan ? "changed" : "unchanged"): \(reason)",
+                    metadata: ["policy.rule": "\(next?.rule ?? "-")"])
+                if same, let next { state.plan = next } else { state.pendingPlan = next }
+                actions = state.machine.handle(
+                    .policyChanged(
+                        introspect: next != nil, allowLists: next?.allowLists ?? state.machine.allowLists, sameIntrospector: same))
+                if !same, !state.machine.state.isUnhookingOrUpdating {
+                    // Not hooked: the new plan applies from the next attempt.
+                    state.plan = state.pendingPlan
+                }
             case .resultTimeout(let seq):
                 logger.error("QEMU did not answer request \(seq) within \(format(configuration.resultTimeout)); closing the channel")
                 return
@@ -172,6 +201,11 @@ final class SessionDriver: Sendable {
         var retryTask: Task<Void, Never>?
         var resultTimer: Task<Void, Never>?
         var pendingOutcome: HandshakeOutcome?
+        /// The decision in force for this session (nil: not introspected).
+        var plan: SessionPlan?
+        /// A new introspector's plan, adopted once the old session has been unhooked.
+        var pendingPlan: SessionPlan?
+        var unhookTimer: Task<Void, Never>?
         /// When the current attempt series began (the trigger), for the hook latency.
         var triggeredAt: ContinuousClock.Instant?
         var lastHook: Duration?
@@ -210,13 +244,12 @@ final class SessionDriver: Sendable {
                 case .sendWelcome:
                     try await send(.welcome, Channel.welcome(version: Channel.version), &state)
                 case .startHandshake:
+                    guard let plan = state.plan else { continue }
                     if state.triggeredAt == nil { state.triggeredAt = .now }
                     let parameters = HandshakeParameters(
-                        abi: configuration.allowLists.abi,
-                        request: state.request,
-                        expectedCookie: configuration.cookie, timeout: configuration.handshakeTimeout)
+                        abi: plan.allowLists.abi, request: state.request, expectedCookie: plan.cookie, timeout: plan.handshakeTimeout)
                     let connector = self.connector
-                    let endpoint = configuration.introspector
+                    let endpoint = plan.endpoint
                     state.handshakeTask = Task {
                         do {
                             inputs.yield(.handshake(.success(try await connector.connectAndHandshake(to: endpoint, parameters))))
@@ -245,7 +278,7 @@ final class SessionDriver: Sendable {
                     try await send(.release, [], &state)
                 case .scheduleRetry(let failures):
                     var generator = SystemRandomNumberGenerator()
-                    let delay = configuration.backoff.delay(afterFailures: failures, using: &generator)
+                    let delay = (state.plan?.backoff ?? configuration.backoff).delay(afterFailures: failures, using: &generator)
                     logger.debug("retrying in \(format(delay))")
                     state.retryTask = Task {
                         if (try? await Task.sleep(for: delay)) != nil { inputs.yield(.retryDue) }
@@ -253,6 +286,24 @@ final class SessionDriver: Sendable {
                 case .cancelRetry:
                     state.retryTask?.cancel()
                     state.retryTask = nil
+                case .sendSetAllowed(let lists):
+                    try await sendRequest(.setAllowed, lists.encoded(), &state, inputs)
+                case .sendPreunhook:
+                    try await sendRequest(.preunhook, [], &state, inputs)
+                case .sendUnhook:
+                    state.unhookTimer?.cancel()
+                    try await sendRequest(.unhook, [], &state, inputs)
+                case .scheduleUnhookDeadline:
+                    let timeout = state.plan?.unhookTimeout ?? .seconds(5)
+                    state.unhookTimer = Task {
+                        if (try? await Task.sleep(for: timeout)) != nil { inputs.yield(.unhookDeadline) }
+                    }
+                case .adoptNewIntrospector:
+                    state.unhookTimer?.cancel()
+                    if let next = state.pendingPlan {
+                        state.plan = next
+                        state.pendingPlan = nil
+                    }
                 case .log(let level, let message):
                     logger.log(level: level.swiftLog, "\(message)", metadata: ["session.state": "\(state.machine.state)"])
                 case .closeChannel:
@@ -264,6 +315,18 @@ final class SessionDriver: Sendable {
             }
         }
         return true
+    }
+
+    /// Sends a request and arms the RESULT timeout.
+    private func sendRequest(
+        _ type: Channel.MessageType, _ payload: [UInt8], _ state: inout LoopState, _ inputs: AsyncStream<Input>.Continuation
+    ) async throws {
+        let seq = try await send(type, payload, &state)
+        let timeout = configuration.resultTimeout
+        state.resultTimer?.cancel()
+        state.resultTimer = Task {
+            if (try? await Task.sleep(for: timeout)) != nil { inputs.yield(.resultTimeout(seq: seq)) }
+        }
     }
 
     @discardableResult

@@ -21,6 +21,7 @@ public struct SessionStatus: Sendable, Codable, Equatable {
 /// Sessions keyed by guest UUID: at most one live channel per guest, and the status view.
 public actor SessionRegistry {
     private var sessions: [GuestUUID: (token: UInt64, status: SessionStatus)] = [:]
+    private var listeners: [UInt64: @Sendable () -> Void] = [:]
     private var nextToken: UInt64 = 1
     private let statusFile: String?
     private let writer = DispatchQueue(label: "kvmi-broker.status-writer")
@@ -47,7 +48,18 @@ public actor SessionRegistry {
         persist()
     }
 
+    /// `notify` is called on every policy reload while the session lives.
+    public func listen(token: UInt64, _ notify: @escaping @Sendable () -> Void) {
+        listeners[token] = notify
+    }
+
+    /// Tells every live session that the policy changed; each re-decides from one snapshot.
+    public func broadcastPolicyChange() {
+        for notify in listeners.values { notify() }
+    }
+
     public func release(_ uuid: GuestUUID, token: UInt64) {
+        listeners[token] = nil
         guard sessions[uuid]?.token == token else { return }
         sessions[uuid] = nil
         persist()

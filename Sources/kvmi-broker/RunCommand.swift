@@ -4,6 +4,7 @@ import Foundation
 import KVMIBrokerCore
 import KVMIBrokerDaemon
 import KVMIBrokerOS
+import KVMIBrokerPolicy
 import Logging
 
 #if canImport(Glibc)
@@ -25,8 +26,14 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Group allowed to connect to the channel socket (mode 0660); default root only (0600).")
     var socketGroup: String?
 
-    @Option(help: "The introspector endpoint: unix:/path, vsock:CID:PORT or tcp:ADDRESS:PORT.")
-    var introspector: String
+    @Option(help: "Static mode: the introspector endpoint (unix:/path, vsock:CID:PORT or tcp:ADDRESS:PORT). Without it the policy decides.")
+    var introspector: String?
+
+    @Option(name: .customLong("policy-root"), help: "Policy mode: a root with introspectors.d/ and guests.d/ (repeatable; later roots override).")
+    var policyRoots: [String] = []
+
+    @Flag(help: "Policy mode: accept policy files not owned by root (tests, unprivileged runs).")
+    var allowNonRootOwner = false
 
     @Option(help: "Shared secret file (cookie = SHA-1 of its exact bytes).")
     var secretFile: String?
@@ -79,6 +86,9 @@ struct RunCommand: AsyncParsableCommand {
         let configuration: BrokerConfiguration
         do {
             configuration = try makeConfiguration()
+        } catch let error as PolicyLoadError {
+            for diagnostic in error.diagnostics { FileHandle.standardError.write(Data("kvmi-broker run: policy: \(diagnostic)\n".utf8)) }
+            throw ExitCode(2)
         } catch {
             FileHandle.standardError.write(Data("kvmi-broker run: \(error)\n".utf8))
             throw ExitCode(2)
@@ -93,6 +103,13 @@ struct RunCommand: AsyncParsableCommand {
             throw ExitCode(1)
         }
         let task = Task { await server.run(listener: listener) }
+        signal(SIGHUP, SIG_IGN)
+        let reloader = DispatchSource.makeSignalSource(signal: SIGHUP)
+        reloader.setEventHandler {
+            logger.notice("SIGHUP: reloading the policy")
+            Task { await server.reloadPolicy() }
+        }
+        reloader.resume()
         let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
             signal(number, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: number)
@@ -105,19 +122,28 @@ struct RunCommand: AsyncParsableCommand {
         }
         await task.value
         signals.forEach { $0.cancel() }
+        reloader.cancel()
     }
 
     private func makeConfiguration() throws -> BrokerConfiguration {
-        let generation = ABIGeneration(parsing: abi)!
-        let endpoint = try IntrospectorEndpoint(parsing: introspector)
-        var cookie: CookieHash?
-        if let secretFile { cookie = CookieHash(secret: try SecretFile.load(secretFile)) }
-        let lists = try Channel.AllowLists(abi: generation, commands: try ids(commands, "--commands"), events: try ids(events, "--events"))
         var group: UInt32?
         if let socketGroup {
             guard let entry = getgrnam(socketGroup) else { throw BrokerError(.invalidArgument, "--socket-group '\(socketGroup)' is not a group") }
             group = entry.pointee.gr_gid
         }
+        guard let introspector else {
+            let sources = PolicySources(
+                roots: policyRoots.isEmpty ? PolicySources.defaultRoots : policyRoots, requireRootOwnership: !allowNonRootOwner)
+            let store = try PolicyStore(sources: sources)
+            return BrokerConfiguration(
+                channelSocketPath: channelSocket, channelSocketGroup: group, policy: store, verifier: PeerVerifier(extraEmulators: emulators),
+                statusFile: statusFile.isEmpty ? nil : statusFile)
+        }
+        let generation = ABIGeneration(parsing: abi)!
+        let endpoint = try IntrospectorEndpoint(parsing: introspector)
+        var cookie: CookieHash?
+        if let secretFile { cookie = CookieHash(secret: try SecretFile.load(secretFile)) }
+        let lists = try Channel.AllowLists(abi: generation, commands: try ids(commands, "--commands"), events: try ids(events, "--events"))
         return BrokerConfiguration(
             channelSocketPath: channelSocket, channelSocketGroup: group, introspector: endpoint, cookie: cookie, allowLists: lists,
             guests: guests.isEmpty ? nil : Set(guests.compactMap(GuestUUID.init)),

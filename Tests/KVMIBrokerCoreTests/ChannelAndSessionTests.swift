@@ -197,4 +197,39 @@ struct GuestSessionMachineTests {
         #expect(machine.state == .suspended(.migrationOut))
         #expect(machine.handle(.event(event(.migrationFailed))).contains(.startHandshake))
     }
+
+    @Test("policy change on a hooked guest: new lists -> SET_ALLOWED; withdrawn -> PREUNHOOK, UNHOOK at the deadline; new tool -> hand over")
+    func policyChanges() throws {
+        let other = try Channel.AllowLists(abi: .v12, commands: [12], events: [0])
+        var machine = GuestSessionMachine(allowLists: lists)
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        #expect(machine.handle(.policyChanged(introspect: true, allowLists: lists, sameIntrospector: true)) == [])
+        #expect(machine.handle(.policyChanged(introspect: true, allowLists: other, sameIntrospector: true)).contains(.sendSetAllowed(other)))
+        _ = machine.handle(.result(Channel.Result(requestType: 0x11, step: .none, hooked: true, error: 0, failedID: -1)))
+        #expect(machine.state == .hooked(.v12) && machine.allowLists == other)
+
+        #expect(machine.handle(.policyChanged(introspect: false, allowLists: other, sameIntrospector: true)).contains(.sendPreunhook))
+        #expect(
+            machine.handle(.result(Channel.Result(requestType: 0x12, step: .none, hooked: true, error: 0, failedID: -1))) == [.scheduleUnhookDeadline]
+        )
+        #expect(machine.handle(.unhookDeadline).contains(.sendUnhook))
+        _ = machine.handle(.result(Channel.Result(requestType: 0x13, step: .none, hooked: false, error: 0, failedID: -1)))
+        #expect(machine.state == .notIntrospected)
+
+        var handOver = GuestSessionMachine(allowLists: lists)
+        _ = handOver.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        #expect(handOver.handle(.policyChanged(introspect: true, allowLists: other, sameIntrospector: false)).contains(.sendPreunhook))
+        // The tool lets go: QEMU's TOOL_HANGUP says unhooked; the new introspector takes over at once.
+        let actions = handOver.handle(.event(Channel.Event(kind: .toolHangup, error: 0, startTime: 1, hooked: false, running: true)))
+        #expect(actions.contains(.adoptNewIntrospector) && actions.contains(.startHandshake))
+    }
+
+    @Test("PREUNHOOK refused (the tool never enabled the unhook event): UNHOOK at once")
+    func preunhookRefused() {
+        var machine = GuestSessionMachine(allowLists: lists)
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        _ = machine.handle(.policyChanged(introspect: false, allowLists: lists, sameIntrospector: true))
+        #expect(
+            machine.handle(.result(Channel.Result(requestType: 0x12, step: .preunhook, hooked: true, error: 2, failedID: -1))).contains(.sendUnhook))
+    }
 }
