@@ -41,11 +41,15 @@ public struct SessionPlan: Sendable, Equatable {
 /// Decides sessions: the static configuration, or the allow-policy.
 public protocol PlanSource: Sendable {
     /// The plan for a guest (nil: not introspected) and the reason, for the audit log.
-    func plan(uuid: GuestUUID, name: String) -> (SessionPlan?, String)
+    func plan(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (SessionPlan?, String)
+}
+
+extension PlanSource {
+    public func plan(uuid: GuestUUID, name: String) -> (SessionPlan?, String) { plan(uuid: uuid, name: name, metadata: nil) }
 }
 
 extension BrokerConfiguration: PlanSource {
-    public func plan(uuid: GuestUUID, name: String) -> (SessionPlan?, String) {
+    public func plan(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (SessionPlan?, String) {
         guard introspects(uuid) else { return (nil, "not in the --guest list") }
         return (
             SessionPlan(
@@ -106,13 +110,13 @@ public final class PolicyStore: PlanSource {
         return (Snapshot(policy: policy, cookies: cookies, generation: generation), warnings)
     }
 
-    public func plan(uuid: GuestUUID, name: String) -> (SessionPlan?, String) {
-        Self.plan(snapshot, uuid: uuid, name: name)
+    public func plan(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (SessionPlan?, String) {
+        Self.plan(snapshot, uuid: uuid, name: name, metadata: metadata)
     }
 
     /// One decision from one snapshot: a session never mixes two policies.
-    public static func plan(_ snapshot: Snapshot, uuid: GuestUUID, name: String) -> (SessionPlan?, String) {
-        let decision = snapshot.policy.decide(GuestFacts(uuid: uuid, name: name))
+    public static func plan(_ snapshot: Snapshot, uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil) -> (SessionPlan?, String) {
+        let decision = snapshot.policy.decide(GuestFacts(uuid: uuid, name: name, metadata: metadata))
         let where_ = decision.rule.map { " by \($0)" } ?? ""
         guard decision.introspected, let introspector = decision.introspector, let lists = decision.allowLists else {
             return (nil, "not introspected\(where_): \(decision.reason)")

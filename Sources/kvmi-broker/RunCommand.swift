@@ -23,6 +23,9 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "The channel socket QEMU connects to.")
     var channelSocket = "/run/kvmi-broker/qemu.sock"
 
+    @Option(help: "The control socket the libvirt hook talks to (root only); empty disables it.")
+    var controlSocket = "/run/kvmi-broker/control.sock"
+
     @Option(help: "Group allowed to connect to the channel socket (mode 0660); default root only (0600).")
     var socketGroup: String?
 
@@ -102,7 +105,24 @@ struct RunCommand: AsyncParsableCommand {
             FileHandle.standardError.write(Data("kvmi-broker run: \(error)\n".utf8))
             throw ExitCode(1)
         }
-        let task = Task { await server.run(listener: listener) }
+        var control: (ControlServer, Descriptor)?
+        if !controlSocket.isEmpty {
+            let controlServer = ControlServer(path: controlSocket, plans: configuration.plans, logger: logger)
+            do {
+                control = (controlServer, try controlServer.bind())
+            } catch {
+                FileHandle.standardError.write(Data("kvmi-broker run: control socket: \(error)\n".utf8))
+                throw ExitCode(1)
+            }
+        }
+        let task = Task {
+            await withDiscardingTaskGroup { group in
+                group.addTask { await server.run(listener: listener) }
+                if let (controlServer, controlListener) = control {
+                    group.addTask { await controlServer.run(listener: controlListener) }
+                }
+            }
+        }
         signal(SIGHUP, SIG_IGN)
         let reloader = DispatchSource.makeSignalSource(signal: SIGHUP)
         reloader.setEventHandler {
