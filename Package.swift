@@ -51,7 +51,7 @@ let package = Package(
         .target(
             name: "KVMIBrokerDaemon",
             dependencies: [
-                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerPolicy", "CKVMIBroker",
+                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerPolicy", "KVMIBrokerLibvirt", "CKVMIBroker",
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // The test introspector: the tool side of the handshake as libkvmi does it, plus misbehaviours.

@@ -21,6 +21,9 @@ public struct BrokerConfiguration: Sendable {
     public var statusFile: String?
     /// Who decides sessions: the allow-policy when set, else this static configuration.
     public var policy: PolicyStore?
+    /// When set, a HELLO is accepted only if this source (libvirt) confirms the QEMU's identity,
+    /// and the guest's name and metadata come from it, not from QEMU.
+    public var identity: (any IdentitySource)?
 
     /// The source of session decisions in force.
     public var plans: any PlanSource { policy ?? self }

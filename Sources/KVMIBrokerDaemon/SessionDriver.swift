@@ -1,6 +1,7 @@
 import Foundation
 import KVMIBrokerCore
 import KVMIBrokerOS
+import KVMIBrokerPolicy
 import Logging
 
 /// Runs one channel connection: HELLO, the identity checks, then `GuestSessionMachine`'s
@@ -60,8 +61,26 @@ final class SessionDriver: Sendable {
             await refuse(EPERM, problem)
             return
         }
+        var name = hello.name
+        var metadata: GuestMetadata?
+        if let identity = configuration.identity {
+            switch await identity.verify(uuid: hello.uuid, pid: peer.pid) {
+            case .accepted(let domainName, let domainMetadata):
+                name = domainName
+                metadata = domainMetadata
+                logger[metadataKey: "guest.name"] = "\(name)"
+            case .refused(let why):
+                logger.warning("refusing QEMU: libvirt says \(why)", metadata: ["peer": "\(peer)"])
+                await refuse(EPERM, "libvirt: \(why)")
+                return
+            case .unavailable(let why):
+                logger.warning("refusing QEMU for now: its identity cannot be checked with libvirt: \(why)", metadata: ["peer": "\(peer)"])
+                await refuse(EAGAIN, "libvirt unavailable: \(why)")
+                return
+            }
+        }
         let status = SessionStatus(
-            uuid: "\(hello.uuid)", name: hello.name, qemuPID: peer.pid, state: "connected", hooked: hello.flags.contains(.hooked), failures: 0,
+            uuid: "\(hello.uuid)", name: name, qemuPID: peer.pid, state: "connected", hooked: hello.flags.contains(.hooked), failures: 0,
             lastFailure: nil, startTime: hello.startTime, since: Date())
         guard let token = await registry.claim(hello.uuid, status: status) else {
             let reason = "another QEMU process already holds the session of guest \(hello.uuid)"
@@ -76,7 +95,7 @@ final class SessionDriver: Sendable {
                 "start_time": "\(hello.startTime)", "max_gpa": "\(hello.maxGPA)", "kvm.cap206": "\(hello.capV12)", "kvm.cap180": "\(hello.capV7)",
                 "kvm.introspection": "\(hello.introspectionParameter)",
             ])
-        await drive(hello: hello, token: token, logger: logger)
+        await drive(hello: hello, name: name, metadata: metadata, token: token, logger: logger)
         await registry.release(hello.uuid, token: token)
     }
 
@@ -85,7 +104,7 @@ final class SessionDriver: Sendable {
             Channel.Frame(.refuse, seq: 1, payload: Channel.refuse(errno: errno, reason: reason)), until: .now.advanced(by: .seconds(1)))
     }
 
-    private func drive(hello: Channel.Hello, token: UInt64, logger: Logger) async {
+    private func drive(hello: Channel.Hello, name: String, metadata: GuestMetadata?, token: UInt64, logger: Logger) async {
         let (inputs, continuation) = AsyncStream<Input>.makeStream()
         let reader = Task {
             do {
@@ -100,7 +119,7 @@ final class SessionDriver: Sendable {
             }
         }
         let plans = configuration.plans
-        let (plan, reason) = plans.plan(uuid: hello.uuid, name: hello.name)
+        let (plan, reason) = plans.plan(uuid: hello.uuid, name: name, metadata: metadata)
         logger.notice("policy decision: \(reason)", metadata: ["policy.rule": "\(plan?.rule ?? "-")"])
         var state = LoopState(
             machine: GuestSessionMachine(allowLists: plan?.allowLists ?? .kernelDefaults(.v12)),
@@ -161,7 +180,7 @@ final class SessionDriver: Sendable {
             case .unhookDeadline:
                 actions = state.machine.handle(.unhookDeadline)
             case .policyReloaded:
-                let (next, reason) = plans.plan(uuid: hello.uuid, name: hello.name)
+                let (next, reason) = plans.plan(uuid: hello.uuid, name: name, metadata: metadata)
                 let same: Bool
                 switch (state.plan, next) {
                 case (nil, nil): same = true

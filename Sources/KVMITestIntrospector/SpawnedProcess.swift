@@ -64,6 +64,16 @@ public final class SpawnedProcess: @unchecked Sendable {
         return true
     }
 
+    /// Waits for the exit (up to `timeout`); returns the exit status, or nil if it still runs.
+    public func wait(timeout: TimeInterval) -> Int32? {
+        let deadline = Date().addingTimeInterval(timeout)
+        while isRunning && Date() < deadline { usleep(10_000) }
+        lock.lock()
+        defer { lock.unlock() }
+        guard let status = exitStatus else { return nil }
+        return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    }
+
     /// Sends `signal`, waits up to `grace` for the exit, then SIGKILLs and reaps.
     public func terminate(_ signal: Int32 = SIGTERM, grace: TimeInterval = 5) {
         guard isRunning else { return }

@@ -23,6 +23,9 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "The channel socket QEMU connects to.")
     var channelSocket = "/run/kvmi-broker/qemu.sock"
 
+    @Option(help: "libvirt URI: a HELLO is accepted only if libvirt runs that domain with that QEMU pid; empty disables the check.")
+    var libvirtUri = "qemu:///system"
+
     @Option(help: "The control socket the libvirt hook talks to (root only); empty disables it.")
     var controlSocket = "/run/kvmi-broker/control.sock"
 
@@ -86,7 +89,7 @@ struct RunCommand: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "kvmi-broker")
-        let configuration: BrokerConfiguration
+        var configuration: BrokerConfiguration
         do {
             configuration = try makeConfiguration()
         } catch let error as PolicyLoadError {
@@ -97,6 +100,13 @@ struct RunCommand: AsyncParsableCommand {
             throw ExitCode(2)
         }
         signal(SIGPIPE, SIG_IGN)
+        var libvirtTask: Task<Void, Never>?
+        if !libvirtUri.isEmpty {
+            let (identity, task) = LibvirtIdentity.start(uri: libvirtUri, logger: logger)
+            configuration.identity = identity
+            libvirtTask = task
+        }
+        defer { libvirtTask?.cancel() }
         let server = ChannelServer(configuration: configuration, logger: logger)
         let listener: Descriptor
         do {
