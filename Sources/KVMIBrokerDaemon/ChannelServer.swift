@@ -65,35 +65,9 @@ public final class ChannelServer: Sendable {
 
     /// Accepts connections until cancelled; each runs as a child task (no thread per guest).
     public func run(listener: Descriptor) async {
-        logger.notice(
-            "listening for QEMU",
-            metadata: ["channel.socket": "\(configuration.channelSocketPath)", "tool.endpoint": "\(configuration.introspector)"])
-        await withDiscardingTaskGroup { group in
-            while !Task.isCancelled {
-                let raw = kvmib_accept(listener.raw, 1)
-                if raw < 0 {
-                    let error = errno
-                    if error == EAGAIN || error == EINTR || error == ECONNABORTED {
-                        if error == EAGAIN {
-                            do {
-                                _ = try await io.reactor.wait(for: .readable, on: listener.raw, until: .now.advanced(by: .seconds(3600)))
-                            } catch let error as BrokerError where error.code == .timedOut {
-                                continue
-                            } catch {
-                                break
-                            }
-                        }
-                        continue
-                    }
-                    logger.error("accept failed on the channel socket", metadata: ["errno": "\(errnoName(error))"])
-                    try? await Task.sleep(for: .milliseconds(100))
-                    continue
-                }
-                let connection = Descriptor(adopting: raw)
-                group.addTask { await self.serve(connection) }
-            }
-        }
-        listener.close()
+        let decisions = configuration.policy.map { "the allow-policy (generation \($0.snapshot.generation))" } ?? "\(configuration.introspector)"
+        logger.notice("listening for QEMU", metadata: ["channel.socket": "\(configuration.channelSocketPath)", "decisions": "\(decisions)"])
+        await serveConnections(on: listener, io: io, logger: logger, what: "channel") { connection in await self.serve(connection) }
         unlink(configuration.channelSocketPath)
     }
 
@@ -111,6 +85,5 @@ public final class ChannelServer: Sendable {
             socket: ChannelSocket(connection, io: io), peer: peer, configuration: configuration, registry: registry, connector: connector,
             logger: logger)
         await session.run()
-        connection.close()
     }
 }

@@ -80,29 +80,7 @@ public final class ControlServer: Sendable {
     }
 
     public func run(listener: Descriptor) async {
-        await withDiscardingTaskGroup { group in
-            while !Task.isCancelled {
-                let raw = kvmib_accept(listener.raw, 1)
-                if raw < 0 {
-                    if errno == EAGAIN {
-                        do {
-                            _ = try await io.reactor.wait(for: .readable, on: listener.raw, until: .now.advanced(by: .seconds(3600)))
-                        } catch let error as BrokerError where error.code == .timedOut {
-                            continue
-                        } catch {
-                            break
-                        }
-                    }
-                    continue
-                }
-                let connection = Descriptor(adopting: raw)
-                group.addTask {
-                    await self.serve(connection)
-                    connection.close()
-                }
-            }
-        }
-        listener.close()
+        await serveConnections(on: listener, io: io, logger: logger, what: "control") { connection in await self.serve(connection) }
         unlink(path)
     }
 
