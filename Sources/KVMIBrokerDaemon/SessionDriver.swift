@@ -149,6 +149,7 @@ final class SessionDriver: Sendable {
                     actions = state.machine.handle(.result(result))
                     if !wasHooked, state.machine.state.isHooked, let start = state.triggeredAt {
                         state.lastHook = start.duration(to: .now)
+                        state.lastHookRequest = state.hookRequestedAt.map { $0.duration(to: .now) }
                         state.hooks += 1
                         state.triggeredAt = nil
                         logger.info("hooked \(format(state.lastHook ?? .zero)) after the trigger")
@@ -228,6 +229,8 @@ final class SessionDriver: Sendable {
         /// When the current attempt series began (the trigger), for the hook latency.
         var triggeredAt: ContinuousClock.Instant?
         var lastHook: Duration?
+        var hookRequestedAt: ContinuousClock.Instant?
+        var lastHookRequest: Duration?
         var hooks = 0
 
         mutating func nextSeq() -> UInt32 {
@@ -246,10 +249,12 @@ final class SessionDriver: Sendable {
             status.failures = machine.failures
             status.lastFailure = machine.lastFailure
             status.hooks = state.hooks
-            if let last = state.lastHook {
-                let (seconds, attoseconds) = last.components
-                status.lastHookMicroseconds = seconds * 1_000_000 + attoseconds / 1_000_000_000_000
+            func microseconds(_ duration: Duration) -> Int64 {
+                let (seconds, attoseconds) = duration.components
+                return seconds * 1_000_000 + attoseconds / 1_000_000_000_000
             }
+            status.lastHookMicroseconds = state.lastHook.map(microseconds)
+            status.lastHookRequestMicroseconds = state.lastHookRequest.map(microseconds)
         }
     }
 
@@ -282,6 +287,7 @@ final class SessionDriver: Sendable {
                     guard let outcome = state.pendingOutcome else { continue }
                     state.pendingOutcome = nil
                     defer { outcome.descriptor.close() }  // QEMU has its own copy once sent
+                    state.hookRequestedAt = .now
                     let seq = try await send(.hook, lists.encoded(), &state, passing: outcome.descriptor.raw)
                     let timeout = configuration.resultTimeout
                     state.resultTimer = Task {

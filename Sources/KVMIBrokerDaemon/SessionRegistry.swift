@@ -14,6 +14,8 @@ public struct SessionStatus: Sendable, Codable, Equatable {
     public var since: Date
     /// From the trigger (HELLO, resume, reset, ...) to QEMU's HOOK success, for the last hook.
     public var lastHookMicroseconds: Int64?
+    /// Of that: from the HOOK request to QEMU's RESULT (QEMU's ioctls and its main loop).
+    public var lastHookRequestMicroseconds: Int64?
     /// Hooks completed by this session.
     public var hooks: Int = 0
 }
