@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVMIBrokerCore
+import KVMIBrokerLibvirt
 import KVMIBrokerPolicy
 
 /// `kvmi-broker policy`: check, explain and dump the allow-policy.
@@ -113,10 +114,10 @@ struct PolicyExplainCommand: ParsableCommand {
         if let domainXML {
             do {
                 let text = try String(contentsOfFile: domainXML, encoding: .utf8)
-                let domain = try DomainFacts(xml: text)
+                let domain = try DomainDescription(xml: text)
                 uuid = domain.uuid
                 name = domain.name
-                facts = domain.metadata ?? facts
+                facts = domain.metadata.map { GuestMetadata(wanted: $0.wanted, introspector: $0.introspector, required: $0.required) } ?? facts
             } catch let error as BrokerError {
                 printError("kvmi-broker policy explain: \(domainXML): \(error.message)")
                 throw ExitCode(1)

@@ -99,6 +99,33 @@ let qemuDomainXML = """
             IntrospectionMetadata(introspector: "acme", required: true).setMetadataString == "<introspection introspector=\"acme\" required=\"yes\"/>"
         )
     }
+
+    @Test("uuid, name and our element by namespace URI whatever its prefix; decoys and entities")
+    func domainXML() throws {
+        let xml = """
+            <domain type='kvm' id='3'>
+              <name>prod-win-7</name>
+              <uuid>6695EB01-F6A4-8304-79AA-97F2502E193F</uuid>
+              <metadata>
+                <other:thing xmlns:other="https://example.com/x"><name>decoy</name></other:thing>
+                <k:introspection xmlns:k="https://kvmi-broker.org/xmlns/1" introspector="acme" required="yes"/>
+              </metadata>
+              <devices><disk><name>not-the-domain</name></disk></devices>
+            </domain>
+            """
+        let facts = try DomainDescription(xml: xml)
+        #expect(facts.name == "prod-win-7")
+        #expect(facts.uuid == GuestUUID("6695eb01-f6a4-8304-79aa-97f2502e193f"))
+        #expect(facts.metadata?.introspector == "acme" && facts.metadata?.required == true && facts.metadata?.wanted == true)
+        let wrongNamespace = try DomainDescription(
+            xml:
+                "<domain><name>a&amp;b</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid><metadata><introspection xmlns='urn:other'/></metadata></domain>"
+        )
+        #expect(wrongNamespace.name == "a&b")
+        #expect(wrongNamespace.metadata == nil)
+        #expect(throws: BrokerError.self) { try DomainDescription(xml: "<domain><uuid>nope</uuid></domain>") }
+        #expect(throws: BrokerError.self) { try DomainDescription(xml: "<network><name>x</name></network>") }
+    }
 }
 
 @Suite struct EnrollmentTests {

@@ -96,30 +96,6 @@ struct OutputTests {
         }
     }
 
-    @Test("domain XML: uuid, name and our metadata element by namespace, whatever its prefix")
-    func domainXML() throws {
-        let xml = """
-            <domain type='kvm' id='3'>
-              <name>prod-win-7</name>
-              <uuid>6695EB01-F6A4-8304-79AA-97F2502E193F</uuid>
-              <metadata>
-                <other:thing xmlns:other="https://example.com/x"><name>decoy</name></other:thing>
-                <k:introspection xmlns:k="https://kvmi-broker.org/xmlns/1" introspector="acme" required="yes"/>
-              </metadata>
-              <devices><disk><name>not-the-domain</name></disk></devices>
-            </domain>
-            """
-        let facts = try DomainFacts(xml: xml)
-        #expect(facts.name == "prod-win-7")
-        #expect(facts.uuid == GuestUUID("6695eb01-f6a4-8304-79aa-97f2502e193f"))
-        #expect(facts.metadata == GuestMetadata(wanted: true, introspector: "acme", required: true))
-        let wrongNamespace = try DomainFacts(xml: "<domain><name>a&amp;b</name><metadata><introspection xmlns='urn:other'/></metadata></domain>")
-        #expect(wrongNamespace.name == "a&b")
-        #expect(wrongNamespace.metadata == nil)
-        #expect(throws: BrokerError.self) { try DomainFacts(xml: "<domain><uuid>nope</uuid></domain>") }
-        #expect(throws: BrokerError.self) { try DomainFacts(xml: "<network><name>x</name></network>") }
-    }
-
     @Test("GLib is the parser of record: a line only GLib rejects is still placed on its line")
     func glibFallbackLine() throws {
         let root = TemporaryRoot()
