@@ -25,3 +25,16 @@ extension Collection where Element == UInt8, Index == Int {
         return order == .little ? T(littleEndian: value) : value
     }
 }
+
+extension Sequence where Element == UInt8 {
+    /// Lower-case hex, two digits a byte (UUIDs, cookie hashes in logs).
+    public var hexString: String {
+        let digits = Array("0123456789abcdef")
+        var text = ""
+        for byte in self {
+            text.append(digits[Int(byte >> 4)])
+            text.append(digits[Int(byte & 0xF)])
+        }
+        return text
+    }
+}

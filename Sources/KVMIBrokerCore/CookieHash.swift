@@ -36,9 +36,6 @@ public struct CookieHash: Sendable, Hashable, CustomStringConvertible {
     }
 
     public var description: String {
-        bytes.map { byte in
-            let digits = Array("0123456789abcdef")
-            return String([digits[Int(byte >> 4)], digits[Int(byte & 0xF)]])
-        }.joined()
+        bytes.hexString
     }
 }

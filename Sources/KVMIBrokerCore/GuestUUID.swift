@@ -40,12 +40,7 @@ public struct GuestUUID: Sendable, Hashable, CustomStringConvertible {
     private init(uncheckedBytes: [UInt8]) { self.bytes = uncheckedBytes }
 
     public var description: String {
-        let hex = bytes.map { byte -> String in
-            let digits = Array("0123456789abcdef")
-            return String([digits[Int(byte >> 4)], digits[Int(byte & 0xF)]])
-        }
-        return [hex[0..<4], hex[4..<6], hex[6..<8], hex[8..<10], hex[10..<16]]
-            .map { $0.joined() }.joined(separator: "-")
+        [bytes[0..<4], bytes[4..<6], bytes[6..<8], bytes[8..<10], bytes[10..<16]].map(\.hexString).joined(separator: "-")
     }
 }
 

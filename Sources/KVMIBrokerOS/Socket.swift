@@ -164,3 +164,27 @@ public struct AsyncSocketIO: Sendable {
         }
     }
 }
+
+/// Connects a stream socket to a unix path with a plain `connect()`: for short-lived clients
+/// on their own thread (the libvirt hook, test equipment), not for the broker's tasks. A local
+/// connect completes at once; with `nonBlocking` a full backlog leaves it pending (EAGAIN),
+/// which the caller's poll for writability covers.
+public func connectUnixSocket(_ path: String, nonBlocking: Bool = false) throws(BrokerError) -> Descriptor {
+    let endpoint: IntrospectorEndpoint
+    do {
+        endpoint = try IntrospectorEndpoint(parsing: "unix:" + path)
+    } catch {
+        throw BrokerError(.invalidArgument, "not a usable unix socket path (absolute, at most 107 bytes)", at: path)
+    }
+    let address = SocketAddress(endpoint)
+    var type = Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
+    if nonBlocking { type |= Int32(SOCK_NONBLOCK.rawValue) }
+    let descriptor = Descriptor(adopting: try systemCall("socket()") { socket(AF_UNIX, type, 0) })
+    let result = address.withPointer { Glibc.connect(descriptor.raw, $0, $1) }
+    if result != 0 && !(nonBlocking && (errno == EAGAIN || errno == EINPROGRESS)) {
+        let error = errno
+        descriptor.close()
+        throw BrokerError(.connectFailed, "cannot connect: \(String(cString: strerror(error)))", at: path, errno: error)
+    }
+    return descriptor
+}

@@ -1,5 +1,6 @@
 import Foundation
 import KVMIBrokerCore
+import KVMIBrokerOS
 
 #if canImport(Glibc)
     import Glibc
@@ -60,30 +61,25 @@ public final class QEMUProcess {
 
 /// A minimal blocking QMP client for tests.
 public final class QMPClient {
-    public let fd: Int32
+    private let socket: Descriptor
+    public var fd: Int32 { socket.raw }
     private var buffer: [UInt8] = []
 
     public init(path: String, timeout: TimeInterval = 10) throws {
-        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        var sun = sockaddr_un()
-        sun.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &sun.sun_path) { raw in
-            for (index, byte) in path.utf8.enumerated() { raw[index] = byte }
-        }
+        // QEMU creates the QMP socket shortly after it starts: retry until the deadline.
         let deadline = Date().addingTimeInterval(timeout)
         while true {
-            let result = withUnsafePointer(to: &sun) { pointer in
-                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            do {
+                socket = try connectUnixSocket(path)
+                break
+            } catch {
+                if Date() > deadline { throw error }
+                usleep(20_000)
             }
-            if result == 0 { break }
-            if Date() > deadline { throw BrokerError(.connectFailed, "cannot connect to QMP", at: path, errno: errno) }
-            usleep(20_000)
         }
         _ = try line(timeout: timeout)  // greeting
         _ = try execute("{\"execute\":\"qmp_capabilities\"}", timeout: timeout)
     }
-
-    deinit { close(fd) }
 
     public func execute(_ command: String, timeout: TimeInterval) throws -> String {
         let bytes = Array((command + "\n").utf8)

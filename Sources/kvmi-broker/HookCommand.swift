@@ -3,6 +3,7 @@ import Foundation
 import KVMIBrokerCore
 import KVMIBrokerDaemon
 import KVMIBrokerLibvirt
+import KVMIBrokerOS
 import KVMIBrokerPolicy
 
 #if canImport(Glibc)
@@ -85,22 +86,14 @@ struct HookCommand: ParsableCommand {
     /// One request, one answer, every step bounded by the timeout.
     private func ask(_ request: ControlProtocol.Request) -> Result<ControlProtocol.Response, BrokerError> {
         let deadline = Date().addingTimeInterval(timeout)
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
-        guard fd >= 0 else { return .failure(BrokerError(.io, "socket() failed", errno: errno)) }
-        defer { close(fd) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let path = Array(controlSocket.utf8)
-        guard path.count < 108 else { return .failure(BrokerError(.invalidArgument, "control socket path too long", at: controlSocket)) }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (index, byte) in path.enumerated() { raw[index] = byte }
+        let socket: Descriptor
+        do {
+            socket = try connectUnixSocket(controlSocket, nonBlocking: true)
+        } catch {
+            return .failure(error)
         }
-        let connected = withUnsafePointer(to: &address) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        if connected != 0 && errno != EINPROGRESS && errno != EAGAIN {
-            return .failure(BrokerError(.connectFailed, String(cString: strerror(errno)), at: controlSocket, errno: errno))
-        }
+        defer { socket.close() }
+        let fd = socket.raw
         func waitFor(_ events: Int16) -> Bool {
             var pollFD = pollfd(fd: fd, events: events, revents: 0)
             let remaining = Int32(max(0, deadline.timeIntervalSinceNow) * 1000)

@@ -13,24 +13,12 @@ import Testing
 
 /// Plays QEMU's side of the channel from the test process, with blocking calls and a timeout.
 final class FakeQEMU {
-    let fd: Int32
+    let socket: Descriptor
+    var fd: Int32 { socket.raw }
 
     init(connectingTo path: String) throws {
-        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        let address = SocketAddress(.unix(path: path))
-        _ = address
-        var sun = sockaddr_un()
-        sun.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &sun.sun_path) { raw in
-            for (index, byte) in path.utf8.enumerated() { raw[index] = byte }
-        }
-        let result = withUnsafePointer(to: &sun) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard result == 0 else { throw BrokerError(.connectFailed, "fake QEMU cannot connect", at: path, errno: errno) }
+        socket = try connectUnixSocket(path)
     }
-
-    deinit { close(fd) }
 
     func send(_ frame: Channel.Frame) {
         let bytes = frame.encoded()
