@@ -14,8 +14,11 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         // Structured logging with levels and metadata keys; the ecosystem's standard API.
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
-        // Heap for the I/O reactor's deadline queue.
+        // Heap for the I/O reactor's deadline queue; Deque for the admission order of connections.
         .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
+        // AsyncChannel: a session's inputs with back-pressure (a peer that streams frames waits
+        // for the session to take each one, instead of growing a buffer or holding a thread).
+        .package(url: "https://github.com/apple/swift-async-algorithms", from: "1.1.4"),
     ],
     targets: [
         // C shim: only what Swift cannot import (CMSG macros, ioctl numbers and structs, vsock).
@@ -33,6 +36,7 @@ let package = Package(
                 "KVMIBrokerCore", "CKVMIBroker",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "HeapModule", package: "swift-collections"),
+                .product(name: "DequeModule", package: "swift-collections"),
             ]),
         // The allow-policy: GKeyFile drop-in directories, semantics, check/explain/dump. Pure apart from reading files.
         .target(name: "KVMIBrokerPolicy", dependencies: ["KVMIBrokerCore", "CGLib"]),
@@ -53,6 +57,7 @@ let package = Package(
             dependencies: [
                 "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerPolicy", "KVMIBrokerLibvirt", "CKVMIBroker",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
             ]),
         // The test introspector: the tool side of the handshake as libkvmi does it, plus misbehaviours.
         .target(name: "KVMITestIntrospector", dependencies: ["KVMIBrokerCore", "KVMIBrokerOS", "CKVMIBroker"]),
@@ -86,6 +91,8 @@ let package = Package(
             dependencies: [
                 "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon", "KVMIBrokerPolicy", "KVMITestIntrospector", "CKVMIBroker",
                 .product(name: "Logging", package: "swift-log"),
-            ]),
+            ],
+            // Peer programs the tests run as separate processes (found through #filePath).
+            exclude: ["Fixtures"]),
     ]
 )

@@ -13,6 +13,7 @@
 #include <linux/vm_sockets.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 
 #define KVMIB_KVMIO 0xAE
 
@@ -52,6 +53,42 @@ int kvmib_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid)
     *uid = cred.uid;
     *gid = cred.gid;
     return 0;
+}
+
+/* SO_PEERPIDFD arrived in Linux 6.5; Debian 12's headers predate it. */
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+
+int kvmib_peer_pidfd(int fd)
+{
+    int pidfd = -1;
+    socklen_t len = sizeof(pidfd);
+
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) < 0) {
+        return -1;
+    }
+    return pidfd;
+}
+
+int kvmib_pidfd_open(pid_t pid)
+{
+#ifdef SYS_pidfd_open
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+int kvmib_pidfd_alive(int pidfd)
+{
+#ifdef SYS_pidfd_send_signal
+    return syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) == 0;
+#else
+    (void)pidfd;
+    return 1;
+#endif
 }
 
 ssize_t kvmib_send_with_fd(int sock, const void *buf, size_t len, int fd)
@@ -150,15 +187,27 @@ int kvmib_epoll_create(void)
     return epoll_create1(EPOLL_CLOEXEC);
 }
 
-static int kvmib_epoll_ctl_add(int epfd, int fd, uint32_t events,
-                               uint64_t token)
+static int kvmib_epoll_ctl(int epfd, int op, int fd, uint32_t events,
+                           uint64_t token)
 {
     struct epoll_event ev;
 
     memset(&ev, 0, sizeof(ev));
     ev.events = events;
     ev.data.u64 = token;
-    return epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+    return epoll_ctl(epfd, op, fd, &ev);
+}
+
+static int kvmib_epoll_ctl_add(int epfd, int fd, uint32_t events,
+                               uint64_t token)
+{
+    return kvmib_epoll_ctl(epfd, EPOLL_CTL_ADD, fd, events, token);
+}
+
+int kvmib_epoll_mod_oneshot(int epfd, int fd, uint32_t events, uint64_t token)
+{
+    return kvmib_epoll_ctl(epfd, EPOLL_CTL_MOD, fd, events | EPOLLONESHOT,
+                           token);
 }
 
 int kvmib_epoll_add_oneshot(int epfd, int fd, uint32_t events, uint64_t token)

@@ -16,6 +16,8 @@ public struct BrokerError: Error, Sendable, Equatable, CustomStringConvertible {
         case io = "io"
         case cancelled = "cancelled"
         case unsupported = "unsupported"
+        /// The peer is there but cannot take us now (a unix listener's full backlog): retry soon, not a failure.
+        case busy = "busy"
     }
 
     public var code: Code

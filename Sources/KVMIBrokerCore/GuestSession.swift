@@ -159,7 +159,20 @@ public struct GuestSessionMachine: Sendable {
                 state = .hooked(allowLists.abi)
                 return [.log(.notice, "allow-lists changed in place (SET_ALLOWED)")]
             }
-            return fail("SET_ALLOWED failed at \(result.step): \(errnoName(result.error)); QEMU unhooked the guest")
+            guard result.hooked else {
+                return fail("SET_ALLOWED failed at \(result.step): \(errnoName(result.error)); QEMU unhooked the guest")
+            }
+            // QEMU refused the request but is still hooked with lists the policy no longer wants:
+            // a new HOOK would only meet EEXIST. Let the tool go and hook again with the new lists.
+            state = .unhooking
+            handOver = introspect
+            return [
+                .log(
+                    .warning,
+                    "SET_ALLOWED failed at \(result.step): \(errnoName(result.error)) and QEMU kept the old allow-lists; unhooking to hook again with the new ones"
+                ),
+                .sendPreunhook,
+            ]
 
         case .result(let result) where result.requestType == Channel.MessageType.preunhook.rawValue:
             guard case .unhooking = state else { return [] }
@@ -179,6 +192,19 @@ public struct GuestSessionMachine: Sendable {
 
         case .policyChanged(let newIntrospect, let lists, let sameIntrospector):
             return policyChanged(introspect: newIntrospect, lists: lists, sameIntrospector: sameIntrospector)
+
+        case .result(let result) where result.requestType == Channel.MessageType.hook.rawValue && !isHooking:
+            // The decision changed while the HOOK was in flight (policy, pause): a guest hooked
+            // now is hooked against the current decision, so let the tool go.
+            guard result.error == 0 && result.hooked else { return [] }
+            switch state {
+            case .hooked, .unhooking, .updating:
+                return []
+            default:
+                state = .unhooking
+                handOver = introspect
+                return [.log(.notice, "a HOOK sent before the decision changed succeeded; unhooking"), .sendPreunhook]
+            }
 
         case .result(let result):
             guard case .hooking = state, result.requestType == Channel.MessageType.hook.rawValue else {
@@ -317,6 +343,11 @@ public struct GuestSessionMachine: Sendable {
             if case .backingOff = state { return [note] }
             return [note] + stopTrying() + startAttempt()
         }
+    }
+
+    private var isHooking: Bool {
+        if case .hooking = state { return true }
+        return false
     }
 
     private var isSuspended: Bool {

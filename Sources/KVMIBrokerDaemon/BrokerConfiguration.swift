@@ -1,4 +1,5 @@
 import KVMIBrokerCore
+import KVMIBrokerOS
 
 /// The daemon's static configuration: one introspector and which guests it introspects.
 /// (The allow-policy files replace the guest selection and lists later.)
@@ -24,6 +25,15 @@ public struct BrokerConfiguration: Sendable {
     /// When set, a HELLO is accepted only if this source (libvirt) confirms the QEMU's identity,
     /// and the guest's name and metadata come from it, not from QEMU.
     public var identity: (any IdentitySource)?
+
+    /// How long a new connection may stay silent before HELLO (QEMU sends it at once).
+    public var helloTimeout: Duration = .seconds(2)
+    /// Refused peers, logged with a rate limit (a flood of bad connections cannot flood the log).
+    public var refusals = RateLimitedLog()
+    /// Log lines one session may write per 10 s (a QEMU streaming events cannot flood the log).
+    public var sessionLogLines = 30
+    /// Handshakes in flight to one introspector at once; the rest queue in arrival order.
+    public var handshakesPerIntrospector = 8
 
     /// The source of session decisions in force.
     public var plans: any PlanSource { policy ?? self }

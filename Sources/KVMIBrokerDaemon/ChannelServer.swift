@@ -15,29 +15,24 @@ public final class ChannelServer: Sendable {
     private let logger: Logger
     private let io: AsyncSocketIO
     private let connector: IntrospectorConnector
+    /// Bounds the connections held (from the descriptor limit) and the silent ones.
+    public let admission: ConnectionAdmission
 
-    public init(configuration: BrokerConfiguration, logger: Logger, io: AsyncSocketIO = AsyncSocketIO()) {
+    public init(configuration: BrokerConfiguration, logger: Logger, io: AsyncSocketIO = AsyncSocketIO(), admission: ConnectionAdmission? = nil) {
         self.configuration = configuration
-        self.registry = SessionRegistry(statusFile: configuration.statusFile)
+        self.registry = SessionRegistry(statusFile: configuration.statusFile, logger: logger)
         self.logger = logger
         self.io = io
-        self.connector = IntrospectorConnector(io: io)
+        self.connector = IntrospectorConnector(io: io, pacer: HandshakePacer(limit: configuration.handshakesPerIntrospector))
+        self.admission = admission ?? ConnectionAdmission(descriptorLimit: currentDescriptorLimit().soft)
     }
 
-    /// Binds the socket (mode 0600, or 0660 with the configured group).
+    /// Binds the socket (mode 0600, or 0660 with the configured group) safely: the directory
+    /// checked, one broker per socket (a lock held for the process's life), the mode set before
+    /// the socket appears under its name (`ServerSocket.bind`).
     public func bind() throws -> Descriptor {
-        let path = configuration.channelSocketPath
-        let directory = (path as NSString).deletingLastPathComponent
-        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
-        let previous = umask(0o177)
-        defer { umask(previous) }
-        let (listener, _) = try listenSocket(on: .unix(path: path), nonBlocking: true)
-        if let group = configuration.channelSocketGroup {
-            guard chown(path, 0, group) == 0 || chown(path, getuid(), group) == 0, chmod(path, 0o660) == 0 else {
-                throw BrokerError(.io, "cannot give the channel socket to group \(group)", at: path, errno: errno)
-            }
-        }
-        return listener
+        let group = configuration.channelSocketGroup
+        return try ServerSocket.bind(path: configuration.channelSocketPath, mode: group == nil ? 0o600 : 0o660, group: group, what: "channel socket")
     }
 
     /// Reloads the policy (SIGHUP): all or nothing. On success every session re-decides from the
@@ -67,8 +62,10 @@ public final class ChannelServer: Sendable {
     public func run(listener: Descriptor) async {
         let decisions = configuration.policy.map { "the allow-policy (generation \($0.snapshot.generation))" } ?? "\(configuration.introspector)"
         logger.notice("listening for QEMU", metadata: ["channel.socket": "\(configuration.channelSocketPath)", "decisions": "\(decisions)"])
-        await serveConnections(on: listener, io: io, logger: logger, what: "channel") { connection in await self.serve(connection) }
-        unlink(configuration.channelSocketPath)
+        await serveConnections(on: listener, io: io, logger: logger, what: "channel", admission: admission) { connection in
+            await self.serve(connection)
+        }
+        ServerSocket.remove(path: configuration.channelSocketPath, servedBy: listener)
     }
 
     private func serve(_ connection: Descriptor) async {
@@ -81,9 +78,11 @@ public final class ChannelServer: Sendable {
             return
         }
         let peer = PeerCredentials(pid: pid, uid: uid, gid: gid)
+        let pin = ProcessPin.peer(of: connection.raw, pid: pid)
+        defer { pin.pidfd?.close() }
         let session = SessionDriver(
-            socket: ChannelSocket(connection, io: io), peer: peer, configuration: configuration, registry: registry, connector: connector,
-            logger: logger)
+            socket: ChannelSocket(connection, io: io), peer: peer, pin: pin, configuration: configuration, registry: registry,
+            connector: connector, admission: admission, logger: logger)
         await session.run()
     }
 }

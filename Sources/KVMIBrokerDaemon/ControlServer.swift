@@ -73,15 +73,15 @@ public final class ControlServer: Sendable {
         self.allowedUID = getuid()
     }
 
+    /// Binds the control socket, mode 0600 (root only), as `ServerSocket.bind` does: one broker
+    /// per socket, a checked directory, no window with a wider mode.
     public func bind() throws -> Descriptor {
-        let previous = umask(0o177)
-        defer { umask(previous) }
-        return try listenSocket(on: .unix(path: path), nonBlocking: true).0
+        try ServerSocket.bind(path: path, mode: 0o600, what: "control socket")
     }
 
     public func run(listener: Descriptor) async {
         await serveConnections(on: listener, io: io, logger: logger, what: "control") { connection in await self.serve(connection) }
-        unlink(path)
+        ServerSocket.remove(path: path, servedBy: listener)
     }
 
     private func serve(_ connection: Descriptor) async {
@@ -107,37 +107,50 @@ public final class ControlServer: Sendable {
             bytes.append(10)
             try await io.writeAll(bytes, to: connection.raw, until: deadline)
         } catch {
-            logger.warning("control socket: \(error)", metadata: ["peer.pid": "\(pid)"])
+            logger.warning("control socket: \(escapedForLog("\(error)", limit: 512))", metadata: ["peer.pid": "\(pid)"])
         }
     }
 
     func answer(_ request: ControlProtocol.Request) async -> ControlProtocol.Response {
-        guard let uuid = GuestUUID(request.uuid) else { return .init(allow: false, reason: "the hook sent no valid UUID ('\(request.uuid)')") }
+        guard let uuid = GuestUUID(request.uuid) else {
+            return .init(allow: false, reason: "the hook sent no valid UUID ('\(escapedForLog(request.uuid, limit: 64))')")
+        }
+        let name = escapedForLog(request.name)
         var logger = self.logger
         logger[metadataKey: "guest.uuid"] = "\(uuid)"
-        logger[metadataKey: "guest.name"] = "\(request.name)"
-        let (plan, reason) = plans.plan(uuid: uuid, name: request.name, metadata: request.metadata)
+        logger[metadataKey: "guest.name"] = "\(name)"
+        let (decision, reason) = plans.decide(uuid: uuid, name: request.name, metadata: request.metadata)
+        let operation = escapedForLog(request.operation, limit: 32)
         guard request.operation == "prepare" || request.operation == "start" else {
-            logger.info("libvirt: \(request.operation)", metadata: ["policy": "\(reason)"])
+            logger.info("libvirt: \(operation)", metadata: ["policy": "\(reason)"])
             return .init(allow: true, reason: reason)
         }
-        guard let plan else {
-            logger.notice("libvirt \(request.operation): \(reason)")
+        let plan: SessionPlan
+        switch decision {
+        case .notIntrospected:
+            logger.notice("libvirt \(operation): \(reason)")
             return .init(allow: true, reason: reason)
+        case .requiredButUnservable(let rule):
+            // Fail closed: a required guest whose decision cannot be served must not start.
+            let why = "kvmi-broker: guest \(name) (\(uuid)) requires introspection per \(rule), but the policy cannot serve it: \(reason)"
+            logger.warning("vetoing the start: \(why)")
+            return .init(allow: false, reason: why)
+        case .introspect(let decided):
+            plan = decided
         }
         guard plan.required else {
-            logger.notice("libvirt \(request.operation): \(reason) (best-effort)")
+            logger.notice("libvirt \(operation): \(reason) (best-effort)")
             return .init(allow: true, reason: reason)
         }
         // Required: the introspector must be reachable now, or the guest would run unmonitored.
         do {
             let socket = try await io.connect(to: plan.endpoint, until: .now.advanced(by: probeTimeout))
             socket.close()
-            logger.notice("libvirt \(request.operation): \(reason) (required; introspector reachable)")
+            logger.notice("libvirt \(operation): \(reason) (required; introspector reachable)")
             return .init(allow: true, reason: reason)
         } catch {
             let why =
-                "kvmi-broker: guest \(request.name) (\(uuid)) requires introspection by \(plan.introspectorName) per \(plan.rule), but \(plan.endpoint) is unreachable: \((error as? BrokerError)?.description ?? "\(error)")"
+                "kvmi-broker: guest \(name) (\(uuid)) requires introspection by \(plan.introspectorName) per \(plan.rule), but \(plan.endpoint) is unreachable: \((error as? BrokerError)?.description ?? "\(error)")"
             logger.warning("vetoing the start: \(why)")
             return .init(allow: false, reason: why)
         }

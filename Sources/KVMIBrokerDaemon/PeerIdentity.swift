@@ -1,5 +1,7 @@
+import CKVMIBroker
 import Foundation
 import KVMIBrokerCore
+import KVMIBrokerOS
 
 #if canImport(Glibc)
     import Glibc
@@ -20,6 +22,47 @@ public struct PeerCredentials: Sendable, Equatable, CustomStringConvertible {
     public var description: String { "pid \(pid) uid \(uid)" }
 }
 
+/// The peer process, pinned when the connection is accepted: a pidfd (from SO_PEERPIDFD where
+/// the kernel has it, else pidfd_open on the SO_PEERCRED pid) stays bound to that process, so
+/// a pid that is reused after the peer exits is never mistaken for it.
+public struct ProcessPin: Sendable {
+    public let pid: Int32
+    public let pidfd: Descriptor?
+    /// "SO_PEERPIDFD", "pidfd_open", or "none" (a kernel without pidfds).
+    public let source: String
+
+    public init(pid: Int32, pidfd: Descriptor?, source: String) {
+        self.pid = pid
+        self.pidfd = pidfd
+        self.source = source
+    }
+
+    /// Pins the peer of a connected unix socket.
+    public static func peer(of socket: Int32, pid: Int32) -> ProcessPin {
+        let fromSocket = kvmib_peer_pidfd(socket)
+        if fromSocket >= 0 { return ProcessPin(pid: pid, pidfd: Descriptor(adopting: fromSocket), source: "SO_PEERPIDFD") }
+        let opened = kvmib_pidfd_open(pid)
+        if opened >= 0 { return ProcessPin(pid: pid, pidfd: Descriptor(adopting: opened), source: "pidfd_open") }
+        return ProcessPin(pid: pid, pidfd: nil, source: "none")
+    }
+
+    /// False once the pinned process has exited.
+    public var isAlive: Bool {
+        guard let pidfd else { return kill(pid, 0) == 0 || errno == EPERM }
+        return kvmib_pidfd_alive(pidfd.raw) != 0
+    }
+}
+
+/// What identifies one process image: its start time (boot-relative clock ticks, unique per pid
+/// over time) and its executable (path, device and inode). An exec changes the executable, a
+/// pid reuse changes the start time.
+public struct ProcessFacts: Sendable, Equatable {
+    public var startTime: UInt64
+    public var executable: String
+    public var executableDevice: UInt64?
+    public var executableInode: UInt64?
+}
+
 /// Checks that a channel peer is the QEMU it claims to be: the HELLO's pid is the socket
 /// peer's, the peer's executable is a QEMU, and its `-uuid` argument is the HELLO's UUID.
 /// A QEMU that lies about its identity must never get an introspector socket for another guest.
@@ -34,37 +77,158 @@ public struct PeerVerifier: Sendable {
         self.procRoot = procRoot
     }
 
+    /// What the checks found.
+    public enum Verdict: Sendable, Equatable {
+        case accepted
+        /// The peer is not who it claims to be: one sentence why.
+        case refused(String)
+        /// The checks could not be made now (out of descriptors, ...): QEMU may retry.
+        case transient(String)
+    }
+
     /// Nil when the peer checks out; otherwise why not, in one sentence.
     public func problem(with hello: Channel.Hello, from peer: PeerCredentials) -> String? {
+        switch verdict(for: hello, from: peer) {
+        case .accepted: return nil
+        case .refused(let why), .transient(let why): return why
+        }
+    }
+
+    /// Reads /proc: blocking file I/O, so the daemon calls it through `BlockingWork`, never on
+    /// Swift's cooperative pool. Peer-controlled text (its `-uuid` value, its executable's
+    /// path) is escaped and bounded in the sentences.
+    public func verdict(for hello: Channel.Hello, from peer: PeerCredentials) -> Verdict {
+        verdict(for: hello, from: peer, pin: ProcessPin(pid: peer.pid, pidfd: nil, source: "none")).0
+    }
+
+    /// The checks against a pinned process: the facts are read before and after the checks and
+    /// must agree, and the pinned process must still be alive afterwards, so every /proc read
+    /// was of that one process image. Returns the facts to re-check before HOOK.
+    public func verdict(for hello: Channel.Hello, from peer: PeerCredentials, pin: ProcessPin) -> (Verdict, ProcessFacts?) {
         if Int32(bitPattern: hello.pid) != peer.pid {
-            return "HELLO claims pid \(hello.pid) but the socket peer is pid \(peer.pid)"
+            return (.refused("HELLO claims pid \(hello.pid) but the socket peer is pid \(peer.pid)"), nil)
         }
-        guard let executable = try? FileManager.default.destinationOfSymbolicLink(atPath: "\(procRoot)/\(peer.pid)/exe") else {
-            return "cannot read the executable of pid \(peer.pid)"
+        let before: ProcessFacts
+        switch facts(of: peer.pid) {
+        case .success(let facts): before = facts
+        case .failure(let error) where Self.isTransient(error.code):
+            return (.transient("cannot read the facts of pid \(peer.pid) now: \(errnoName(error.code))"), nil)
+        case .failure(let error): return (.refused("cannot read the facts of pid \(peer.pid) (\(errnoName(error.code)))"), nil)
         }
+        let verdict = checks(hello, peer, executable: before.executable)
+        guard verdict == .accepted else { return (verdict, nil) }
+        guard case .success(let after) = facts(of: peer.pid), after == before, pin.isAlive else {
+            return (.refused("pid \(peer.pid) exited, exec'd or was replaced while its identity was being checked"), nil)
+        }
+        return (.accepted, before)
+    }
+
+    /// Right before HOOK hands the introspector's socket over: pid `pid` is still the process
+    /// image whose identity was checked (same start time: not a reused pid; same executable:
+    /// no exec since). Nil when it is. (The pidfd is not kept for this, so that a hooked guest
+    /// costs the broker one descriptor, not two.)
+    public func recheck(pid: Int32, _ facts: ProcessFacts) -> String? {
+        guard case .success(let now) = self.facts(of: pid) else { return "QEMU pid \(pid) has exited" }
+        if now.startTime != facts.startTime { return "pid \(pid) is now another process (its start time changed)" }
+        if now.executable != facts.executable || now.executableInode != facts.executableInode || now.executableDevice != facts.executableDevice {
+            return "QEMU pid \(pid) exec'd \(escapedForLog(now.executable)) since its identity was checked"
+        }
+        return nil
+    }
+
+    /// Start time (field 22 of /proc/PID/stat, after the parenthesised command name, which may
+    /// hold anything) and the executable.
+    func facts(of pid: Int32) -> Result<ProcessFacts, SystemErrno> {
+        let stat: [UInt8]
+        switch readFile("\(procRoot)/\(pid)/stat", limit: 4096) {
+        case .success(let bytes): stat = bytes
+        case .failure(let error): return .failure(error)
+        }
+        guard let close = stat.lastIndex(of: UInt8(ascii: ")")) else { return .failure(SystemErrno(EINVAL)) }
+        let fields = stat[(close + 1)...].split(separator: UInt8(ascii: " "))
+        // fields[0] is field 3 (state); field 22 is fields[19].
+        guard fields.count > 19, let startTime = UInt64(String(decoding: fields[19], as: UTF8.self)) else {
+            return .failure(SystemErrno(EINVAL))
+        }
+        let executable: String
+        switch readLink("\(procRoot)/\(pid)/exe") {
+        case .success(let target): executable = target
+        case .failure(let error): return .failure(error)
+        }
+        var info = Glibc.stat()
+        let found = fstatat(AT_FDCWD, "\(procRoot)/\(pid)/exe", &info, 0) == 0
+        return .success(
+            ProcessFacts(
+                startTime: startTime, executable: executable, executableDevice: found ? UInt64(info.st_dev) : nil,
+                executableInode: found ? UInt64(info.st_ino) : nil))
+    }
+
+    private func checks(_ hello: Channel.Hello, _ peer: PeerCredentials, executable: String) -> Verdict {
         let path = executable.hasSuffix(" (deleted)") ? String(executable.dropLast(10)) : executable
         let name = (path as NSString).lastPathComponent
         guard name.hasPrefix("qemu-system-") || name == "qemu-kvm" || extraEmulators.contains(path) else {
-            return "pid \(peer.pid) runs \(path), which is not a QEMU"
+            return .refused("pid \(peer.pid) runs \(escapedForLog(path)), which is not a QEMU")
         }
-        guard let data = FileManager.default.contents(atPath: "\(procRoot)/\(peer.pid)/cmdline") else {
-            return "cannot read the command line of pid \(peer.pid)"
+        let data: [UInt8]
+        switch readFile("\(procRoot)/\(peer.pid)/cmdline", limit: 1 << 20) {
+        case .success(let bytes): data = bytes
+        case .failure(let error) where Self.isTransient(error.code):
+            return .transient("cannot read the command line of pid \(peer.pid) now: \(errnoName(error.code))")
+        case .failure(let error): return .refused("cannot read the command line of pid \(peer.pid) (\(errnoName(error.code)))")
         }
         let arguments = data.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
         let values = arguments.indices.filter { ($0 + 1) < arguments.count && (arguments[$0] == "-uuid" || arguments[$0] == "--uuid") }
             .map { arguments[$0 + 1] }
         guard let text = values.first else {
-            return "QEMU pid \(peer.pid) has no -uuid argument, so its identity cannot be checked"
+            return .refused("QEMU pid \(peer.pid) has no -uuid argument, so its identity cannot be checked")
         }
         guard Set(values).count == 1 else {
-            return "QEMU pid \(peer.pid) has several different -uuid arguments (\(values.joined(separator: ", "))), so its identity is ambiguous"
+            return .refused(
+                "QEMU pid \(peer.pid) has several different -uuid arguments (\(values.map { escapedForLog($0, limit: 64) }.joined(separator: ", "))), so its identity is ambiguous"
+            )
         }
         guard let uuid = GuestUUID(text) else {
-            return "QEMU pid \(peer.pid) has -uuid '\(text)', which is not a UUID"
+            return .refused("QEMU pid \(peer.pid) has -uuid '\(escapedForLog(text, limit: 64))', which is not a UUID")
         }
         guard uuid == hello.uuid else {
-            return "HELLO claims UUID \(hello.uuid) but QEMU pid \(peer.pid) was started with -uuid \(uuid)"
+            return .refused("HELLO claims UUID \(hello.uuid) but QEMU pid \(peer.pid) was started with -uuid \(uuid)")
         }
-        return nil
+        return .accepted
     }
+
+    /// Errors that say "not now" rather than "not so".
+    static func isTransient(_ error: Int32) -> Bool {
+        [EMFILE, ENFILE, ENOMEM, EAGAIN, EINTR].contains(error)
+    }
+
+    private func readLink(_ path: String) -> Result<String, SystemErrno> {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let count = readlink(path, &buffer, buffer.count - 1)
+        guard count >= 0 else { return .failure(SystemErrno(errno)) }
+        return .success(String(decoding: buffer.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self))
+    }
+
+    private func readFile(_ path: String, limit: Int) -> Result<[UInt8], SystemErrno> {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return .failure(SystemErrno(errno)) }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while bytes.count < limit {
+            let count = read(fd, &chunk, chunk.count)
+            if count < 0 {
+                if errno == EINTR { continue }
+                return .failure(SystemErrno(errno))
+            }
+            if count == 0 { break }
+            bytes += chunk.prefix(count)
+        }
+        return .success(bytes)
+    }
+}
+
+/// An errno as an error value, for results of raw system calls.
+struct SystemErrno: Error {
+    let code: Int32
+    init(_ code: Int32) { self.code = code }
 }

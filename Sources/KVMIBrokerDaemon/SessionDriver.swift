@@ -1,39 +1,52 @@
+import AsyncAlgorithms
 import Foundation
 import KVMIBrokerCore
 import KVMIBrokerOS
 import KVMIBrokerPolicy
 import Logging
+import Synchronization
 
 /// Runs one channel connection: HELLO, the identity checks, then `GuestSessionMachine`'s
-/// actions. Inputs (QEMU's frames, handshake outcomes, retry timers) arrive on one stream and
-/// are handled one at a time, so the machine needs no lock.
+/// actions. Inputs (QEMU's frames, handshake outcomes, timers) arrive on one channel and are
+/// handled one at a time, so the machine needs no lock.
+///
+/// Bounded by construction: the channel has no buffer (a QEMU that streams frames waits for
+/// the session to take each one, and yields its thread while it waits); at most one
+/// handshake, one request and one timer of each kind are outstanding, each tagged with an id
+/// so that a late outcome or a stale timeout is recognised and dropped; and every task the
+/// session starts has ended before its channel descriptor is closed.
 final class SessionDriver: Sendable {
     enum Input: Sendable {
         case frame(Channel.Frame)
-        case handshake(Result<HandshakeOutcome, BrokerError>)
-        case retryDue
+        case handshake(attempt: UInt64, Result<HandshakeOutcome, BrokerError>)
+        case retryDue(timer: UInt64)
         case resultTimeout(seq: UInt32)
-        case unhookDeadline
+        case unhookDeadline(timer: UInt64)
         case policyReloaded
         case closed(BrokerError?)
     }
 
     let socket: ChannelSocket
     let peer: PeerCredentials
+    /// The peer process, pinned at accept; re-checked right before HOOK.
+    let pin: ProcessPin
     let configuration: BrokerConfiguration
     let registry: SessionRegistry
     let connector: IntrospectorConnector
+    let admission: ConnectionAdmission?
     let baseLogger: Logger
 
     init(
-        socket: ChannelSocket, peer: PeerCredentials, configuration: BrokerConfiguration, registry: SessionRegistry,
-        connector: IntrospectorConnector, logger: Logger
+        socket: ChannelSocket, peer: PeerCredentials, pin: ProcessPin, configuration: BrokerConfiguration, registry: SessionRegistry,
+        connector: IntrospectorConnector, admission: ConnectionAdmission? = nil, logger: Logger
     ) {
         self.socket = socket
         self.peer = peer
+        self.pin = pin
         self.configuration = configuration
         self.registry = registry
         self.connector = connector
+        self.admission = admission
         self.baseLogger = logger
     }
 
@@ -42,8 +55,11 @@ final class SessionDriver: Sendable {
         logger[metadataKey: "qemu.pid"] = "\(peer.pid)"
         let hello: Channel.Hello
         do {
-            guard let frame = try await socket.receive(until: .now.advanced(by: .seconds(10))) else {
-                logger.info("QEMU closed the channel before HELLO")
+            // A silent connection counts against the greeting cap until it speaks.
+            let ticket = admission?.greeting(socket.descriptor)
+            defer { ticket.map { admission?.greeted($0) } }
+            guard let frame = try await socket.receive(until: .now.advanced(by: configuration.helloTimeout)) else {
+                configuration.refusals.log(logger, level: .info, "the peer closed the channel before HELLO", metadata: ["peer": "\(peer)"])
                 return
             }
             guard frame.knownType == .hello else {
@@ -51,30 +67,49 @@ final class SessionDriver: Sendable {
             }
             hello = try Channel.Hello(decoding: frame.payload)
         } catch {
-            logger.warning("refusing channel peer", metadata: ["peer": "\(peer)", "reason": "\(error)"])
+            configuration.refusals.log(logger, "refusing channel peer", metadata: ["peer": "\(peer)", "reason": "\(error)"])
             return
         }
         logger[metadataKey: "guest.uuid"] = "\(hello.uuid)"
-        logger[metadataKey: "guest.name"] = "\(hello.name)"
-        if let problem = configuration.verifier.problem(with: hello, from: peer) {
-            logger.warning("refusing QEMU: \(problem)", metadata: ["peer": "\(peer)"])
-            await refuse(EPERM, problem)
+        logger[metadataKey: "guest.name"] = "\(escapedForLog(hello.name, limit: 64))"
+        guard hello.version >= 1 else {
+            let reason = "channel version \(hello.version) is not a version of this protocol (the broker speaks \(Channel.version))"
+            configuration.refusals.log(logger, "refusing QEMU: \(reason)", metadata: ["peer": "\(peer)"])
+            await refuse(EPROTONOSUPPORT, reason)
             return
         }
-        var name = hello.name
+        let verifier = configuration.verifier
+        let peer = self.peer
+        let pin = self.pin
+        let (verdict, facts) = await BlockingWork.shared.run { verifier.verdict(for: hello, from: peer, pin: pin) }
+        pin.pidfd?.close()  // the facts carry the identity from here on (start time and executable)
+        switch verdict {
+        case .accepted:
+            break
+        case .refused(let problem):
+            configuration.refusals.log(logger, "refusing QEMU: \(problem)", metadata: ["peer": "\(peer)"])
+            await refuse(EPERM, problem)
+            return
+        case .transient(let problem):
+            configuration.refusals.log(logger, "refusing QEMU for now: \(problem)", metadata: ["peer": "\(peer)"])
+            await refuse(EAGAIN, problem)
+            return
+        }
+        var name = escapedForLog(hello.name, limit: 64)
         var metadata: GuestMetadata?
         if let identity = configuration.identity {
             switch await identity.verify(uuid: hello.uuid, pid: peer.pid) {
             case .accepted(let domainName, let domainMetadata):
                 name = domainName
                 metadata = domainMetadata
-                logger[metadataKey: "guest.name"] = "\(name)"
+                logger[metadataKey: "guest.name"] = "\(escapedForLog(name, limit: 64))"
             case .refused(let why):
-                logger.warning("refusing QEMU: libvirt says \(why)", metadata: ["peer": "\(peer)"])
+                configuration.refusals.log(logger, "refusing QEMU: libvirt says \(why)", metadata: ["peer": "\(peer)"])
                 await refuse(EPERM, "libvirt: \(why)")
                 return
             case .unavailable(let why):
-                logger.warning("refusing QEMU for now: its identity cannot be checked with libvirt: \(why)", metadata: ["peer": "\(peer)"])
+                configuration.refusals.log(
+                    logger, "refusing QEMU for now: its identity cannot be checked with libvirt: \(why)", metadata: ["peer": "\(peer)"])
                 await refuse(EAGAIN, "libvirt unavailable: \(why)")
                 return
             }
@@ -82,9 +117,18 @@ final class SessionDriver: Sendable {
         let status = SessionStatus(
             uuid: "\(hello.uuid)", name: name, qemuPID: peer.pid, state: "connected", hooked: hello.flags.contains(.hooked), failures: 0,
             lastFailure: nil, startTime: hello.startTime, since: Date())
-        guard let token = await registry.claim(hello.uuid, status: status) else {
-            let reason = "another QEMU process already holds the session of guest \(hello.uuid)"
-            logger.warning("refusing QEMU: \(reason)")
+        let token: UInt64
+        switch await registry.claim(hello.uuid, status: status) {
+        case .success(let claimed):
+            token = claimed
+        case .failure(.otherProcess(let pid)):
+            let reason = "QEMU pid \(pid) already holds the session of guest \(hello.uuid)"
+            configuration.refusals.log(logger, "refusing QEMU: \(reason)")
+            await refuse(EBUSY, reason)
+            return
+        case .failure(.alreadyConnected):
+            let reason = "this QEMU already has a live channel for guest \(hello.uuid); one channel per guest"
+            configuration.refusals.log(logger, "refusing QEMU: \(reason)")
             await refuse(EBUSY, reason)
             return
         }
@@ -95,7 +139,7 @@ final class SessionDriver: Sendable {
                 "start_time": "\(hello.startTime)", "max_gpa": "\(hello.maxGPA)", "kvm.cap206": "\(hello.capV12)", "kvm.cap180": "\(hello.capV7)",
                 "kvm.introspection": "\(hello.introspectionParameter)",
             ])
-        await drive(hello: hello, name: name, metadata: metadata, token: token, logger: logger)
+        await drive(hello: hello, name: name, metadata: metadata, facts: facts, token: token, logger: logger)
         await registry.release(hello.uuid, token: token)
     }
 
@@ -104,38 +148,61 @@ final class SessionDriver: Sendable {
             Channel.Frame(.refuse, seq: 1, payload: Channel.refuse(errno: errno, reason: reason)), until: .now.advanced(by: .seconds(1)))
     }
 
-    private func drive(hello: Channel.Hello, name: String, metadata: GuestMetadata?, token: UInt64, logger: Logger) async {
-        let (inputs, continuation) = AsyncStream<Input>.makeStream()
-        let reader = Task {
-            do {
-                while let frame = try await socket.receive(until: .now.advanced(by: .seconds(86_400 * 365))) {
-                    continuation.yield(.frame(frame))
+    private func drive(hello: Channel.Hello, name: String, metadata: GuestMetadata?, facts: ProcessFacts?, token: UInt64, logger: Logger) async {
+        let inputs = AsyncChannel<Input>()
+        let socket = self.socket
+        await withDiscardingTaskGroup { group in
+            // The reader: one frame at a time, each handed over before the next is read.
+            group.addTask {
+                do {
+                    while let frame = try await socket.receive(until: nil) {
+                        await inputs.send(.frame(frame))
+                        if Task.isCancelled { return }
+                    }
+                    await inputs.send(.closed(nil))
+                } catch let error as BrokerError {
+                    await inputs.send(.closed(error.code == .cancelled ? nil : error))
+                } catch {
+                    await inputs.send(.closed(BrokerError(.io, "\(error)")))
                 }
-                continuation.yield(.closed(nil))
-            } catch let error as BrokerError {
-                continuation.yield(.closed(error))
-            } catch {
-                continuation.yield(.closed(BrokerError(.io, "\(error)")))
+            }
+            var state = LoopState(
+                machine: GuestSessionMachine(allowLists: .kernelDefaults(.v12)),
+                request: HandshakeRequest(uuid: hello.uuid, name: hello.name, startTime: hello.startTime, maxGPA: hello.maxGPA), plan: nil,
+                logLimit: RateLimitedLog(linesPerWindow: configuration.sessionLogLines, window: .seconds(10)), facts: facts)
+            await loop(hello: hello, name: name, metadata: metadata, token: token, inputs: inputs, state: &state, logger: logger)
+            // Teardown, structured: nothing the session started outlives it.
+            inputs.finish()
+            group.cancelAll()
+            let tasks = [state.handshakeTask, state.retryTask, state.resultTimer, state.unhookTimer].compactMap { $0 }
+            for task in tasks { task.cancel() }
+            for task in tasks { await task.value }
+            state.pendingOutcome?.descriptor.close()
+            for request in state.queued { request.descriptor?.close() }
+        }
+    }
+
+    private func loop(
+        hello: Channel.Hello, name: String, metadata: GuestMetadata?, token: UInt64, inputs: AsyncChannel<Input>, state: inout LoopState,
+        logger: Logger
+    ) async {
+        let plans = configuration.plans
+        let (decision, reason) = plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
+        let plan = decision.plan
+        state.failClosed = decision.failsClosed
+        logger.notice("policy decision: \(reason)", metadata: ["policy.rule": "\(decision.rule ?? "-")"])
+        state.plan = plan
+        state.machine = GuestSessionMachine(allowLists: plan?.allowLists ?? .kernelDefaults(.v12))
+        let reloadPending = Atomic<Bool>(false)
+        await registry.listen(token: token) {
+            // Coalesced: however many reloads happen, at most one notice waits for the session.
+            if !reloadPending.exchange(true, ordering: .acquiringAndReleasing) {
+                Task { await inputs.send(.policyReloaded) }
             }
         }
-        let plans = configuration.plans
-        let (plan, reason) = plans.plan(uuid: hello.uuid, name: name, metadata: metadata)
-        logger.notice("policy decision: \(reason)", metadata: ["policy.rule": "\(plan?.rule ?? "-")"])
-        var state = LoopState(
-            machine: GuestSessionMachine(allowLists: plan?.allowLists ?? .kernelDefaults(.v12)),
-            request: HandshakeRequest(uuid: hello.uuid, name: hello.name, startTime: hello.startTime, maxGPA: hello.maxGPA), plan: plan)
-        await registry.listen(token: token) { continuation.yield(.policyReloaded) }
-        defer {
-            reader.cancel()
-            state.handshakeTask?.cancel()
-            state.retryTask?.cancel()
-            state.resultTimer?.cancel()
-            state.unhookTimer?.cancel()
-            state.pendingOutcome?.descriptor.close()
-            continuation.finish()
-        }
+        await registry.registerInjector(hello.uuid) { input in await inputs.send(input) }
         let first = state.machine.handle(.helloAccepted(hello, introspect: plan != nil))
-        if await perform(first, &state, continuation, logger) == false { return }
+        if await perform(first, &state, inputs, logger) == false { return }
         await publish(state, hello.uuid, token)
         for await input in inputs {
             var actions: [GuestSessionMachine.Action] = []
@@ -143,8 +210,17 @@ final class SessionDriver: Sendable {
             case .frame(let frame):
                 switch frame.knownType {
                 case .result:
+                    guard let outstanding = state.outstanding, frame.seq == outstanding.seq else {
+                        logger.error("QEMU sent a RESULT for request \(frame.seq), which is not the outstanding request; closing the channel")
+                        return
+                    }
+                    guard let result = try? Channel.Result(decoding: frame.payload), result.requestType == outstanding.type.rawValue else {
+                        logger.error("QEMU's RESULT for request \(frame.seq) does not answer a \(outstanding.type); closing the channel")
+                        return
+                    }
+                    state.outstanding = nil
                     state.resultTimer?.cancel()
-                    guard let result = try? Channel.Result(decoding: frame.payload) else { return }
+                    state.resultTimer = nil
                     let wasHooked = state.machine.state.isHooked
                     actions = state.machine.handle(.result(result))
                     if !wasHooked, state.machine.state.isHooked, let start = state.triggeredAt {
@@ -164,24 +240,40 @@ final class SessionDriver: Sendable {
                         "QEMU sent an unexpected \(frame.knownType.map { "\($0)" } ?? "type 0x\(String(frame.type, radix: 16))") message; closing")
                     return
                 }
-            case .handshake(.success(let outcome)):
-                state.handshakeTask = nil
-                state.pendingOutcome = outcome
-                if !outcome.authenticated {
-                    logger.warning(
-                        "no shared secret configured: the introspector is not authenticated", metadata: ["tool.endpoint": "\(outcome.endpoint)"])
+            case .handshake(let attempt, let outcome):
+                guard attempt == state.handshakeAttempt else {
+                    // A superseded attempt (cancelled by a pause, a policy change, ...): never its success.
+                    if case .success(let late) = outcome { late.descriptor.close() }
+                    continue
                 }
-                actions = state.machine.handle(.handshakeSucceeded)
-            case .handshake(.failure(let error)):
                 state.handshakeTask = nil
-                actions = state.machine.handle(.handshakeFailed(error))
-            case .retryDue:
+                state.handshakeAttempt = nil
+                switch outcome {
+                case .success(let outcome):
+                    state.pendingOutcome = outcome
+                    if !outcome.authenticated {
+                        logger.warning(
+                            "no shared secret configured: the introspector is not authenticated", metadata: ["tool.endpoint": "\(outcome.endpoint)"])
+                    }
+                    actions = state.machine.handle(.handshakeSucceeded)
+                case .failure(let error):
+                    actions = state.machine.handle(.handshakeFailed(error))
+                }
+            case .retryDue(let timer):
+                guard timer == state.retryTimer else { continue }
                 state.retryTask = nil
+                state.retryTimer = nil
                 actions = state.machine.handle(.retryDue)
-            case .unhookDeadline:
+            case .unhookDeadline(let timer):
+                guard timer == state.unhookTimerID else { continue }
+                state.unhookTimer = nil
+                state.unhookTimerID = nil
                 actions = state.machine.handle(.unhookDeadline)
             case .policyReloaded:
-                let (next, reason) = plans.plan(uuid: hello.uuid, name: name, metadata: metadata)
+                reloadPending.store(false, ordering: .releasing)
+                let (decision, reason) = plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
+                let next = decision.plan
+                state.failClosed = decision.failsClosed
                 let same: Bool
                 switch (state.plan, next) {
                 case (nil, nil): same = true
@@ -191,7 +283,7 @@ final class SessionDriver: Sendable {
                 // Every decision is audited; a changed one at notice level.
                 logger.log(
                     level: next != state.plan ? .notice : .info, "policy reloaded: \(next != state.plan ? "changed" : "unchanged"): \(reason)",
-                    metadata: ["policy.rule": "\(next?.rule ?? "-")"])
+                    metadata: ["policy.rule": "\(decision.rule ?? "-")"])
                 if same, let next { state.plan = next } else { state.pendingPlan = next }
                 actions = state.machine.handle(
                     .policyChanged(
@@ -201,15 +293,26 @@ final class SessionDriver: Sendable {
                     state.plan = state.pendingPlan
                 }
             case .resultTimeout(let seq):
-                logger.error("QEMU did not answer request \(seq) within \(format(configuration.resultTimeout)); closing the channel")
+                guard state.outstanding?.seq == seq else { continue }  // answered meanwhile: stale
+                logger.error(
+                    "QEMU did not answer request \(seq) (\(state.outstanding!.type)) within \(format(configuration.resultTimeout)); closing the channel"
+                )
                 return
             case .closed(let error):
                 if let error { logger.warning("channel closed: \(error)") } else { logger.info("QEMU closed the channel") }
                 return
             }
-            if await perform(actions, &state, continuation, logger) == false { return }
+            if await perform(actions, &state, inputs, logger) == false { return }
+            if await sendQueuedRequest(&state, inputs, logger) == false { return }
             await publish(state, hello.uuid, token)
         }
+    }
+
+    struct QueuedRequest {
+        var type: Channel.MessageType
+        var payload: [UInt8]
+        /// HOOK's introspector socket, kept open until the HOOK is sent.
+        var descriptor: Descriptor?
     }
 
     struct LoopState {
@@ -217,25 +320,52 @@ final class SessionDriver: Sendable {
         /// What the broker tells the tool: QEMU's own identity from HELLO, kept current.
         var request: HandshakeRequest
         var seq: UInt32 = 0
+        /// The request awaiting QEMU's RESULT (one at a time, version 1 does not pipeline).
+        var outstanding: (seq: UInt32, type: Channel.MessageType)?
+        /// Requests decided while another was outstanding, sent in order as RESULTs arrive.
+        var queued: [QueuedRequest] = []
+        var nextID: UInt64 = 0
         var handshakeTask: Task<Void, Never>?
+        var handshakeAttempt: UInt64?
         var retryTask: Task<Void, Never>?
+        var retryTimer: UInt64?
         var resultTimer: Task<Void, Never>?
         var pendingOutcome: HandshakeOutcome?
         /// The decision in force for this session (nil: not introspected).
         var plan: SessionPlan?
+        /// The policy requires the guest but cannot serve it: never RELEASE it.
+        var failClosed = false
         /// A new introspector's plan, adopted once the old session has been unhooked.
         var pendingPlan: SessionPlan?
         var unhookTimer: Task<Void, Never>?
+        var unhookTimerID: UInt64?
         /// When the current attempt series began (the trigger), for the hook latency.
         var triggeredAt: ContinuousClock.Instant?
         var lastHook: Duration?
         var hookRequestedAt: ContinuousClock.Instant?
         var lastHookRequest: Duration?
         var hooks = 0
+        /// This session's log lines are rate-limited (a QEMU streaming events cannot flood the log).
+        let logLimit: RateLimitedLog
+        /// The checked process image, compared again right before each HOOK.
+        let facts: ProcessFacts?
+
+        init(machine: GuestSessionMachine, request: HandshakeRequest, plan: SessionPlan?, logLimit: RateLimitedLog, facts: ProcessFacts?) {
+            self.machine = machine
+            self.request = request
+            self.plan = plan
+            self.logLimit = logLimit
+            self.facts = facts
+        }
 
         mutating func nextSeq() -> UInt32 {
             seq += 1
             return seq
+        }
+
+        mutating func newID() -> UInt64 {
+            nextID += 1
+            return nextID
         }
     }
 
@@ -258,9 +388,16 @@ final class SessionDriver: Sendable {
         }
     }
 
+    /// A task that sleeps, then hands `input` to the session (unless cancelled first).
+    private func timer(after delay: Duration, _ inputs: AsyncChannel<Input>, _ input: Input) -> Task<Void, Never> {
+        Task {
+            if (try? await Task.sleep(for: delay)) != nil { await inputs.send(input) }
+        }
+    }
+
     /// Performs actions in order; false means the channel is done.
     private func perform(
-        _ actions: [GuestSessionMachine.Action], _ state: inout LoopState, _ inputs: AsyncStream<Input>.Continuation, _ logger: Logger
+        _ actions: [GuestSessionMachine.Action], _ state: inout LoopState, _ inputs: AsyncChannel<Input>, _ logger: Logger
     ) async -> Bool {
         for action in actions {
             do {
@@ -274,63 +411,89 @@ final class SessionDriver: Sendable {
                         abi: plan.allowLists.abi, request: state.request, expectedCookie: plan.cookie, timeout: plan.handshakeTimeout)
                     let connector = self.connector
                     let endpoint = plan.endpoint
+                    let attempt = state.newID()
+                    state.handshakeTask?.cancel()
+                    state.handshakeAttempt = attempt
                     state.handshakeTask = Task {
+                        let outcome: Result<HandshakeOutcome, BrokerError>
                         do {
-                            inputs.yield(.handshake(.success(try await connector.connectAndHandshake(to: endpoint, parameters))))
+                            outcome = .success(try await connector.connectAndHandshake(to: endpoint, parameters))
                         } catch let error as BrokerError {
-                            inputs.yield(.handshake(.failure(error)))
+                            outcome = .failure(error)
                         } catch {
-                            inputs.yield(.handshake(.failure(BrokerError(.io, "\(error)"))))
+                            outcome = .failure(BrokerError(.io, "\(error)"))
                         }
+                        await inputs.send(.handshake(attempt: attempt, outcome))
                     }
                 case .sendHook(let lists):
                     guard let outcome = state.pendingOutcome else { continue }
                     state.pendingOutcome = nil
-                    defer { outcome.descriptor.close() }  // QEMU has its own copy once sent
-                    state.hookRequestedAt = .now
-                    let seq = try await send(.hook, lists.encoded(), &state, passing: outcome.descriptor.raw)
-                    let timeout = configuration.resultTimeout
-                    state.resultTimer = Task {
-                        if (try? await Task.sleep(for: timeout)) != nil { inputs.yield(.resultTimeout(seq: seq)) }
+                    // The socket can read and write the guest's memory: only to the process whose identity was checked.
+                    if let facts = state.facts {
+                        let verifier = configuration.verifier
+                        let pid = peer.pid
+                        if let problem = await BlockingWork.shared.run({ verifier.recheck(pid: pid, facts) }) {
+                            outcome.descriptor.close()
+                            logger.error("not hooking: \(problem); closing the channel")
+                            return false
+                        }
                     }
+                    state.hookRequestedAt = .now
+                    try await sendRequest(.hook, lists.encoded(), &state, inputs, passing: outcome.descriptor)
                 case .dropHandshake:
                     state.pendingOutcome?.descriptor.close()
                     state.pendingOutcome = nil
                 case .cancelHandshake:
                     state.handshakeTask?.cancel()
                     state.handshakeTask = nil
+                    state.handshakeAttempt = nil
                 case .sendRelease:
-                    try await send(.release, [], &state)
+                    // Required but unservable: the guest must not run unmonitored, so it stays held.
+                    guard !state.failClosed else {
+                        logger.warning("the policy requires this guest to be introspected but cannot serve it; not releasing its vCPUs")
+                        continue
+                    }
+                    try await sendRequest(.release, [], &state, inputs)
                 case .scheduleRetry(let failures):
                     var generator = SystemRandomNumberGenerator()
                     let delay = (state.plan?.backoff ?? configuration.backoff).delay(afterFailures: failures, using: &generator)
                     logger.debug("retrying in \(format(delay))")
-                    state.retryTask = Task {
-                        if (try? await Task.sleep(for: delay)) != nil { inputs.yield(.retryDue) }
-                    }
+                    let id = state.newID()
+                    state.retryTask?.cancel()
+                    state.retryTimer = id
+                    state.retryTask = timer(after: delay, inputs, .retryDue(timer: id))
                 case .cancelRetry:
                     state.retryTask?.cancel()
                     state.retryTask = nil
+                    state.retryTimer = nil
                 case .sendSetAllowed(let lists):
                     try await sendRequest(.setAllowed, lists.encoded(), &state, inputs)
                 case .sendPreunhook:
                     try await sendRequest(.preunhook, [], &state, inputs)
                 case .sendUnhook:
                     state.unhookTimer?.cancel()
+                    state.unhookTimer = nil
+                    state.unhookTimerID = nil
                     try await sendRequest(.unhook, [], &state, inputs)
                 case .scheduleUnhookDeadline:
                     let timeout = state.plan?.unhookTimeout ?? .seconds(5)
-                    state.unhookTimer = Task {
-                        if (try? await Task.sleep(for: timeout)) != nil { inputs.yield(.unhookDeadline) }
-                    }
+                    let id = state.newID()
+                    state.unhookTimer?.cancel()
+                    state.unhookTimerID = id
+                    state.unhookTimer = timer(after: timeout, inputs, .unhookDeadline(timer: id))
                 case .adoptNewIntrospector:
                     state.unhookTimer?.cancel()
+                    state.unhookTimer = nil
+                    state.unhookTimerID = nil
                     if let next = state.pendingPlan {
                         state.plan = next
                         state.pendingPlan = nil
                     }
                 case .log(let level, let message):
-                    logger.log(level: level.swiftLog, "\(message)", metadata: ["session.state": "\(state.machine.state)"])
+                    if let suppressed = state.logLimit.admit() {
+                        if suppressed > 0 { logger.notice("\(suppressed) log lines of this session were suppressed (rate limit)") }
+                        logger.log(level: level.swiftLog, "\(message)", metadata: ["session.state": "\(state.machine.state)"])
+                    }
                 case .closeChannel:
                     return false
                 }
@@ -342,15 +505,34 @@ final class SessionDriver: Sendable {
         return true
     }
 
-    /// Sends a request and arms the RESULT timeout.
+    /// Sends a request and arms its RESULT timeout; while another request is outstanding it
+    /// waits in the queue (version 1 does not pipeline). A passed descriptor is closed once
+    /// sent: QEMU has its own copy then.
     private func sendRequest(
-        _ type: Channel.MessageType, _ payload: [UInt8], _ state: inout LoopState, _ inputs: AsyncStream<Input>.Continuation
+        _ type: Channel.MessageType, _ payload: [UInt8], _ state: inout LoopState, _ inputs: AsyncChannel<Input>,
+        passing descriptor: Descriptor? = nil
     ) async throws {
-        let seq = try await send(type, payload, &state)
-        let timeout = configuration.resultTimeout
+        guard state.outstanding == nil else {
+            state.queued.append(QueuedRequest(type: type, payload: payload, descriptor: descriptor))
+            return
+        }
+        defer { descriptor?.close() }
+        let seq = try await send(type, payload, &state, passing: descriptor?.raw)
+        state.outstanding = (seq, type)
         state.resultTimer?.cancel()
-        state.resultTimer = Task {
-            if (try? await Task.sleep(for: timeout)) != nil { inputs.yield(.resultTimeout(seq: seq)) }
+        state.resultTimer = timer(after: configuration.resultTimeout, inputs, .resultTimeout(seq: seq))
+    }
+
+    /// After a RESULT: the next queued request, if any.
+    private func sendQueuedRequest(_ state: inout LoopState, _ inputs: AsyncChannel<Input>, _ logger: Logger) async -> Bool {
+        guard state.outstanding == nil, !state.queued.isEmpty else { return true }
+        let next = state.queued.removeFirst()
+        do {
+            try await sendRequest(next.type, next.payload, &state, inputs, passing: next.descriptor)
+            return true
+        } catch {
+            logger.warning("channel failed while sending \(next.type): \(error)")
+            return false
         }
     }
 
@@ -359,6 +541,23 @@ final class SessionDriver: Sendable {
         let seq = state.nextSeq()
         try await socket.send(Channel.Frame(type, seq: seq, payload: payload), passing: fd, until: .now.advanced(by: configuration.resultTimeout))
         return seq
+    }
+}
+
+extension PlanDecision {
+    /// Required, but no plan can serve it.
+    var failsClosed: Bool {
+        if case .requiredButUnservable = self { return true }
+        return false
+    }
+
+    /// The deciding rule, for the audit log.
+    var rule: String? {
+        switch self {
+        case .introspect(let plan): return plan.rule
+        case .requiredButUnservable(let rule): return rule
+        case .notIntrospected: return nil
+        }
     }
 }
 

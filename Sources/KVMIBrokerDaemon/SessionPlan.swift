@@ -15,10 +15,15 @@ public struct SessionPlan: Sendable, Equatable {
     public var required: Bool
     /// The deciding rule, for the audit log (`[guest x] at file:line`).
     public var rule: String
+    /// The introspector's `AllowedPeer=`: who may be behind the endpoint. The connector checks
+    /// it after connecting: for unix endpoints the listener's uid (SO_PEERCRED; `.user` names
+    /// resolved with getpwnam when connecting), for vsock the cid. Empty: no peer check (the
+    /// policy requires one for abstract unix names and refuses it for tcp).
+    public var allowedPeers: [AllowedPeer]
 
     public init(
         introspectorName: String, endpoint: IntrospectorEndpoint, cookie: CookieHash?, allowLists: Channel.AllowLists,
-        handshakeTimeout: Duration, unhookTimeout: Duration, backoff: Backoff, required: Bool, rule: String
+        handshakeTimeout: Duration, unhookTimeout: Duration, backoff: Backoff, required: Bool, rule: String, allowedPeers: [AllowedPeer] = []
     ) {
         self.introspectorName = introspectorName
         self.endpoint = endpoint
@@ -29,23 +34,53 @@ public struct SessionPlan: Sendable, Equatable {
         self.backoff = backoff
         self.required = required
         self.rule = rule
+        self.allowedPeers = allowedPeers
     }
 
-    /// Same tool, same place, same secret, same ABI: the session can stay and only its lists change.
+    /// Same tool, same place, same secret, same ABI, same allowed peers: the session can stay
+    /// and only its lists change.
     public func sameIntrospector(as other: SessionPlan) -> Bool {
         introspectorName == other.introspectorName && endpoint == other.endpoint && cookie == other.cookie
-            && allowLists.abi == other.allowLists.abi
+            && allowLists.abi == other.allowLists.abi && allowedPeers == other.allowedPeers
+    }
+}
+
+/// One decision for a guest, with what "not introspected" means made explicit.
+public enum PlanDecision: Sendable, Equatable {
+    /// Introspect with this plan.
+    case introspect(SessionPlan)
+    /// Not introspected: the guest may run unmonitored.
+    case notIntrospected
+    /// The policy requires the guest to be introspected but the decision cannot be served
+    /// (conflicting rules, an introspector the policy does not define, names its ABI lacks).
+    /// It fails closed: the control server vetoes `prepare`/`start`, and a running guest must
+    /// not be released to run unmonitored. `rule` is the deciding rule (`[guest x] at file:line`).
+    case requiredButUnservable(rule: String)
+
+    public var plan: SessionPlan? {
+        if case .introspect(let plan) = self { return plan }
+        return nil
     }
 }
 
 /// Decides sessions: the static configuration, or the allow-policy.
 public protocol PlanSource: Sendable {
-    /// The plan for a guest (nil: not introspected) and the reason, for the audit log.
+    /// The plan for a guest (nil: not introspected, which includes "required but unservable":
+    /// use `decide` to tell them apart) and the reason, for the audit log.
     func plan(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (SessionPlan?, String)
+    /// The decision with "required but unservable" explicit, and the reason (one line, peer
+    /// text escaped).
+    func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (PlanDecision, String)
 }
 
 extension PlanSource {
     public func plan(uuid: GuestUUID, name: String) -> (SessionPlan?, String) { plan(uuid: uuid, name: name, metadata: nil) }
+
+    /// A source that never fails closed: a plan or nothing.
+    public func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (PlanDecision, String) {
+        let (plan, reason) = plan(uuid: uuid, name: name, metadata: metadata)
+        return (plan.map(PlanDecision.introspect) ?? .notIntrospected, reason)
+    }
 }
 
 extension BrokerConfiguration: PlanSource {
@@ -94,20 +129,46 @@ public final class PolicyStore: PlanSource {
     }
 
     static func load(_ sources: PolicySources, generation: Int) throws(PolicyLoadError) -> (Snapshot, [PolicyDiagnostic]) {
+        let (policy, cookies, warnings) = try loadWithSecrets(sources)
+        return (Snapshot(policy: policy, cookies: cookies, generation: generation), warnings)
+    }
+
+    /// The policy and every secret it names, loaded exactly as the daemon loads them at start
+    /// and on SIGHUP: `policy check` and the libvirt hook (with the broker down) use this too.
+    /// A secret is held to the policy files' rules (`SecretFile.load` with the sources'
+    /// `requireRootOwnership`); an error about it names the `SecretFile=` line.
+    public static func loadWithSecrets(_ sources: PolicySources) throws(PolicyLoadError) -> (
+        policy: Policy, cookies: [String: CookieHash], warnings: [PolicyDiagnostic]
+    ) {
         let (policy, warnings) = try Policy.load(sources)
         var cookies: [String: CookieHash] = [:]
         var problems: [PolicyDiagnostic] = []
-        for introspector in policy.introspectors.values {
+        var failed: [String: BrokerError] = [:]
+        let ordered = policy.introspectors.values.sorted { ($0.location.file, $0.location.line) < ($1.location.file, $1.location.line) }
+        for introspector in ordered {
             guard let path = introspector.secretFile, cookies[path] == nil else { continue }
-            do {
-                cookies[path] = CookieHash(secret: try SecretFile.load(path))
-            } catch {
+            var problem = failed[path]
+            if problem == nil {
+                do {
+                    cookies[path] = CookieHash(secret: try SecretFile.load(path, requireRootOwnership: sources.requireRootOwnership))
+                } catch {
+                    failed[path] = error
+                    problem = error
+                }
+            }
+            if let problem {
                 problems.append(
-                    PolicyDiagnostic(.error, error.code, file: introspector.location.file, line: introspector.location.line, "SecretFile: \(error)"))
+                    PolicyDiagnostic(
+                        .error, problem.code, file: introspector.location.file,
+                        line: introspector.secretFileLine ?? introspector.location.line, "SecretFile=: \(problem)"))
             }
         }
-        guard problems.isEmpty else { throw PolicyLoadError(diagnostics: problems + warnings) }
-        return (Snapshot(policy: policy, cookies: cookies, generation: generation), warnings)
+        guard problems.isEmpty else { throw PolicyLoadError(diagnostics: warnings + problems) }
+        return (policy, cookies, warnings)
+    }
+
+    public func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (PlanDecision, String) {
+        Self.decide(snapshot, uuid: uuid, name: name, metadata: metadata)
     }
 
     public func plan(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (SessionPlan?, String) {
@@ -116,15 +177,32 @@ public final class PolicyStore: PlanSource {
 
     /// One decision from one snapshot: a session never mixes two policies.
     public static func plan(_ snapshot: Snapshot, uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil) -> (SessionPlan?, String) {
+        let (decision, reason) = decide(snapshot, uuid: uuid, name: name, metadata: metadata)
+        return (decision.plan, reason)
+    }
+
+    /// The same, with "required but unservable" explicit.
+    public static func decide(_ snapshot: Snapshot, uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil) -> (PlanDecision, String) {
         let decision = snapshot.policy.decide(GuestFacts(uuid: uuid, name: name, metadata: metadata))
         let where_ = decision.rule.map { " by \($0)" } ?? ""
-        guard decision.introspected, let introspector = decision.introspector, let lists = decision.allowLists else {
-            return (nil, "not introspected\(where_): \(decision.reason)")
+        switch decision.outcome {
+        case .introspected:
+            guard let introspector = decision.introspector, let lists = decision.allowLists else { break }
+            let plan = SessionPlan(
+                introspectorName: introspector.name, endpoint: introspector.endpoint,
+                cookie: introspector.secretFile.flatMap { snapshot.cookies[$0] }, allowLists: lists,
+                handshakeTimeout: introspector.handshakeTimeout, unhookTimeout: introspector.unhookTimeout, backoff: introspector.backoff,
+                required: decision.required, rule: decision.rule.map(\.description) ?? "-", allowedPeers: introspector.allowedPeers)
+            return (.introspect(plan), "introspected by \(introspector.name)\(where_) (policy generation \(snapshot.generation))")
+        case .requiredButUnservable:
+            let rule = decision.rule.map(\.description) ?? "the domain's metadata (required=\"yes\")"
+            return (
+                .requiredButUnservable(rule: rule),
+                "required (fail closed) but cannot be introspected\(where_): \(decision.reason) (policy generation \(snapshot.generation))"
+            )
+        case .notIntrospected:
+            break
         }
-        let plan = SessionPlan(
-            introspectorName: introspector.name, endpoint: introspector.endpoint, cookie: introspector.secretFile.flatMap { snapshot.cookies[$0] },
-            allowLists: lists, handshakeTimeout: introspector.handshakeTimeout, unhookTimeout: introspector.unhookTimeout,
-            backoff: introspector.backoff, required: decision.required, rule: decision.rule.map(\.description) ?? "-")
-        return (plan, "introspected by \(introspector.name)\(where_) (policy generation \(snapshot.generation))")
+        return (.notIntrospected, "not introspected\(where_): \(decision.reason)")
     }
 }

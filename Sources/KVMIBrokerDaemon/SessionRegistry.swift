@@ -1,5 +1,10 @@
 import Foundation
 import KVMIBrokerCore
+import Logging
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// One guest's session as the status view shows it.
 public struct SessionStatus: Sendable, Codable, Equatable {
@@ -21,31 +26,54 @@ public struct SessionStatus: Sendable, Codable, Equatable {
 }
 
 /// Sessions keyed by guest UUID: at most one live channel per guest, and the status view.
+///
+/// Every operation costs O(1) in the number of guests: the status file is written at most
+/// once per `statusInterval`, by a dispatch queue (not Swift's cooperative pool), from a
+/// copy of the table, so a boot storm's claims never wait for JSON encoding.
 public actor SessionRegistry {
     private var sessions: [GuestUUID: (token: UInt64, status: SessionStatus)] = [:]
     private var listeners: [UInt64: @Sendable () -> Void] = [:]
+    /// Each live session's input, for tests that must reproduce an ordering (a timeout handled
+    /// after the RESULT it was armed for) that timing alone cannot produce reliably.
+    private var injectors: [GuestUUID: @Sendable (SessionDriver.Input) async -> Void] = [:]
     private var nextToken: UInt64 = 1
     private let statusFile: String?
-    private let writer = DispatchQueue(label: "kvmi-broker.status-writer")
+    private let statusInterval: Duration
+    private var writeScheduled = false
+    private let writer: StatusFileWriter?
 
-    public init(statusFile: String?) {
+    public init(statusFile: String?, statusInterval: Duration = .milliseconds(100), logger: Logger? = nil) {
         self.statusFile = statusFile
+        self.statusInterval = statusInterval
+        self.writer = statusFile.map { StatusFileWriter(path: $0, logger: logger) }
     }
 
-    /// Claims the guest for a new channel. A live session of the same QEMU pid is replaced
-    /// (QEMU reconnected before the broker noticed); another pid's is refused.
-    public func claim(_ uuid: GuestUUID, status: SessionStatus) -> UInt64? {
-        if let existing = sessions[uuid], existing.status.qemuPID != status.qemuPID { return nil }
+    /// Why a claim was refused.
+    public enum ClaimRefusal: Error, Sendable, Equatable {
+        /// Another QEMU process holds the guest's session.
+        case otherProcess(pid: Int32)
+        /// This QEMU already has a live channel for the guest: one channel per guest.
+        case alreadyConnected
+    }
+
+    /// Claims the guest for a new channel: at most one live channel per guest, whichever
+    /// process it comes from (QEMU reconnects by itself once its old channel is gone).
+    public func claim(_ uuid: GuestUUID, status: SessionStatus) -> Result<UInt64, ClaimRefusal> {
+        if let existing = sessions[uuid] {
+            return .failure(existing.status.qemuPID == status.qemuPID ? .alreadyConnected : .otherProcess(pid: existing.status.qemuPID))
+        }
         let token = nextToken
         nextToken += 1
         sessions[uuid] = (token, status)
         persist()
-        return token
+        return .success(token)
     }
 
     public func update(_ uuid: GuestUUID, token: UInt64, _ change: (inout SessionStatus) -> Void) {
         guard var entry = sessions[uuid], entry.token == token else { return }
+        let before = entry.status
         change(&entry.status)
+        guard entry.status != before else { return }
         sessions[uuid] = entry
         persist()
     }
@@ -53,6 +81,17 @@ public actor SessionRegistry {
     /// `notify` is called on every policy reload while the session lives.
     public func listen(token: UInt64, _ notify: @escaping @Sendable () -> Void) {
         listeners[token] = notify
+    }
+
+    func registerInjector(_ uuid: GuestUUID, _ inject: @escaping @Sendable (SessionDriver.Input) async -> Void) {
+        injectors[uuid] = inject
+    }
+
+    /// Hands `input` to the live session of `uuid` (tests only); false when there is none.
+    func inject(_ input: SessionDriver.Input, into uuid: GuestUUID) async -> Bool {
+        guard let inject = injectors[uuid] else { return false }
+        await inject(input)
+        return true
     }
 
     /// Tells every live session that the policy changed; each re-decides from one snapshot.
@@ -64,25 +103,103 @@ public actor SessionRegistry {
         listeners[token] = nil
         guard sessions[uuid]?.token == token else { return }
         sessions[uuid] = nil
+        injectors[uuid] = nil
         persist()
     }
 
+    public var count: Int { sessions.count }
+
     public func snapshot() -> [SessionStatus] {
-        sessions.values.map(\.status).sorted { $0.name < $1.name || ($0.name == $1.name && $0.uuid < $1.uuid) }
+        Self.sorted(sessions.values.map(\.status))
     }
 
+    static func sorted(_ sessions: [SessionStatus]) -> [SessionStatus] {
+        sessions.sorted { $0.name < $1.name || ($0.name == $1.name && $0.uuid < $1.uuid) }
+    }
+
+    /// Writes the status file now (tests, shutdown), waiting until it is on disk.
+    public func flush() async {
+        guard let writer else { return }
+        writeScheduled = false
+        await writer.write(Array(sessions.values.map(\.status)))
+    }
+
+    /// Schedules one write within `statusInterval` (bounded staleness); later changes ride along.
     private func persist() {
-        guard let statusFile else { return }
+        guard writer != nil, !writeScheduled else { return }
+        writeScheduled = true
+        let interval = statusInterval
+        Task {
+            try? await Task.sleep(for: interval)
+            self.writeNow()
+        }
+    }
+
+    private func writeNow() {
+        guard writeScheduled, let writer else { return }
+        writeScheduled = false
+        writer.enqueue(Array(sessions.values.map(\.status)))
+    }
+}
+
+/// Encodes and writes the status file on its own serial queue, atomically (a temporary file,
+/// then rename), and says once when writing fails and once when it works again.
+final class StatusFileWriter: @unchecked Sendable {
+    private let path: String
+    private let logger: Logger?
+    private let queue = DispatchQueue(label: "kvmi-broker.status-writer")
+    /// Confined to `queue`.
+    private var lastError: String?
+
+    init(path: String, logger: Logger?) {
+        self.path = path
+        self.logger = logger
+    }
+
+    func enqueue(_ sessions: [SessionStatus]) {
+        queue.async { self.write(sessions) }
+    }
+
+    func write(_ sessions: [SessionStatus]) async {
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            queue.async {
+                self.write(sessions)
+                done.resume()
+            }
+        }
+    }
+
+    private func write(_ sessions: [SessionStatus]) {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         encoder.dateEncodingStrategy = .iso8601
-        guard let data = try? encoder.encode(snapshot()) else { return }
-        // Written off the cooperative pool, atomically (write a temporary file, then rename).
-        writer.async {
-            let temporary = statusFile + ".tmp"
-            if FileManager.default.createFile(atPath: temporary, contents: data, attributes: [.posixPermissions: 0o640]) {
-                _ = rename(temporary, statusFile)
+        var problem: String?
+        do {
+            let data = try encoder.encode(SessionRegistry.sorted(sessions))
+            let temporary = path + ".tmp"
+            let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o640)
+            if fd < 0 {
+                problem = "cannot create \(temporary): \(String(cString: strerror(errno)))"
+            } else {
+                let written = data.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+                let writeErrno = errno
+                close(fd)
+                if written != data.count {
+                    problem = "cannot write \(temporary): \(String(cString: strerror(writeErrno)))"
+                } else if rename(temporary, path) != 0 {
+                    problem = "cannot rename \(temporary) to \(path): \(String(cString: strerror(errno)))"
+                }
             }
+        } catch {
+            problem = "cannot encode the status: \(error)"
+        }
+        if problem != lastError {
+            if let problem {
+                logger?.error("the status file cannot be written; `kvmi-broker status` shows stale data", metadata: ["reason": "\(problem)"])
+            } else {
+                logger?.notice("the status file is written again", metadata: ["path": "\(path)"])
+            }
+            lastError = problem
         }
     }
 }

@@ -45,7 +45,7 @@ public final class ChannelSocket: Sendable {
 
     /// Receives the next frame; nil at a clean end of stream (between frames). Any descriptor
     /// that arrives is closed and reported as a protocol error: QEMU never sends one.
-    public func receive(until deadline: ContinuousClock.Instant) async throws -> Channel.Frame? {
+    public func receive(until deadline: ContinuousClock.Instant?) async throws -> Channel.Frame? {
         var reader = Channel.FrameReader()
         while true {
             let limit = min(reader.readLimit, 4096)

@@ -1,6 +1,8 @@
+import DequeModule
 import Foundation
 import KVMIBrokerCore
 import Logging
+import Synchronization
 
 #if canImport(Glibc)
     import Glibc
@@ -36,22 +38,122 @@ public struct HandshakeOutcome: Sendable {
     public let handshakeDuration: Duration
 }
 
+/// Paces handshakes per introspector: at most `limit` in flight to one endpoint, the others
+/// queued in arrival order. Real introspector libraries accept one guest at a time (libkvmi
+/// listens with a backlog of 0 and finishes a KVMI round trip before the next accept), so a
+/// boot storm must not throw a thousand connects at once at them.
+public final class HandshakePacer: Sendable {
+    public let limit: Int
+
+    private struct Lane {
+        var inFlight = 0
+        var queue = Deque<(id: UInt64, continuation: CheckedContinuation<Void, any Error>)>()
+    }
+
+    private struct State {
+        var lanes: [String: Lane] = [:]
+        var nextID: UInt64 = 1
+        var cancelledEarly: Set<UInt64> = []
+    }
+
+    private let state = Mutex(State())
+
+    public init(limit: Int = 8) {
+        precondition(limit > 0)
+        self.limit = limit
+    }
+
+    /// Handshakes in flight and queued for `endpoint` now.
+    public func load(of endpoint: IntrospectorEndpoint) -> (inFlight: Int, queued: Int) {
+        state.withLock { state in
+            let lane = state.lanes[endpoint.description]
+            return (lane?.inFlight ?? 0, lane?.queue.count ?? 0)
+        }
+    }
+
+    /// Runs `body` once a slot for `endpoint` is free; throws `cancelled` if the task is
+    /// cancelled while queued.
+    public func paced<T: Sendable>(_ endpoint: IntrospectorEndpoint, _ body: () async throws -> T) async throws -> T {
+        let key = endpoint.description
+        let id = state.withLock { state -> UInt64 in
+            defer { state.nextID += 1 }
+            return state.nextID
+        }
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                let outcome = state.withLock { state -> Bool? in
+                    if state.cancelledEarly.remove(id) != nil { return false }
+                    var lane = state.lanes[key] ?? Lane()
+                    defer { state.lanes[key] = lane }
+                    if lane.inFlight < limit && lane.queue.isEmpty {
+                        lane.inFlight += 1
+                        return true
+                    }
+                    lane.queue.append((id, continuation))
+                    return nil
+                }
+                switch outcome {
+                case true?: continuation.resume()
+                case false?: continuation.resume(throwing: BrokerError(.cancelled, "cancelled while queued for the introspector"))
+                case nil: break
+                }
+            }
+        } onCancel: {
+            let waiter = state.withLock { state -> CheckedContinuation<Void, any Error>? in
+                guard var lane = state.lanes[key], let index = lane.queue.firstIndex(where: { $0.id == id }) else {
+                    state.cancelledEarly.insert(id)
+                    return nil
+                }
+                let waiter = lane.queue.remove(at: index).continuation
+                state.lanes[key] = lane
+                return waiter
+            }
+            waiter?.resume(throwing: BrokerError(.cancelled, "cancelled while queued for the introspector"))
+        }
+        defer { release(key, id) }
+        return try await body()
+    }
+
+    private func release(_ key: String, _ id: UInt64) {
+        let next = state.withLock { state -> CheckedContinuation<Void, any Error>? in
+            state.cancelledEarly.remove(id)
+            guard var lane = state.lanes[key] else { return nil }
+            defer { state.lanes[key] = lane.inFlight == 0 && lane.queue.isEmpty ? nil : lane }
+            if let next = lane.queue.popFirst() { return next.continuation }  // the slot passes on
+            lane.inFlight -= 1
+            return nil
+        }
+        next?.resume()
+    }
+}
+
 /// Connects to an introspector and performs the QEMU-side handshake under one deadline.
 public struct IntrospectorConnector: Sendable {
     public let io: AsyncSocketIO
+    /// Nil: no pacing (probes, tests of one connection).
+    public let pacer: HandshakePacer?
 
-    public init(io: AsyncSocketIO = AsyncSocketIO()) { self.io = io }
+    public init(io: AsyncSocketIO = AsyncSocketIO(), pacer: HandshakePacer? = nil) {
+        self.io = io
+        self.pacer = pacer
+    }
 
     /// Connects, sends the request, reads exactly the reply and checks the cookie. On any
-    /// failure the socket is closed and the error names the endpoint.
+    /// failure the socket is closed and the error names the endpoint. With a pacer, waits for
+    /// the endpoint's turn first; the deadline starts when the turn comes.
     public func connectAndHandshake(to endpoint: IntrospectorEndpoint, _ parameters: HandshakeParameters) async throws -> HandshakeOutcome {
+        guard let pacer else { return try await attempt(endpoint, parameters) }
+        return try await pacer.paced(endpoint) { try await attempt(endpoint, parameters) }
+    }
+
+    private func attempt(_ endpoint: IntrospectorEndpoint, _ parameters: HandshakeParameters) async throws -> HandshakeOutcome {
         let clock = ContinuousClock()
         let start = clock.now
         let deadline = start.advanced(by: parameters.timeout)
         do {
             let descriptor: Descriptor
             do {
-                descriptor = try await io.connect(to: endpoint, until: deadline)
+                descriptor = try await connectWhenNotBusy(endpoint, until: deadline)
             } catch let error as BrokerError where error.code == .timedOut {
                 throw BrokerError(.timedOut, "no connection within \(format(parameters.timeout))")
             }
@@ -67,6 +169,26 @@ public struct IntrospectorConnector: Sendable {
             }
         } catch let error as BrokerError {
             throw error.located(at: endpoint.description)
+        }
+    }
+
+    /// A unix listener whose backlog is full answers EAGAIN: the tool is busy with another
+    /// guest, not gone. Try again promptly, with a little jitter, until the deadline.
+    private func connectWhenNotBusy(_ endpoint: IntrospectorEndpoint, until deadline: ContinuousClock.Instant) async throws -> Descriptor {
+        var pause = Duration.milliseconds(1)
+        var busy = 0
+        while true {
+            do {
+                return try await io.connect(to: endpoint, until: deadline)
+            } catch let error as BrokerError where error.code == .busy {
+                busy += 1
+                let jittered = pause * Double.random(in: 0.5...1.5)
+                guard ContinuousClock.now.advanced(by: jittered) < deadline else {
+                    throw BrokerError(.timedOut, "the introspector stayed busy (full listen backlog, \(busy) tries)", errno: EAGAIN)
+                }
+                try await Task.sleep(for: jittered)
+                pause = min(pause * 2, .milliseconds(20))
+            }
         }
     }
 

@@ -24,13 +24,32 @@ public struct IOEvents: OptionSet, Sendable {
 /// Every socket the broker drives is non-blocking; a task tries its system call first and,
 /// on EAGAIN, awaits readiness here. So there is no thread per connection and nothing blocks
 /// Swift's cooperative pool: the only blocking call, `epoll_wait`, runs on this thread.
+///
+/// A descriptor has one epoll registration whose interest mask is the union of its waiters
+/// (at most one reader and one writer), so a session can send while its reader waits on the
+/// same socket. The registration is one-shot: re-armed with what is still wanted after each
+/// report, and removed when nobody waits any more, so a closed descriptor leaves nothing behind.
+/// Deadlines of waits that ended early are dropped from the heap in bulk once they outnumber
+/// the live ones, so the heap stays proportional to the waits in progress.
 public final class IOReactor: Sendable {
     /// The process-wide reactor.
     public static let shared = IOReactor()
 
     private struct Waiter {
-        let fd: Int32
+        let token: UInt64
         let continuation: CheckedContinuation<IOEvents, any Error>
+        let deadline: ContinuousClock.Instant?
+    }
+
+    /// The waiters of one descriptor.
+    private struct Registration {
+        var reader: Waiter?
+        var writer: Waiter?
+
+        var interest: UInt32 {
+            (reader == nil ? 0 : IOEvents.readable.rawValue) | (writer == nil ? 0 : IOEvents.writable.rawValue)
+        }
+        var isEmpty: Bool { reader == nil && writer == nil }
     }
 
     private struct Deadline: Comparable {
@@ -40,15 +59,19 @@ public final class IOReactor: Sendable {
     }
 
     private struct State {
-        var waiters: [UInt64: Waiter] = [:]
+        var registrations: [Int32: Registration] = [:]
+        /// Where each live waiter is: its descriptor and whether it writes.
+        var tokens: [UInt64: (fd: Int32, writes: Bool)] = [:]
         var deadlines = Heap<Deadline>()
+        /// Heap entries whose waiter has already ended.
+        var staleDeadlines = 0
         var cancelledBeforeRegistration: Set<UInt64> = []
         var nextToken: UInt64 = 1
     }
 
     private let epollFD: Int32
     private let wakeFD: Int32
-    private static let wakeToken: UInt64 = 0
+    private static let wakeToken = UInt64.max
     private let state = Mutex(State())
 
     public init() {
@@ -61,9 +84,13 @@ public final class IOReactor: Sendable {
         thread.start()
     }
 
-    /// Waits until `fd` reports one of `events` (hang-up and error are always reported), or
-    /// throws `timedOut` at `deadline`, or `cancelled` when the task is cancelled.
-    public func wait(for events: IOEvents, on fd: Int32, until deadline: ContinuousClock.Instant) async throws -> IOEvents {
+    /// Waits until `fd` reports `events` (`.readable` or `.writable`; hang-up and error are
+    /// always reported), or throws `timedOut` at `deadline` (nil: no deadline), or `cancelled`
+    /// when the task is cancelled. At most one task may wait to read and one to write on a
+    /// descriptor at a time.
+    public func wait(for events: IOEvents, on fd: Int32, until deadline: ContinuousClock.Instant?) async throws -> IOEvents {
+        precondition(events == .readable || events == .writable, "wait for readable or writable, one at a time")
+        let writes = events == .writable
         let token = state.withLock { state -> UInt64 in
             defer { state.nextToken += 1 }
             return state.nextToken
@@ -77,14 +104,24 @@ public final class IOReactor: Sendable {
                         failure = BrokerError(.cancelled, "cancelled")
                         return
                     }
-                    if kvmib_epoll_add_oneshot(epollFD, fd, events.rawValue, token) != 0 {
-                        let error = errno
-                        failure = BrokerError(.io, "epoll_ctl(ADD, fd \(fd)) failed", errno: error)
+                    var registration = state.registrations[fd] ?? Registration()
+                    let isNew = registration.isEmpty
+                    if (writes ? registration.writer : registration.reader) != nil {
+                        failure = BrokerError(.io, "two tasks wait to \(writes ? "write" : "read") fd \(fd)")
                         return
                     }
-                    state.waiters[token] = Waiter(fd: fd, continuation: continuation)
-                    wakeNeeded = state.deadlines.min.map { deadline < $0.instant } ?? true
-                    state.deadlines.insert(Deadline(instant: deadline, token: token))
+                    let waiter = Waiter(token: token, continuation: continuation, deadline: deadline)
+                    if writes { registration.writer = waiter } else { registration.reader = waiter }
+                    if let error = arm(fd, registration.interest, isNew: isNew) {
+                        failure = BrokerError(.io, "epoll_ctl(fd \(fd)) failed", errno: error)
+                        return
+                    }
+                    state.registrations[fd] = registration
+                    state.tokens[token] = (fd, writes)
+                    if let deadline {
+                        wakeNeeded = state.deadlines.min.map { deadline < $0.instant } ?? true
+                        state.deadlines.insert(Deadline(instant: deadline, token: token))
+                    }
                 }
                 if let failure {
                     continuation.resume(throwing: failure)
@@ -94,14 +131,57 @@ public final class IOReactor: Sendable {
             }
         } onCancel: {
             let waiter = state.withLock { state -> Waiter? in
-                guard let waiter = state.waiters.removeValue(forKey: token) else {
+                guard let waiter = remove(token: token, from: &state) else {
                     state.cancelledBeforeRegistration.insert(token)
                     return nil
                 }
-                _ = kvmib_epoll_del(epollFD, waiter.fd)
                 return waiter
             }
             waiter?.continuation.resume(throwing: BrokerError(.cancelled, "cancelled"))
+        }
+    }
+
+    /// Waits with no deadline (until ready or cancelled).
+    public func wait(for events: IOEvents, on fd: Int32) async throws -> IOEvents {
+        try await wait(for: events, on: fd, until: nil)
+    }
+
+    /// Descriptors registered and deadlines held, for tests that prove nothing piles up.
+    public var footprint: (descriptors: Int, waiters: Int, deadlines: Int) {
+        state.withLock { ($0.registrations.count, $0.tokens.count, $0.deadlines.count) }
+    }
+
+    /// (Re-)arms the one-shot registration of `fd` with `interest`; returns an errno on failure.
+    private func arm(_ fd: Int32, _ interest: UInt32, isNew: Bool) -> Int32? {
+        if isNew {
+            if kvmib_epoll_add_oneshot(epollFD, fd, interest, UInt64(UInt32(bitPattern: fd))) == 0 { return nil }
+            // A stale registration of a descriptor number that was closed and reused elsewhere
+            // cannot exist (we remove ours when the last waiter leaves), but be exact anyway.
+            if errno != EEXIST { return errno }
+        }
+        if kvmib_epoll_mod_oneshot(epollFD, fd, interest, UInt64(UInt32(bitPattern: fd))) == 0 { return nil }
+        if errno == ENOENT, kvmib_epoll_add_oneshot(epollFD, fd, interest, UInt64(UInt32(bitPattern: fd))) == 0 { return nil }
+        return errno
+    }
+
+    /// Removes a live waiter (cancelled or expired): re-arms its descriptor for what is still
+    /// wanted, or drops the registration. Returns the waiter, nil if it already ended.
+    private func remove(token: UInt64, from state: inout State) -> Waiter? {
+        guard let (fd, writes) = state.tokens.removeValue(forKey: token), var registration = state.registrations[fd] else { return nil }
+        let waiter = writes ? registration.writer : registration.reader
+        if writes { registration.writer = nil } else { registration.reader = nil }
+        settle(fd, registration, in: &state)
+        if waiter?.deadline != nil { state.staleDeadlines += 1 }
+        return waiter
+    }
+
+    private func settle(_ fd: Int32, _ registration: Registration, in state: inout State) {
+        if registration.isEmpty {
+            state.registrations[fd] = nil
+            _ = kvmib_epoll_del(epollFD, fd)
+        } else {
+            state.registrations[fd] = registration
+            _ = arm(fd, registration.interest, isNew: false)
         }
     }
 
@@ -115,8 +195,9 @@ public final class IOReactor: Sendable {
         var events = [UInt32](repeating: 0, count: 128)
         while true {
             let timeout = state.withLock { state -> Int32 in
-                while let first = state.deadlines.min, state.waiters[first.token] == nil {
+                while let first = state.deadlines.min, state.tokens[first.token] == nil {
                     _ = state.deadlines.removeMin()
+                    state.staleDeadlines -= 1
                 }
                 guard let first = state.deadlines.min else { return -1 }
                 let remaining = ContinuousClock.now.duration(to: first.instant)
@@ -131,26 +212,56 @@ public final class IOReactor: Sendable {
             var expired: [CheckedContinuation<IOEvents, any Error>] = []
             state.withLock { state in
                 for index in 0..<max(Int(count), 0) {
-                    let token = tokens[index]
-                    if token == Self.wakeToken {
+                    if tokens[index] == Self.wakeToken {
                         var value: UInt64 = 0
                         _ = Glibc.read(wakeFD, &value, 8)
                         continue
                     }
-                    guard let waiter = state.waiters.removeValue(forKey: token) else { continue }
-                    _ = kvmib_epoll_del(epollFD, waiter.fd)
-                    ready.append((waiter.continuation, IOEvents(rawValue: events[index])))
+                    let fd = Int32(bitPattern: UInt32(truncatingIfNeeded: tokens[index]))
+                    guard var registration = state.registrations[fd] else { continue }
+                    let reported = IOEvents(rawValue: events[index])
+                    let failed = !reported.isDisjoint(with: [.hangup, .error])
+                    let wakesReader = failed || reported.contains(.readable) || events[index] & UInt32(KVMIB_EV_RDHUP) != 0
+                    let wakesWriter = failed || reported.contains(.writable)
+                    for (wakes, writes) in [(wakesReader, false), (wakesWriter, true)] where wakes {
+                        guard let waiter = writes ? registration.writer : registration.reader else { continue }
+                        if writes { registration.writer = nil } else { registration.reader = nil }
+                        state.tokens[waiter.token] = nil
+                        if waiter.deadline != nil { state.staleDeadlines += 1 }
+                        ready.append((waiter.continuation, reported))
+                    }
+                    // One-shot: the registration is disarmed now; re-arm for whoever still waits.
+                    settle(fd, registration, in: &state)
                 }
                 let now = ContinuousClock.now
                 while let first = state.deadlines.min, first.instant <= now {
                     _ = state.deadlines.removeMin()
-                    guard let waiter = state.waiters.removeValue(forKey: first.token) else { continue }
-                    _ = kvmib_epoll_del(epollFD, waiter.fd)
+                    guard let waiter = remove(token: first.token, from: &state) else {
+                        state.staleDeadlines -= 1
+                        continue
+                    }
+                    state.staleDeadlines -= 1  // `remove` counted the entry just popped
                     expired.append(waiter.continuation)
                 }
+                compactDeadlines(&state)
             }
             for (continuation, result) in ready { continuation.resume(returning: result) }
             for continuation in expired { continuation.resume(throwing: BrokerError(.timedOut, "deadline passed")) }
         }
+    }
+
+    /// Rebuilds the heap from the live waiters once stale entries are the majority.
+    private func compactDeadlines(_ state: inout State) {
+        guard state.staleDeadlines > 256, state.staleDeadlines * 2 > state.deadlines.count else { return }
+        var live: [Deadline] = []
+        live.reserveCapacity(state.deadlines.count - state.staleDeadlines)
+        for (token, place) in state.tokens {
+            let registration = state.registrations[place.fd]
+            if let instant = (place.writes ? registration?.writer : registration?.reader)?.deadline {
+                live.append(Deadline(instant: instant, token: token))
+            }
+        }
+        state.deadlines = Heap(live)
+        state.staleDeadlines = 0
     }
 }

@@ -98,7 +98,7 @@ public struct AsyncSocketIO: Sendable {
         if result == 0 { return }
         let error = errno
         if error == EAGAIN && address.family == AF_UNIX {
-            throw BrokerError(.connectFailed, "the introspector's listen backlog is full", errno: error)
+            throw BrokerError(.busy, "the introspector's listen backlog is full", errno: error)
         }
         guard error == EINPROGRESS else {
             throw BrokerError(.connectFailed, "cannot connect: \(String(cString: strerror(error)))", errno: error)

@@ -23,6 +23,7 @@ public enum PolicyBenchmark {
             [introspector bench]
             Endpoint=unix:/run/bench.sock
             ABI=v12
+            Authentication=none
 
             """
         var guests = ""

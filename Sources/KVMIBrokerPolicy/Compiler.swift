@@ -3,7 +3,8 @@ import KVMIBrokerCore
 /// Turns policy files into a `Policy`, collecting every diagnostic with its file and line.
 struct PolicyCompiler {
     static let introspectorKeys = [
-        "Description", "Endpoint", "ABI", "SecretFile", "HandshakeTimeout", "UnhookTimeout", "BackoffInitial", "BackoffMax", "AllowedPeer",
+        "Description", "Endpoint", "ABI", "SecretFile", "Authentication", "HandshakeTimeout", "UnhookTimeout", "BackoffInitial", "BackoffMax",
+        "AllowedPeer",
     ]
     static let guestKeys = ["Description", "MatchUUID", "MatchName", "MatchMetadata", "Introspector", "Commands", "Events", "Mode"]
     static let matchKeys = ["MatchUUID", "MatchName", "MatchMetadata"]
@@ -60,7 +61,7 @@ struct PolicyCompiler {
         var seen: [String: Int] = [:]
         for group in groups {
             if let first = seen[group.name] {
-                error(file.path, group.line, "section [\(group.name)] appears twice in this file (first at line \(first))")
+                error(file.path, group.line, "section [\(shown(group.name))] appears twice in this file (first at line \(first))")
                 continue
             }
             seen[group.name] = group.line
@@ -68,7 +69,7 @@ struct PolicyCompiler {
             let words = group.name.split(separator: " ", maxSplits: 1).map { String($0).trimmingWhitespace() }
             let expected = file.kind == .introspectors ? "introspector" : "guest"
             guard words.count == 2, !words[1].isEmpty else {
-                error(file.path, group.line, "section [\(group.name)] must be named '[\(expected) NAME]'")
+                error(file.path, group.line, "section [\(shown(group.name))] must be named '[\(expected) NAME]'")
                 continue
             }
             let (kind, name) = (words[0], words[1])
@@ -76,18 +77,18 @@ struct PolicyCompiler {
                 if kind == "introspector" || kind == "guest" {
                     error(
                         file.path, group.line,
-                        "[\(group.name)] belongs in \(kind == "guest" ? "guests.d" : "introspectors.d"), not \(file.kind.rawValue)")
+                        "[\(shown(group.name))] belongs in \(kind == "guest" ? "guests.d" : "introspectors.d"), not \(file.kind.rawValue)")
                 } else {
                     error(
                         file.path, group.line,
-                        "unknown section kind '\(kind)' in \(file.kind.rawValue)\(didYouMean(closest(to: kind, among: [expected])))")
+                        "unknown section kind '\(shown(kind))' in \(file.kind.rawValue)\(didYouMean(closest(to: kind, among: [expected])))")
                 }
                 continue
             }
             guard name.utf8.allSatisfy({ isNameByte($0) }), let first = name.utf8.first, first != UInt8(ascii: "-"), first != UInt8(ascii: ".") else {
                 error(
                     file.path, group.line,
-                    "\(kind) name '\(name)' may hold only letters, digits, '.', '_' and '-', and must not start with '.' or '-'")
+                    "\(kind) name '\(shown(name))' may hold only letters, digits, '.', '_' and '-', and must not start with '.' or '-'")
                 continue
             }
             let known = kind == "guest" ? Self.guestKeys : Self.introspectorKeys
@@ -95,10 +96,12 @@ struct PolicyCompiler {
             var clean = true
             for key in group.keys {
                 if let earlier = keyLines[key.name] {
-                    error(file.path, key.line, "\(key.name)= appears twice in [\(group.name)] (first at line \(earlier))")
+                    error(file.path, key.line, "\(key.name)= appears twice in [\(shown(group.name))] (first at line \(earlier))")
                     clean = false
                 } else if !known.contains(key.name) {
-                    error(file.path, key.line, "unknown key '\(key.name)' in [\(group.name)]\(didYouMean(closest(to: key.name, among: known)))")
+                    error(
+                        file.path, key.line,
+                        "unknown key '\(shown(key.name))' in [\(shown(group.name))]\(didYouMean(closest(to: key.name, among: known)))")
                     clean = false
                 }
                 keyLines[key.name] = keyLines[key.name] ?? key.line
@@ -127,14 +130,14 @@ struct PolicyCompiler {
         }
         let abi: ABIGeneration? = section.required("ABI", &self, example: "ABI=v12").flatMap { text in
             guard let abi = ABIGeneration(parsing: text) else {
-                self.error(location.file, section.lines["ABI"], "ABI '\(text)' is not v7 or v12")
+                self.error(location.file, section.lines["ABI"], "ABI '\(shown(text))' is not v7 or v12")
                 return nil
             }
             return abi
         }
         let secretFile = section.string("SecretFile", &self)
         if let secretFile, !secretFile.hasPrefix("/") {
-            error(location.file, section.lines["SecretFile"], "SecretFile '\(secretFile)' must be an absolute path")
+            error(location.file, section.lines["SecretFile"], "SecretFile '\(shown(secretFile))' must be an absolute path")
         }
         let handshake = section.duration("HandshakeTimeout", &self) ?? IntrospectorConfig.defaultHandshakeTimeout
         let unhook = section.duration("UnhookTimeout", &self) ?? IntrospectorConfig.defaultUnhookTimeout
@@ -146,42 +149,107 @@ struct PolicyCompiler {
         } catch {
             self.error(location.file, section.lines["BackoffMax"] ?? section.lines["BackoffInitial"], error.message)
         }
+        let peers = allowedPeers(endpoint, location, &section)
+        let authentication = self.authentication(name, endpoint, secretFile: secretFile, location, &section)
+        let summary = section.string("Description", &self)
+        guard clean, diagnostics.count == before, let endpoint, let abi, let authentication else {
+            brokenIntrospectors.insert(name)
+            return
+        }
+        if authentication == .unauthenticated {
+            warning(
+                location.file, section.lines["Authentication"],
+                "[\(location.section)] has Authentication=none: the introspector is not authenticated; any process that can listen at \(endpoint) gets the guests' introspection"
+            )
+        }
+        if let earlier = introspectors[name] { replacedIntrospectors[name] = earlier.location }
+        introspectors[name] = IntrospectorConfig(
+            name: name, endpoint: endpoint, secretFile: secretFile, secretFileLine: section.lines["SecretFile"], authentication: authentication,
+            abi: abi, handshakeTimeout: handshake, unhookTimeout: unhook, backoff: backoff, allowedPeers: peers, summary: summary,
+            location: location)
+    }
+
+    /// `AllowedPeer=`: uid/user for unix endpoints (required for abstract names), cid for vsock,
+    /// nothing for tcp (no peer uid travels over TCP).
+    mutating func allowedPeers(_ endpoint: IntrospectorEndpoint?, _ location: RuleLocation, _ section: inout SectionReader) -> [AllowedPeer] {
+        let before = diagnostics.count
+        let line = section.lines["AllowedPeer"]
         var peers: [AllowedPeer] = []
         for item in section.list("AllowedPeer", &self) ?? [] {
-            let line = section.lines["AllowedPeer"]
             let parts = item.split(separator: ":", maxSplits: 1).map(String.init)
             let peer: AllowedPeer?
             switch (parts.first, parts.count) {
             case ("uid", 2): peer = UInt32(parts[1]).map(AllowedPeer.uid)
             case ("cid", 2): peer = UInt32(parts[1]).map(AllowedPeer.cid)
-            case ("user", 2): peer = parts[1].isEmpty || parts[1].contains(where: { $0.isWhitespace }) ? nil : .user(parts[1])
+            case ("user", 2): peer = isUserName(parts[1]) ? .user(parts[1]) : nil
             default: peer = nil
             }
             guard let peer else {
-                error(location.file, line, "AllowedPeer '\(item)' is not 'uid:NUMBER', 'user:NAME' or 'cid:NUMBER'")
+                error(location.file, line, "AllowedPeer '\(shown(item))' is not 'uid:NUMBER', 'user:NAME' or 'cid:NUMBER'")
                 continue
             }
             switch (peer, endpoint) {
+            case (.uid, .tcp(let host, let port)?), (.user, .tcp(let host, let port)?):
+                error(
+                    location.file, line,
+                    "AllowedPeer '\(shown(item))' cannot be verified for a tcp: endpoint (TCP carries no peer uid; only unix: sockets do). For tcp the address check is implicit in the endpoint (the broker connects only to \(IntrospectorEndpoint.tcp(host: host, port: port))); authenticate the introspector with SecretFile="
+                )
+            case (.cid, .tcp?):
+                error(
+                    location.file, line,
+                    "AllowedPeer '\(shown(item))' cannot apply to a tcp: endpoint (cid goes with vsock:). For tcp the address check is implicit in the endpoint; authenticate the introspector with SecretFile="
+                )
             case (.cid, .unix?), (.uid, .vsock?), (.user, .vsock?):
                 error(
                     location.file, line,
-                    "AllowedPeer '\(item)' cannot apply to the \(endpoint.map(\.description) ?? "") endpoint (uid/user go with unix:, cid with vsock:)"
+                    "AllowedPeer '\(shown(item))' cannot apply to the \(endpoint.map(\.description) ?? "") endpoint (uid/user go with unix:, cid with vsock:)"
                 )
-            case (_, .tcp?):
-                error(location.file, line, "AllowedPeer has no meaning for a tcp: endpoint; authenticate it with SecretFile=")
             default:
-                peers.append(peer)
+                if !peers.contains(peer) { peers.append(peer) }
             }
         }
-        let summary = section.string("Description", &self)
-        guard clean, diagnostics.count == before, let endpoint, let abi else {
-            brokenIntrospectors.insert(name)
-            return
+        if case .unix(let path)? = endpoint, path.hasPrefix("@"), peers.isEmpty, diagnostics.count == before {
+            error(
+                location.file, section.lines["Endpoint"],
+                "the abstract unix endpoint unix:\(shown(path)) needs AllowedPeer=uid:N or AllowedPeer=user:NAME: any local process can bind an abstract name before the introspector does, and only the listener's uid tells them apart"
+            )
         }
-        if let earlier = introspectors[name] { replacedIntrospectors[name] = earlier.location }
-        introspectors[name] = IntrospectorConfig(
-            name: name, endpoint: endpoint, secretFile: secretFile, abi: abi, handshakeTimeout: handshake, unhookTimeout: unhook,
-            backoff: backoff, allowedPeers: peers, summary: summary, location: location)
+        return peers
+    }
+
+    /// `SecretFile=` or an explicit `Authentication=none`; nil after an error.
+    mutating func authentication(
+        _ name: String, _ endpoint: IntrospectorEndpoint?, secretFile: String?, _ location: RuleLocation, _ section: inout SectionReader
+    ) -> IntrospectorAuthentication? {
+        let line = section.lines["Authentication"]
+        switch section.string("Authentication", &self) {
+        case nil where line != nil:
+            return nil
+        case "none"?:
+            if let secretLine = section.lines["SecretFile"] {
+                error(
+                    location.file, line,
+                    "Authentication=none contradicts SecretFile= at line \(secretLine): remove Authentication=none to authenticate with the secret"
+                )
+                return nil
+            }
+            return .unauthenticated
+        case nil, "cookie"?:
+            guard section.lines["SecretFile"] != nil else {
+                error(
+                    location.file, line ?? location.line,
+                    "[\(shown(location.section))] has no SecretFile=: add SecretFile=/etc/kvmi-broker/secrets/\(name).key (the handshake cookie), or Authentication=none to trust whatever answers at \(endpoint.map(\.description) ?? "the endpoint")"
+                )
+                return nil
+            }
+            return secretFile == nil ? nil : .cookie
+        case let other?:
+            error(
+                location.file, line,
+                "Authentication '\(shown(other))' is not 'cookie' (with SecretFile=) or 'none'\(didYouMean(closest(to: other, among: ["cookie", "none"])))"
+            )
+            return nil
+        }
     }
 
     // MARK: guest rules
@@ -192,7 +260,7 @@ struct PolicyCompiler {
         let present = Self.matchKeys.filter { section.lines[$0] != nil }.sorted { section.lines[$0, default: 0] < section.lines[$1, default: 0] }
         var match: GuestMatch?
         if present.isEmpty {
-            error(file, location.line, "[\(location.section)] has no MatchUUID=, MatchName= or MatchMetadata=: it would match nothing")
+            error(file, location.line, "[\(shown(location.section))] has no MatchUUID=, MatchName= or MatchMetadata=: it would match nothing")
         } else if present.count > 1 {
             error(
                 file, section.lines[present[1]],
@@ -210,7 +278,7 @@ struct PolicyCompiler {
                     if let uuid = GuestUUID(item) {
                         uuids.append(uuid)
                     } else {
-                        error(file, line, "'\(item)' is not a UUID like 6695eb01-f6a4-8304-79aa-97f2502e193f")
+                        error(file, line, "'\(shown(item))' is not a UUID like 6695eb01-f6a4-8304-79aa-97f2502e193f")
                     }
                 }
                 match = .uuids(uuids)
@@ -227,7 +295,7 @@ struct PolicyCompiler {
                     } else if item.hasPrefix("introspector:"), item.count > 13 {
                         values.append(String(item.dropFirst(13)))
                     } else {
-                        error(file, line, "MatchMetadata value '\(item)' is not 'wanted' or 'introspector:NAME'")
+                        error(file, line, "MatchMetadata value '\(shown(item))' is not 'wanted' or 'introspector:NAME'")
                     }
                 }
                 match = .metadata(values)
@@ -242,7 +310,7 @@ struct PolicyCompiler {
             } else if !brokenIntrospectors.contains(introspector) {
                 error(
                     file, section.lines["Introspector"],
-                    "no introspector named '\(introspector)' is defined in introspectors.d\(didYouMean(closest(to: introspector, among: introspectors.keys)))"
+                    "no introspector named '\(shown(introspector))' is defined in introspectors.d\(didYouMean(closest(to: introspector, among: introspectors.keys)))"
                 )
             }
         } else if case .metadata? = match {
@@ -258,7 +326,7 @@ struct PolicyCompiler {
             required = false
             error(
                 file, section.lines["Mode"],
-                "Mode '\(other)' is not 'required' or 'best-effort'\(didYouMean(closest(to: other, among: ["required", "best-effort"])))")
+                "Mode '\(shown(other))' is not 'required' or 'best-effort'\(didYouMean(closest(to: other, among: ["required", "best-effort"])))")
         }
         var lists: [NameKind: [String]] = [:]
         for kind in [NameKind.command, .event] {
@@ -318,7 +386,7 @@ struct PolicyCompiler {
         for item in items {
             if item.hasPrefix("@") {
                 if !PolicyGroups.names.contains(item) {
-                    error(file, line, "\(key): unknown group '\(item)'\(didYouMean(closest(to: item, among: PolicyGroups.names)))")
+                    error(file, line, "\(key): unknown group '\(shown(item))'\(didYouMean(closest(to: item, among: PolicyGroups.names)))")
                 }
                 continue
             }
@@ -331,16 +399,16 @@ struct PolicyCompiler {
                 if ABIGeneration.allCases.contains(where: { other.table($0)[normalizeOther(item, other)] != nil }) {
                     error(
                         file, line,
-                        "\(key): '\(item)' is \(other == .event ? "an event" : "a command"), not a \(kind.rawValue); list it in \(other == .event ? "Events" : "Commands")="
+                        "\(key): '\(shown(item))' is \(other == .event ? "an event" : "a command"), not a \(kind.rawValue); list it in \(other == .event ? "Events" : "Commands")="
                     )
                 } else {
-                    error(file, line, "\(key): unknown \(kind.rawValue) '\(item)'\(suggestion)")
+                    error(file, line, "\(key): unknown \(kind.rawValue) '\(shown(item))'\(suggestion)")
                 }
             } else if let abi, !having.contains(abi), let introspector {
                 let only = having.map(\.description).joined(separator: " and ")
                 error(
                     file, line,
-                    "\(key): ABI \(abi) has no \(kind.rawValue) '\(name)' (only \(only) has it), and introspector '\(introspector)' speaks \(abi)\(suggestion)"
+                    "\(key): ABI \(abi) has no \(kind.rawValue) '\(shown(name))' (only \(only) has it), and introspector '\(shown(introspector))' speaks \(abi)\(suggestion)"
                 )
             }
         }
@@ -411,13 +479,21 @@ struct PolicyCompiler {
         var label: String {
             switch self {
             case .uuid(let uuid): return "UUID \(uuid)"
-            case .name(let name): return "name pattern '\(name)'"
+            case .name(let name): return "name pattern '\(shown(name))'"
             case .metadata(let value): return value.map { "MatchMetadata=introspector:\($0)" } ?? "MatchMetadata=wanted"
             }
         }
     }
 
     private func describe(_ introspector: String?) -> String { introspector.map { "'\($0)'" } ?? "(from metadata)" }
+}
+
+/// A user name as `useradd` accepts it: letters, digits, '.', '_', '-' (not first) and a final '$'.
+private func isUserName(_ name: String) -> Bool {
+    var bytes = Array(name.utf8)
+    if bytes.last == UInt8(ascii: "$") { bytes.removeLast() }
+    guard let first = bytes.first, first != UInt8(ascii: "-"), bytes.count <= 32 else { return false }
+    return bytes.allSatisfy(isNameByte)
 }
 
 private func isNameByte(_ byte: UInt8) -> Bool {
@@ -453,7 +529,7 @@ struct SectionReader {
 
     func required(_ key: String, _ compiler: inout PolicyCompiler, example: String) -> String? {
         guard lines[key] != nil else {
-            compiler.error(file.path, group.line, "[\(group.name)] has no \(key)= (for example \(example))")
+            compiler.error(file.path, group.line, "[\(shown(group.name))] has no \(key)= (for example \(example))")
             return nil
         }
         guard let value = string(key, &compiler) else { return nil }
@@ -475,7 +551,7 @@ struct SectionReader {
     func duration(_ key: String, _ compiler: inout PolicyCompiler) -> Duration? {
         guard let text = string(key, &compiler) else { return nil }
         if let duration = parseDuration(text) { return duration }
-        compiler.error(file.path, lines[key], "\(key) '\(text)' is not a duration like 10, 2.5s or 500ms (more than 0, at most 3600 s)")
+        compiler.error(file.path, lines[key], "\(key) '\(shown(text))' is not a duration like 10, 2.5s or 500ms (more than 0, at most 3600 s)")
         return nil
     }
 }

@@ -90,7 +90,9 @@ extension Policy {
         if !disagreeing.isEmpty {
             decision.conflicts = disagreeing.map(\.rule.location)
             decision.required = candidates.contains { $0.rule.required } || metadata?.required == true
-            let all = (disagreeing + [winner]).map { "\($0.rule.location) gives \($0.introspector.map { "'\($0)'" } ?? "no introspector")" }
+            let all = (disagreeing + [winner]).map {
+                "\($0.rule.location) gives \($0.introspector.map { "'\(escapedForLog($0))'" } ?? "no introspector")"
+            }
             decision.reason = "conflict between \(matchClass) rules: \(all.joined(separator: "; ")): not introspected"
             return decision
         }
@@ -101,7 +103,8 @@ extension Policy {
             return decision
         }
         guard let introspector = introspectors[name] else {
-            decision.reason = "the domain's metadata names introspector '\(name)', which introspectors.d does not define: not introspected"
+            decision.reason =
+                "the domain's metadata names introspector '\(escapedForLog(name))', which introspectors.d does not define: not introspected"
             return decision
         }
         switch rule.resolved[introspector.abi] {

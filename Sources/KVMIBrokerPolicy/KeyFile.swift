@@ -1,4 +1,5 @@
 import CGLib
+import KVMIBrokerCore
 
 /// One `[section]` of a key file as the line scanner saw it, with the line of every key.
 struct ScannedGroup {
@@ -22,6 +23,11 @@ enum KeyFileScanner {
         var lineNumber = 0
         for rawLine in bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false) {
             lineNumber += 1
+            if let nul = rawLine.firstIndex(of: 0) {
+                // GKeyFile would cut the value at the NUL (C strings): `SecretFile=/a\0/b` would read as /a.
+                throw KeyFileSyntaxError(
+                    line: lineNumber, message: "the line holds a NUL byte (at byte \(nul - rawLine.startIndex + 1)); policy files are text")
+            }
             guard let text = String(validating: rawLine, as: UTF8.self) else {
                 throw KeyFileSyntaxError(line: lineNumber, message: "the line is not valid UTF-8")
             }
@@ -33,19 +39,19 @@ enum KeyFileScanner {
                 guard trimmed.count >= 2, trimmed.last == "]", !name.isEmpty, !name.contains("["), !name.contains("]"),
                     !name.unicodeScalars.contains(where: { $0.value < 0x20 })
                 else {
-                    throw KeyFileSyntaxError(line: lineNumber, message: "malformed section header '\(trimmed)': expected '[kind name]'")
+                    throw KeyFileSyntaxError(line: lineNumber, message: "malformed section header '\(shown(trimmed))': expected '[kind name]'")
                 }
                 groups.append(ScannedGroup(name: String(name), line: lineNumber, keys: []))
                 continue
             }
             guard let equals = line.firstIndex(of: "=") else {
                 throw KeyFileSyntaxError(
-                    line: lineNumber, message: "'\(line)' is not 'Key=Value', a [section] header or a '#' comment")
+                    line: lineNumber, message: "'\(shown(line))' is not 'Key=Value', a [section] header or a '#' comment")
             }
             let key = String(line[..<equals].reversed().drop(while: { $0 == " " || $0 == "\t" }).reversed())
-            guard !key.isEmpty else { throw KeyFileSyntaxError(line: lineNumber, message: "'\(line)' has no key before '='") }
+            guard !key.isEmpty else { throw KeyFileSyntaxError(line: lineNumber, message: "'\(shown(line))' has no key before '='") }
             guard !groups.isEmpty else {
-                throw KeyFileSyntaxError(line: lineNumber, message: "key '\(key)' appears before any [section] header")
+                throw KeyFileSyntaxError(line: lineNumber, message: "key '\(shown(key))' appears before any [section] header")
             }
             groups[groups.count - 1].keys.append((key, lineNumber))
         }
@@ -129,6 +135,9 @@ final class GKeyFileHandle {
         return pointer.pointee.message.map { String(cString: $0) }
     }
 }
+
+/// File text quoted in a diagnostic: control bytes escaped, at most 256 bytes shown.
+func shown(_ text: some StringProtocol) -> String { escapedForLog(text) }
 
 extension String {
     func trimmingWhitespace() -> String {

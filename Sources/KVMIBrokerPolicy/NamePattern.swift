@@ -56,7 +56,7 @@ struct NamePattern: Sendable, Equatable {
                         let high = scalars[cursor + 2].value
                         guard low <= high else {
                             throw BrokerError(
-                                .invalidArgument, "name pattern '\(text)': range '\(scalars[cursor])-\(scalars[cursor + 2])' is reversed")
+                                .invalidArgument, "name pattern '\(shown(text))': range '\(scalars[cursor])-\(scalars[cursor + 2])' is reversed")
                         }
                         ranges.append(low...high)
                         cursor += 3
@@ -66,7 +66,7 @@ struct NamePattern: Sendable, Equatable {
                     }
                 }
                 guard cursor < scalars.count else {
-                    throw BrokerError(.invalidArgument, "name pattern '\(text)': '[' at character \(index + 1) is never closed by ']'")
+                    throw BrokerError(.invalidArgument, "name pattern '\(shown(text))': '[' at character \(index + 1) is never closed by ']'")
                 }
                 tokens.append(.set(ranges: ranges, negated: negated))
                 index = cursor

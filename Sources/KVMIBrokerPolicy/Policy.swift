@@ -45,12 +45,18 @@ public struct PolicyDiagnostic: Sendable, Equatable, CustomStringConvertible {
     public var line: Int?
     public var message: String
 
+    /// Longest message kept: each quoted piece of file text is already bounded (256 bytes), so
+    /// this only bounds what another layer (GLib) may have quoted whole.
+    public static let messageLimit = 2048
+
+    /// `file` and `message` are escaped (`escapedForLog`): a diagnostic never carries a policy
+    /// file's control bytes or an unbounded line to the terminal or the journal.
     public init(_ severity: Severity, _ code: BrokerError.Code = .invalidArgument, file: String?, line: Int?, _ message: String) {
         self.severity = severity
         self.code = code
-        self.file = file
+        self.file = file.map { escapedForLog($0, limit: 4096) }
         self.line = line
-        self.message = message
+        self.message = escapedForLog(message, limit: Self.messageLimit)
     }
 
     /// `file:line: message` for errors, `file:line: warning: message` for warnings.
@@ -103,16 +109,30 @@ public enum AllowedPeer: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
+/// How the broker authenticates an introspector.
+public enum IntrospectorAuthentication: String, Sendable, Equatable {
+    /// The handshake cookie: the SHA-1 of `SecretFile=`'s bytes.
+    case cookie
+    /// `Authentication=none`: whoever answers at the endpoint is trusted (a `check` warning).
+    case unauthenticated = "none"
+}
+
 /// An `[introspector NAME]` section.
 public struct IntrospectorConfig: Sendable, Equatable {
     public var name: String
     public var endpoint: IntrospectorEndpoint
     /// The shared-secret file; the daemon loads it (the policy only records the path).
     public var secretFile: String?
+    /// The line of `SecretFile=` in `location.file`, for errors about the secret itself.
+    public var secretFileLine: Int?
+    /// `.cookie` with a `secretFile`; `.unauthenticated` only when the section says `Authentication=none`.
+    public var authentication: IntrospectorAuthentication
     public var abi: ABIGeneration
     public var handshakeTimeout: Duration
     public var unhookTimeout: Duration
     public var backoff: Backoff
+    /// Who may be behind the endpoint (`AllowedPeer=`): for the connector to enforce. Empty for
+    /// tcp (refused by the loader) and never empty for an abstract unix name (required there).
     public var allowedPeers: [AllowedPeer]
     public var summary: String?
     public var location: RuleLocation
@@ -211,6 +231,25 @@ public struct PolicyDecision: Sendable, Equatable {
     public var shadowed: [RuleLocation]
     /// One sentence, for logs and `explain`.
     public var reason: String
+
+    /// What the broker must do with the guest.
+    public enum Outcome: Sendable, Equatable {
+        /// Connect the decision's introspector with its allow-lists.
+        case introspected
+        /// Leave the guest alone; it may run unmonitored.
+        case notIntrospected
+        /// A required rule (or `required="yes"` metadata) applies, but the decision cannot be
+        /// served: rules that conflict, an introspector the policy does not define, names its
+        /// ABI generation lacks. The policy fails closed: the guest must not start (the control
+        /// server vetoes `prepare` and `start`) and must not run unmonitored.
+        case requiredButUnservable
+    }
+
+    /// `introspected`, `notIntrospected`, or `requiredButUnservable` (`required` without `introspected`).
+    public var outcome: Outcome {
+        if introspected { return .introspected }
+        return required ? .requiredButUnservable : .notIntrospected
+    }
 
     static func denied(_ reason: String) -> PolicyDecision {
         PolicyDecision(

@@ -5,14 +5,17 @@ extension Policy {
     /// generation, and every other rule that matched and why it did not decide.
     public func explain(uuid: GuestUUID?, name: String?, metadata: GuestMetadata?) -> String {
         var out: [String] = []
-        let nameText = name.map { "\"\($0)\"" } ?? "(unknown: name rules not consulted)"
+        let nameText = name.map { "\"\(escapedForLog($0))\"" } ?? "(unknown: name rules not consulted)"
         out.append("guest: uuid \(uuid?.description ?? "(unknown: UUID rules not consulted)"), name \(nameText)")
-        out.append("metadata: \(metadata?.description ?? "none")")
+        out.append("metadata: \(metadata.map { escapedForLog($0.description, limit: 1024) } ?? "none")")
         let decision = decide(uuid: uuid, name: name, metadata: metadata)
-        if decision.introspected, let introspector = decision.introspector {
+        switch (decision.outcome, decision.introspector) {
+        case (.introspected, let introspector?):
             out.append("decision: introspected by '\(introspector.name)', \(decision.required ? "required" : "best-effort")")
-        } else {
-            out.append("decision: not introspected\(decision.required ? " (a required rule matched: the guest must not start)" : "")")
+        case (.requiredButUnservable, _):
+            out.append("decision: not introspected, required (fail closed): the guest must not start (libvirt's hook vetoes it)")
+        default:
+            out.append("decision: not introspected")
         }
         out.append("reason: \(decision.reason)")
         if let location = decision.rule, let matchedBy = decision.matchedBy {
@@ -77,6 +80,7 @@ extension Policy {
             out.append("Endpoint=\(escapeValue(config.endpoint.description))")
             out.append("ABI=\(config.abi)")
             if let secret = config.secretFile { out.append("SecretFile=\(escapeValue(secret))") }
+            if config.authentication == .unauthenticated { out.append("Authentication=none") }
             out.append("HandshakeTimeout=\(formatDuration(config.handshakeTimeout))")
             out.append("UnhookTimeout=\(formatDuration(config.unhookTimeout))")
             out.append("BackoffInitial=\(formatDuration(config.backoff.initial))")

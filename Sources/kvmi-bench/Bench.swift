@@ -101,15 +101,19 @@ struct HookBench: AsyncParsableCommand {
             handler.logLevel = .error
             return handler
         }
-        let tag = "\(getpid())"
+        // A private directory: the broker refuses to put its socket where others may write.
+        var template = Array("/tmp/kvmi-bench-XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else { throw BrokerError(.io, "mkdtemp failed", errno: errno) }
+        let work = String(cString: made)
+        defer { try? FileManager.default.removeItem(atPath: work) }
         let secret = Array("bench secret\n".utf8)
         let introspector = try TestIntrospector(
             .init(
-                endpoint: .unix(path: "/tmp/kvmi-bench-tool-\(tag).sock"), secret: secret,
+                endpoint: .unix(path: "\(work)/tool.sock"), secret: secret,
                 kvmiClient: try KVMIClientPlan(abi: .v12, commands: [], events: [])))
         defer { introspector.stop() }
         let configuration = BrokerConfiguration(
-            channelSocketPath: "/tmp/kvmi-bench-channel-\(tag).sock", introspector: introspector.endpoint, cookie: CookieHash(secret: secret),
+            channelSocketPath: "\(work)/channel.sock", introspector: introspector.endpoint, cookie: CookieHash(secret: secret),
             allowLists: try Channel.AllowLists(abi: .v12, commands: [12, 7, 10], events: [0, 17]))
         let server = ChannelServer(configuration: configuration, logger: Logger(label: "bench"))
         let listener = try server.bind()

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVMIBrokerCore
+import KVMIBrokerDaemon
 import KVMIBrokerLibvirt
 import KVMIBrokerPolicy
 
@@ -19,15 +20,18 @@ struct PolicyRootOptions: ParsableArguments {
         help: "A policy root holding introspectors.d/ and guests.d/ (repeatable; later roots override same-named files of earlier ones).")
     var roots: [String] = PolicySources.defaultRoots
 
-    @Flag(help: "Accept files not owned by root (for checking a working copy); group- or world-writable files are still refused.")
+    @Flag(
+        help:
+            "Accept policy and secret files not owned by root (for checking a working copy); group- or world-writable files are still refused.")
     var allowNonRootOwner = false
 
     var sources: PolicySources { PolicySources(roots: roots, requireRootOwnership: !allowNonRootOwner) }
 
-    /// Loads the policy, printing every diagnostic to standard error; exits 1 on errors.
+    /// Loads the policy and every secret it names exactly as the daemon does (start and
+    /// SIGHUP), printing every diagnostic to standard error; exits 1 on errors.
     func load(_ command: String) throws -> (Policy, [PolicyDiagnostic]) {
         do {
-            let (policy, warnings) = try Policy.load(sources)
+            let (policy, _, warnings) = try PolicyStore.loadWithSecrets(sources)
             for warning in inReadingOrder(warnings) { printError("\(warning)") }
             return (policy, warnings)
         } catch {
@@ -56,7 +60,8 @@ func printError(_ text: String) {
 struct PolicyCheckCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check",
-        abstract: "Check the policy exactly as the daemon loads it; print file:line errors; exit 1 on any error.")
+        abstract:
+            "Check the policy exactly as the daemon loads it, secret files included; print file:line errors; exit 1 on any error.")
 
     @OptionGroup var options: PolicyRootOptions
 
@@ -119,23 +124,25 @@ struct PolicyExplainCommand: ParsableCommand {
                 name = domain.name
                 facts = domain.metadata.map { GuestMetadata(wanted: $0.wanted, introspector: $0.introspector, required: $0.required) } ?? facts
             } catch let error as BrokerError {
-                printError("kvmi-broker policy explain: \(domainXML): \(error.message)")
+                printError("kvmi-broker policy explain: \(escapedForLog(domainXML)): \(escapedForLog(error.message, limit: 1024))")
                 throw ExitCode(1)
             } catch {
-                printError("kvmi-broker policy explain: \(domainXML): \(error.localizedDescription)")
+                printError("kvmi-broker policy explain: \(escapedForLog(domainXML)): \(escapedForLog(error.localizedDescription, limit: 1024))")
                 throw ExitCode(1)
             }
         }
         if let guest {
             if let parsed = GuestUUID(guest) {
                 if let uuid, uuid != parsed {
-                    printError("kvmi-broker policy explain: \(guest) is not the UUID in \(domainXML ?? "") (\(uuid))")
+                    printError("kvmi-broker policy explain: \(guest) is not the UUID in \(escapedForLog(domainXML ?? "")) (\(uuid))")
                     throw ExitCode(1)
                 }
                 uuid = parsed
             } else {
                 if let name, name != guest {
-                    printError("kvmi-broker policy explain: '\(guest)' is not the name in \(domainXML ?? "") ('\(name)')")
+                    printError(
+                        "kvmi-broker policy explain: '\(escapedForLog(guest))' is not the name in \(escapedForLog(domainXML ?? "")) ('\(escapedForLog(name))')"
+                    )
                     throw ExitCode(1)
                 }
                 name = guest

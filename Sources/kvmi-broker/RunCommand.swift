@@ -17,7 +17,10 @@ struct RunCommand: AsyncParsableCommand {
         commandName: "run",
         abstract: "Run the broker: accept QEMU's channel, handshake with the introspector and have QEMU hook the guest.",
         discussion: """
-            This static configuration (one introspector, numeric allow-lists) stands in until the policy files land.
+            Policy mode (the default): the allow-policy under --policy-root decides every guest. Static mode \
+            (--introspector, for tests and bring-up): one introspector for every guest (or the --guest list) with \
+            numeric allow-lists; --commands and --events must be given (there is no allow-all default). Options of \
+            one mode are refused in the other.
             """)
 
     @Option(help: "The channel socket QEMU connects to.")
@@ -41,44 +44,88 @@ struct RunCommand: AsyncParsableCommand {
     @Flag(help: "Policy mode: accept policy files not owned by root (tests, unprivileged runs).")
     var allowNonRootOwner = false
 
-    @Option(help: "Shared secret file (cookie = SHA-1 of its exact bytes).")
+    @Option(help: "Static mode: shared secret file (cookie = SHA-1 of its exact bytes).")
     var secretFile: String?
 
-    @Option(help: "ABI generation of this host's kernel: v7 or v12.")
-    var abi = "v12"
+    @Option(help: "Static mode: ABI generation of this host's kernel: v7 or v12 (default v12).")
+    var abi: String?
 
-    @Option(help: "Allowed command ids: all, none, or a comma-separated list.")
-    var commands = "all"
+    @Option(help: "Static mode, required: allowed command ids: all, none, or a comma-separated list.")
+    var commands: String?
 
-    @Option(help: "Allowed event ids: all, none, or a comma-separated list (include 0, the unhook event, for graceful unhooks).")
-    var events = "all"
+    @Option(
+        help: "Static mode, required: allowed event ids: all, none, or a comma-separated list (include 0, the unhook event, for graceful unhooks).")
+    var events: String?
 
-    @Option(name: .customLong("guest"), help: "Introspect only this guest UUID (repeatable); default every guest that connects.")
+    @Option(name: .customLong("guest"), help: "Static mode: introspect only this guest UUID (repeatable); default every guest that connects.")
     var guests: [String] = []
 
     @Option(help: "Write the per-session status as JSON here.")
     var statusFile = "/run/kvmi-broker/status.json"
 
-    @Option(help: "First retry delay, seconds.")
-    var backoffInitial = 0.5
+    @Option(help: "Static mode: first retry delay, seconds (default 0.5; the policy sets BackoffInitial= per introspector).")
+    var backoffInitial: Double?
 
-    @Option(help: "Longest retry delay, seconds.")
-    var backoffMax = 30.0
+    @Option(help: "Static mode: longest retry delay, seconds (default 30).")
+    var backoffMax: Double?
 
-    @Option(help: "Seconds for connect + handshake with the introspector.")
-    var handshakeTimeout = 10.0
+    @Option(help: "Static mode: seconds for connect + handshake with the introspector (default 10).")
+    var handshakeTimeout: Double?
 
     @Option(name: .customLong("emulator"), help: "Also accept this emulator path as a QEMU (repeatable).")
     var emulators: [String] = []
 
+    @Option(help: "Handshakes in flight to one introspector at once; the rest wait their turn in arrival order.")
+    var handshakesPerIntrospector = 8
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel = "info"
 
+    /// Options only policy mode reads, and options only static mode reads, that were given.
+    var policyModeOptions: [String] {
+        (policyRoots.isEmpty ? [] : ["--policy-root"]) + (allowNonRootOwner ? ["--allow-non-root-owner"] : [])
+    }
+
+    var staticModeOptions: [String] {
+        let given: [(String, Bool)] = [
+            ("--secret-file", secretFile != nil), ("--abi", abi != nil), ("--commands", commands != nil), ("--events", events != nil),
+            ("--guest", !guests.isEmpty), ("--backoff-initial", backoffInitial != nil), ("--backoff-max", backoffMax != nil),
+            ("--handshake-timeout", handshakeTimeout != nil),
+        ]
+        return given.filter(\.1).map(\.0)
+    }
+
     func validate() throws {
-        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level '\(logLevel)' is not a level") }
-        guard ABIGeneration(parsing: abi) != nil else { throw ValidationError("--abi must be v7 or v12, not '\(abi)'") }
-        for uuid in guests where GuestUUID(uuid) == nil { throw ValidationError("--guest '\(uuid)' is not a UUID") }
-        guard handshakeTimeout > 0 else { throw ValidationError("--handshake-timeout must be positive") }
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level '\(escapedForLog(logLevel))' is not a level") }
+        if introspector != nil {
+            let wrong = policyModeOptions
+            guard wrong.isEmpty else {
+                throw ValidationError(
+                    "\(wrong.joined(separator: ", ")) \(wrong.count == 1 ? "is a policy-mode option" : "are policy-mode options"); static mode (--introspector) does not read the policy: drop \(wrong.count == 1 ? "it" : "them") or drop --introspector"
+                )
+            }
+            let missing = [("--commands", commands), ("--events", events)].filter { $0.1 == nil }.map(\.0)
+            guard missing.isEmpty else {
+                throw ValidationError(
+                    "static mode (--introspector) needs \(missing.joined(separator: " and ")) given explicitly: there is no allow-all default (write 'all' to allow everything, 'none' for the kernel's defaults, or ids like 2,4,6)"
+                )
+            }
+        } else {
+            let wrong = staticModeOptions
+            guard wrong.isEmpty else {
+                throw ValidationError(
+                    "\(wrong.joined(separator: ", ")) \(wrong.count == 1 ? "is a static-mode option" : "are static-mode options") (with --introspector); in policy mode the policy's [introspector] sections decide that: drop \(wrong.count == 1 ? "it" : "them") or add --introspector"
+                )
+            }
+        }
+        if let abi, ABIGeneration(parsing: abi) == nil { throw ValidationError("--abi must be v7 or v12, not '\(escapedForLog(abi))'") }
+        for uuid in guests where GuestUUID(uuid) == nil { throw ValidationError("--guest '\(escapedForLog(uuid))' is not a UUID") }
+        if let handshakeTimeout, !(handshakeTimeout > 0 && handshakeTimeout <= 3600) {
+            throw ValidationError("--handshake-timeout must be more than 0 and at most 3600 seconds")
+        }
+        for (option, value) in [("--backoff-initial", backoffInitial), ("--backoff-max", backoffMax)] {
+            if let value, !(value > 0 && value <= 3600) { throw ValidationError("\(option) must be more than 0 and at most 3600 seconds") }
+        }
     }
 
     func run() async throws {
@@ -89,6 +136,13 @@ struct RunCommand: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "kvmi-broker")
+        // Hundreds of guests need more than the usual 1,024 descriptors: take what the hard limit allows.
+        let limit = raiseDescriptorLimit()
+        if limit.soft < 4096 {
+            logger.warning(
+                "the descriptor limit is \(limit.soft) (hard \(limit.hard)): at most \(ConnectionAdmission(descriptorLimit: limit.soft).maximumConnections) guests can be connected at once; raise LimitNOFILE"
+            )
+        }
         var configuration: BrokerConfiguration
         do {
             configuration = try makeConfiguration()
@@ -107,6 +161,7 @@ struct RunCommand: AsyncParsableCommand {
             libvirtTask = task
         }
         defer { libvirtTask?.cancel() }
+        configuration.handshakesPerIntrospector = handshakesPerIntrospector
         let server = ChannelServer(configuration: configuration, logger: logger)
         let listener: Descriptor
         do {
@@ -169,17 +224,20 @@ struct RunCommand: AsyncParsableCommand {
                 channelSocketPath: channelSocket, channelSocketGroup: group, policy: store, verifier: PeerVerifier(extraEmulators: emulators),
                 statusFile: statusFile.isEmpty ? nil : statusFile)
         }
-        let generation = ABIGeneration(parsing: abi)!
+        let generation = ABIGeneration(parsing: abi ?? "v12")!
         let endpoint = try IntrospectorEndpoint(parsing: introspector)
         var cookie: CookieHash?
         if let secretFile { cookie = CookieHash(secret: try SecretFile.load(secretFile)) }
-        let lists = try Channel.AllowLists(abi: generation, commands: try ids(commands, "--commands"), events: try ids(events, "--events"))
+        // validate() makes both explicit in static mode.
+        let lists = try Channel.AllowLists(
+            abi: generation, commands: try ids(commands ?? "none", "--commands"), events: try ids(events ?? "none", "--events"))
         return BrokerConfiguration(
             channelSocketPath: channelSocket, channelSocketGroup: group, introspector: endpoint, cookie: cookie, allowLists: lists,
             guests: guests.isEmpty ? nil : Set(guests.compactMap(GuestUUID.init)),
             backoff: try Backoff(
-                initial: .milliseconds(Int64(backoffInitial * 1000)), maximum: .milliseconds(Int64(backoffMax * 1000)), multiplier: 2, jitter: 0.2),
-            handshakeTimeout: .milliseconds(Int64(handshakeTimeout * 1000)),
+                initial: .milliseconds(Int64((backoffInitial ?? 0.5) * 1000)), maximum: .milliseconds(Int64((backoffMax ?? 30) * 1000)),
+                multiplier: 2, jitter: 0.2),
+            handshakeTimeout: .milliseconds(Int64((handshakeTimeout ?? 10) * 1000)),
             verifier: PeerVerifier(extraEmulators: emulators), statusFile: statusFile.isEmpty ? nil : statusFile)
     }
 

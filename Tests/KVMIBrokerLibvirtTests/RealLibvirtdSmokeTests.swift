@@ -22,17 +22,17 @@ struct RealLibvirtdSmokeTests {
         let log = EventLog(watcher.events)
         watcher.start()
         defer { watcher.stop() }
-        #expect(await log.wait { $0.contains { $0.resynced != nil } })
+        try await log.wait(for: "the first resync") { $0.contains { $0.resynced != nil } }
 
         let control = try LibvirtConnection.open("qemu:///system", readOnly: false)
         try control.withDomain(name) { domain throws(BrokerError) in
             guard virDomainCreate(domain) == 0 else { throw LibvirtConnection.lastError(.io, "start", at: name) }
         }
-        #expect(await log.wait { $0.contains { $0.lifecycle?.name == name && $0.lifecycle?.kind == .started } })
+        try await log.wait(for: "\(name)'s start event") { $0.contains { $0.lifecycle?.name == name && $0.lifecycle?.kind == .started } }
         let started = try #require(log.events.compactMap(\.lifecycle).first { $0.name == name && $0.kind == .started })
         let pid = try #require(started.domain?.qemuPID)
-        #expect(await watcher.verifyPeer(uuid: started.uuid, pid: pid) == .accepted(try #require(started.domain)))
-        #expect(await watcher.verifyPeer(uuid: started.uuid, pid: pid + 1) != .accepted(try #require(started.domain)))
+        #expect(await watcher.verifyPeer(uuid: started.uuid, pid: pid, timeout: patience) == .accepted(try #require(started.domain)))
+        #expect(await watcher.verifyPeer(uuid: started.uuid, pid: pid + 1, timeout: patience) != .accepted(try #require(started.domain)))
 
         let clock = ContinuousClock()
         let restartedAt = clock.now
@@ -44,8 +44,8 @@ struct RealLibvirtdSmokeTests {
         var status: Int32 = 0
         #expect(waitpid(child, &status, 0) == child)
         #expect(status == 0)
-        #expect(await log.wait { $0.contains { if case .disconnected = $0 { true } else { false } } })
-        #expect(await log.wait { $0.compactMap(\.resynced).count >= 2 })
+        try await log.wait(for: "the disconnection by the restart") { $0.contains { if case .disconnected = $0 { true } else { false } } }
+        try await log.wait(for: "the resync after the restart") { $0.compactMap(\.resynced).count >= 2 }
         let resynced = try #require(log.events.compactMap(\.resynced).last)
         #expect(resynced.contains { $0.name == name && $0.qemuPID == pid })
         print("real libvirtd: disconnected + resynced \(clock.now - restartedAt) after the restart began; events: \(log.events.count)")
@@ -54,7 +54,7 @@ struct RealLibvirtdSmokeTests {
         try again.withDomain(name) { domain throws(BrokerError) in
             guard virDomainDestroy(domain) == 0 else { throw LibvirtConnection.lastError(.io, "destroy", at: name) }
         }
-        #expect(await log.wait { $0.contains { $0.lifecycle?.name == name && $0.lifecycle?.kind == .stopped } })
+        try await log.wait(for: "\(name)'s stop event") { $0.contains { $0.lifecycle?.name == name && $0.lifecycle?.kind == .stopped } }
     }
 
     /// A libvirtd that stops answering (SIGSTOP) is noticed by keepalive, and the watcher comes back after SIGCONT.
@@ -68,18 +68,15 @@ struct RealLibvirtdSmokeTests {
         let log = EventLog(watcher.events)
         watcher.start()
         defer { watcher.stop() }
-        #expect(await log.wait { $0.contains { $0.resynced != nil } })
+        try await log.wait(for: "the first resync") { $0.contains { $0.resynced != nil } }
         let clock = ContinuousClock()
         let frozenAt = clock.now
         kill(daemon, SIGSTOP)
-        var noticed = false
-        for _ in 0..<100 where !noticed {
-            try await Task.sleep(for: .milliseconds(100))
-            noticed = log.events.contains(.disconnected(reason: .keepalive))
+        do {
+            defer { kill(daemon, SIGCONT) }  // thawed whatever happens
+            try await log.wait(for: "keepalive to notice the frozen libvirtd") { $0.contains(.disconnected(reason: .keepalive)) }
+            print("real libvirtd: keepalive noticed the frozen daemon after \(clock.now - frozenAt)")
         }
-        print("real libvirtd: keepalive noticed the frozen daemon after \(clock.now - frozenAt): \(noticed)")
-        kill(daemon, SIGCONT)
-        #expect(noticed)
-        #expect(await log.wait { $0.compactMap(\.resynced).count >= 2 })
+        try await log.wait(for: "the resync after the thaw") { $0.compactMap(\.resynced).count >= 2 }
     }
 }

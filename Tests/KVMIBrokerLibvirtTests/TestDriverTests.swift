@@ -51,22 +51,38 @@ struct TestWorld {
     func cleanUp() { try? FileManager.default.removeItem(atPath: directory) }
 }
 
-/// Collects a watcher's events from a task; tests wait for a condition with a deadline.
-final class EventLog: @unchecked Sendable {
-    private let lock = NSLock()
-    private var items: [LibvirtEvent] = []
-    private var consumer: Task<Void, Never>?
+/// How long a test waits for something that should happen at once: generous, so that a busy
+/// machine is never mistaken for a bug. Nothing waits this long unless something is broken.
+let patience = Duration.seconds(60)
 
-    init(_ stream: AsyncStream<LibvirtEvent>) {
-        consumer = Task { [weak self] in
-            for await event in stream { self?.append(event) }
-        }
+/// A wait that ran out of patience: says what was awaited, where, and what arrived instead.
+struct WaitTimedOut: Error, CustomStringConvertible {
+    let description: String
+}
+
+/// Collects a watcher's events; tests wait for a condition on them. A wait is woken by each
+/// event (and by the end of the stream), not by a clock; `patience` only bounds a broken run.
+final class EventLog: @unchecked Sendable {
+    /// A condition on the events so far and on whether the stream has ended.
+    typealias Condition = @Sendable (_ events: [LibvirtEvent], _ ended: Bool) -> Bool
+
+    private struct Waiter {
+        let condition: Condition
+        let continuation: CheckedContinuation<Bool, Never>
+        var timer: Task<Void, Never>?
     }
 
-    private func append(_ event: LibvirtEvent) {
-        lock.lock()
-        items.append(event)
-        lock.unlock()
+    private let lock = NSLock()
+    private var items: [LibvirtEvent] = []
+    private var ended = false
+    private var waiters: [Int: Waiter] = [:]
+    private var nextWaiter = 0
+
+    init(_ stream: AsyncStream<LibvirtEvent>) {
+        Task { [weak self] in
+            for await event in stream { self?.append(event) }
+            self?.end()
+        }
     }
 
     var events: [LibvirtEvent] {
@@ -75,13 +91,79 @@ final class EventLog: @unchecked Sendable {
         return items
     }
 
-    /// Waits until `condition` holds on the events so far (true) or 5 s pass (false).
-    func wait(_ condition: ([LibvirtEvent]) -> Bool) async -> Bool {
-        for _ in 0..<500 {
-            if condition(events) { return true }
-            try? await Task.sleep(for: .milliseconds(10))
+    /// Returns as soon as `condition` holds on the events so far; throws, naming `what`, if the
+    /// stream ends without it or (a broken run) `timeout` passes.
+    func wait(
+        for what: String, timeout: Duration = patience, sourceLocation: SourceLocation = #_sourceLocation,
+        until condition: @escaping @Sendable ([LibvirtEvent]) -> Bool
+    ) async throws {
+        try await awaitCondition(what, timeout: timeout, sourceLocation: sourceLocation) { events, _ in condition(events) }
+    }
+
+    /// Returns once the stream has ended (the watcher stopped).
+    func waitForEnd(sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        try await awaitCondition("the end of the event stream", timeout: patience, sourceLocation: sourceLocation) { _, ended in ended }
+    }
+
+    private func awaitCondition(_ what: String, timeout: Duration, sourceLocation: SourceLocation, _ condition: @escaping Condition) async throws {
+        guard await satisfied(condition, timeout: timeout) else {
+            let (events, ended) = lock.withLock { (items, self.ended) }
+            let why = ended ? "the event stream ended first" : "nothing satisfied it within \(timeout)"
+            throw WaitTimedOut(description: "\(sourceLocation.fileName):\(sourceLocation.line): waited for \(what), but \(why); events: \(events)")
         }
-        return condition(events)
+    }
+
+    /// True once `condition` holds; false when the stream has ended without it, or at `timeout`.
+    private func satisfied(_ condition: @escaping Condition, timeout: Duration) async -> Bool {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            lock.lock()
+            let met = condition(items, ended)
+            if met || ended {
+                lock.unlock()
+                continuation.resume(returning: met)
+                return
+            }
+            let id = nextWaiter
+            nextWaiter += 1
+            // Registered before its timer starts, so an expiry finds it unless an event woke it first.
+            waiters[id] = Waiter(condition: condition, continuation: continuation)
+            waiters[id]?.timer = Task { [weak self] in
+                guard (try? await Task.sleep(for: timeout)) != nil else { return }
+                self?.expire(id)
+            }
+            lock.unlock()
+        }
+    }
+
+    private func append(_ event: LibvirtEvent) {
+        lock.lock()
+        items.append(event)
+        let woken = waiters.filter { $0.value.condition(items, false) }
+        for id in woken.keys { waiters[id] = nil }
+        lock.unlock()
+        for waiter in woken.values {
+            waiter.timer?.cancel()
+            waiter.continuation.resume(returning: true)
+        }
+    }
+
+    private func end() {
+        lock.lock()
+        ended = true
+        let all = waiters.values.map { ($0, $0.condition(items, true)) }
+        waiters = [:]
+        lock.unlock()
+        for (waiter, met) in all {
+            waiter.timer?.cancel()
+            waiter.continuation.resume(returning: met)
+        }
+    }
+
+    private func expire(_ id: Int) {
+        lock.lock()
+        let waiter = waiters.removeValue(forKey: id)
+        lock.unlock()
+        waiter?.continuation.resume(returning: false)
     }
 }
 
@@ -91,12 +173,18 @@ extension LibvirtEvent {
 }
 
 /// A watcher whose opener hands out handles on one shared test-driver connection, failing
-/// `failures` times first after each `failNext` call.
+/// `failures` times first after each `failNext` call, and, after `holdNextSuccess`, making the
+/// next successful open wait for `release()` (a libvirtd that is still coming back).
 final class SharedOpener: @unchecked Sendable {
     let base: LibvirtConnection
     private let lock = NSLock()
     private var failuresLeft = 0
-    private(set) var attempts = 0
+    private var gate: DispatchSemaphore?
+    private var holdArmed = false
+    private var attemptCount = 0
+
+    /// Opens tried so far, failed or not.
+    var attempts: Int { lock.withLock { attemptCount } }
 
     init(_ base: LibvirtConnection) { self.base = base }
 
@@ -106,13 +194,36 @@ final class SharedOpener: @unchecked Sendable {
         lock.unlock()
     }
 
+    /// The next open that would succeed blocks (the watcher's queue with it) until `release()`.
+    func holdNextSuccess() {
+        lock.lock()
+        gate = DispatchSemaphore(value: 0)
+        holdArmed = true
+        lock.unlock()
+    }
+
+    /// Lets a held open (or the next one to be held) proceed.
+    func release() {
+        lock.lock()
+        gate?.signal()
+        gate = nil
+        holdArmed = false
+        lock.unlock()
+    }
+
     func open() throws(BrokerError) -> LibvirtConnection {
         lock.lock()
-        defer { lock.unlock() }
-        attempts += 1
+        attemptCount += 1
         if failuresLeft > 0 {
             failuresLeft -= 1
+            lock.unlock()
             throw BrokerError(.connectFailed, "cannot connect to libvirt: simulated", at: base.uri)
+        }
+        let held = holdArmed ? gate : nil
+        holdArmed = false
+        lock.unlock()
+        if let held, held.wait(timeout: .now() + patience.secondsDouble) == .timedOut {
+            throw BrokerError(.timedOut, "the held open was never released", at: base.uri)
         }
         return base.sharing()
     }
@@ -165,13 +276,13 @@ func fastBackoff() throws -> Backoff {
         let log = EventLog(watcher.events)
         watcher.start()
         defer { watcher.stop() }
-        #expect(await log.wait { $0.contains { $0.resynced?.map(\.name) == ["alpha"] } })
+        try await log.wait(for: "the first resync, listing alpha") { $0.contains { $0.resynced?.map(\.name) == ["alpha"] } }
         #expect(log.events.first == .connected(uri: world.uri))
 
         try base.withDomain("beta") { domain throws(BrokerError) in
             guard virDomainCreate(domain) == 0 else { throw LibvirtConnection.lastError(.io, "create", at: "beta") }
         }
-        #expect(await log.wait { $0.contains { $0.lifecycle?.name == "beta" && $0.lifecycle?.kind == .started } })
+        try await log.wait(for: "beta's start event") { $0.contains { $0.lifecycle?.name == "beta" && $0.lifecycle?.kind == .started } }
         let started = try #require(log.events.compactMap(\.lifecycle).first { $0.kind == .started })
         #expect(started.uuid == betaUUID)
         #expect(started.domain?.state == .running)
@@ -179,7 +290,7 @@ func fastBackoff() throws -> Backoff {
         try base.withDomain("alpha") { domain throws(BrokerError) in
             guard virDomainDestroy(domain) == 0 else { throw LibvirtConnection.lastError(.io, "destroy", at: "alpha") }
         }
-        #expect(await log.wait { $0.contains { $0.lifecycle?.name == "alpha" && $0.lifecycle?.kind == .stopped } })
+        try await log.wait(for: "alpha's stop event") { $0.contains { $0.lifecycle?.name == "alpha" && $0.lifecycle?.kind == .stopped } }
         #expect(log.events.compactMap(\.lifecycle).first { $0.kind == .stopped }?.domain?.state == .shutoff)
 
         // Our metadata changes on the running beta (live): a metadataChanged event with the new element.
@@ -189,10 +300,9 @@ func fastBackoff() throws -> Backoff {
                 IntrospectionMetadata.namespace, UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue))
             guard status == 0 else { throw LibvirtConnection.lastError(.io, "set metadata", at: "beta") }
         }
-        #expect(
-            await log.wait {
-                $0.contains { if case .metadataChanged(let d) = $0 { d.name == "beta" && d.metadata?.introspector == "other" } else { false } }
-            })
+        try await log.wait(for: "beta's metadata change to introspector other") {
+            $0.contains { if case .metadataChanged(let d) = $0 { d.name == "beta" && d.metadata?.introspector == "other" } else { false } }
+        }
     }
 
     @Test func closeTriggersBackoffReconnectAndResync() async throws {
@@ -208,19 +318,29 @@ func fastBackoff() throws -> Backoff {
         let log = EventLog(watcher.events)
         watcher.start()
         defer { watcher.stop() }
-        #expect(await log.wait { $0.contains { $0.resynced != nil } })
+        try await log.wait(for: "the first resync") { $0.contains { $0.resynced != nil } }
+        #expect(watcher.isConnected)
 
-        // libvirtd "restarts": the connection closes, the next two opens fail, and beta starts while we are away.
+        // libvirtd "restarts": the connection closes, the next two opens fail, and beta starts while
+        // we are away. The third open is held until beta has started, so that happens while the
+        // watcher is away however long this test takes to get here (the back-off does not wait for it).
         opener.failNext(2)
+        opener.holdNextSuccess()
+        defer { opener.release() }  // runs before `watcher.stop()`, which waits for the held open
         watcher.simulateClose(reason: .eof)
-        #expect(await log.wait { $0.contains(.disconnected(reason: .eof)) })
-        #expect(!watcher.isConnected)
+        try await log.wait(for: "the disconnection") { $0.contains(.disconnected(reason: .eof)) }
+        // The watcher deregistered before it reported the disconnection: nobody listens on the test
+        // driver now, and libvirt drops beta's start event.
         try base.withDomain("beta") { domain throws(BrokerError) in
             guard virDomainCreate(domain) == 0 else { throw LibvirtConnection.lastError(.io, "create", at: "beta") }
         }
-        #expect(await log.wait { $0.compactMap(\.resynced).count == 2 })
+        opener.release()
+        try await log.wait(for: "the resync after the reconnection") { $0.compactMap(\.resynced).count == 2 }
         let events = log.events
+        // In this order: disconnected, two failed attempts with the back-off's delays, connected, resynced
+        // (so not connected in between: `isConnected` itself would wait for the held open).
         let afterClose = Array(events.drop { $0 != .disconnected(reason: .eof) })
+        #expect(afterClose.count == 5, "\(afterClose)")
         let failures = afterClose.compactMap { if case .connectFailed(let attempt, _, let delay) = $0 { (attempt, delay) } else { nil } }
         #expect(failures.map(\.0) == [1, 2])
         #expect(failures.map(\.1) == [.milliseconds(100), .milliseconds(200)])
@@ -231,13 +351,19 @@ func fastBackoff() throws -> Backoff {
         #expect(opener.attempts == 4)
         #expect(watcher.isConnected)
 
-        // Events flow again on the new connection, once each (the old registration is gone).
+        // Events flow again on the new connection, once each (the old registration is gone). beta
+        // stops, then starts again: events arrive in order, so once the start is here, a duplicate
+        // of the stop would be here too.
         try base.withDomain("beta") { domain throws(BrokerError) in
             guard virDomainDestroy(domain) == 0 else { throw LibvirtConnection.lastError(.io, "destroy", at: "beta") }
         }
-        #expect(await log.wait { $0.contains { $0.lifecycle?.name == "beta" && $0.lifecycle?.kind == .stopped } })
-        try await Task.sleep(for: .milliseconds(100))
-        #expect(log.events.filter { $0.lifecycle?.name == "beta" }.count == 1)
+        try base.withDomain("beta") { domain throws(BrokerError) in
+            guard virDomainCreate(domain) == 0 else { throw LibvirtConnection.lastError(.io, "create", at: "beta") }
+        }
+        try await log.wait(for: "beta's start event after its stop event") {
+            $0.contains { $0.lifecycle?.name == "beta" && $0.lifecycle?.kind == .started }
+        }
+        #expect(log.events.compactMap(\.lifecycle).filter { $0.name == "beta" }.map(\.kind) == [.stopped, .started])
     }
 
     @Test func firstConnectionFailuresAreRetried() async throws {
@@ -250,15 +376,19 @@ func fastBackoff() throws -> Backoff {
             logger: quiet, opener: { _, _ throws(BrokerError) in try opener.open() })
         let log = EventLog(watcher.events)
         watcher.start()
-        #expect(await log.wait { $0.contains { $0.resynced != nil } })
+        try await log.wait(for: "the resync after the retried connection") { $0.contains { $0.resynced != nil } }
         if case .connectFailed(1, let error, _) = log.events.first {
             #expect(error.code == .connectFailed)
         } else {
             Issue.record("first event is \(String(describing: log.events.first))")
         }
+        #expect(log.events.dropFirst().first == .connected(uri: world.uri))
         watcher.stop()
-        try await Task.sleep(for: .milliseconds(50))
         #expect(!watcher.isConnected)
+        // The stream ends with the stop, and nothing came after the resync.
+        try await log.waitForEnd()
+        #expect(log.events.count == 3 && log.events.last?.resynced != nil, "\(log.events)")
+        #expect(opener.attempts == 2)
     }
 
     @Test func identityNeedsTheRunningDomainsQEMUPID() async throws {
@@ -270,20 +400,25 @@ func fastBackoff() throws -> Backoff {
             configuration: .init(uri: world.uri, backoff: try fastBackoff(), locator: world.locator),
             logger: quiet, opener: { _, _ throws(BrokerError) in try opener.open() })
         // Not connected yet: libvirt cannot be asked.
-        if case .unavailable = await watcher.verifyPeer(uuid: alphaUUID, pid: 4242) {} else { Issue.record("expected unavailable") }
+        if case .unavailable = await watcher.verifyPeer(uuid: alphaUUID, pid: 4242, timeout: patience) {
+        } else {
+            Issue.record("expected unavailable")
+        }
         let log = EventLog(watcher.events)
         watcher.start()
         defer { watcher.stop() }
-        #expect(await log.wait { $0.contains { $0.resynced != nil } })
+        try await log.wait(for: "the first resync") { $0.contains { $0.resynced != nil } }
 
-        guard case .accepted(let domain) = await watcher.verifyPeer(uuid: alphaUUID, pid: 4242) else {
+        guard case .accepted(let domain) = await watcher.verifyPeer(uuid: alphaUUID, pid: 4242, timeout: patience) else {
             Issue.record("alpha with its pid should be accepted")
             return
         }
         #expect(domain.name == "alpha" && domain.metadata?.introspector == "acme")
-        #expect(await watcher.verifyPeer(uuid: alphaUUID, pid: 999) == .refused("domain alpha (\(alphaUUID)) runs as QEMU pid 4242, not pid 999"))
-        #expect(await watcher.verifyPeer(uuid: betaUUID, pid: 4242) == .refused("libvirt runs no domain with UUID \(betaUUID)"))
-        #expect(try await watcher.runningDomains().map(\.name) == ["alpha"])
+        #expect(
+            await watcher.verifyPeer(uuid: alphaUUID, pid: 999, timeout: patience)
+                == .refused("domain alpha (\(alphaUUID)) runs as QEMU pid 4242, not pid 999"))
+        #expect(await watcher.verifyPeer(uuid: betaUUID, pid: 4242, timeout: patience) == .refused("libvirt runs no domain with UUID \(betaUUID)"))
+        #expect(try await watcher.runningDomains(timeout: patience).map(\.name) == ["alpha"])
     }
 
     @Test func statusXMLGivesThePIDWhenThereIsNoPIDFile() throws {

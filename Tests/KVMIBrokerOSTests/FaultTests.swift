@@ -88,10 +88,8 @@ extension OSLayerTests {
             tool.kill(SIGKILL)
             #expect(eventually(timeout: .seconds(10)) { status(statusPath).first?.hooked == false }, "broker log:\n\(broker.log)")
             #expect(broker.log.contains("the introspector closed its connection; QEMU unhooked the guest"))
-            // While the tool is away the broker keeps trying, no faster than the back-off (0.2 s doubling to 1 s).
-            try await Task.sleep(for: .seconds(2))
-            let failures = status(statusPath).first?.failures ?? 0
-            #expect(failures >= 2 && failures <= 6, "failures while the tool was down: \(failures)")
+            // While the tool is away the broker keeps trying (the spacing is the back-off's, tested with the real QEMU).
+            #expect(eventually { (status(statusPath).first?.failures ?? 0) >= 2 }, "broker log:\n\(broker.log)")
             tool = try introspectorProcess(toolSocket, secret)
             #expect(eventually(timeout: .seconds(10)) { status(statusPath).first?.hooked == true }, "broker log:\n\(broker.log)")
             #expect(eventually { tool.log.contains("version=1") }, "tool log:\n\(tool.log)")
@@ -124,8 +122,7 @@ extension OSLayerTests {
             broker = try brokerProcess(channel: channel, tool: toolSocket, secret: secret, status: statusPath)
             #expect(eventually(timeout: .seconds(20)) { status(statusPath).first?.hooked == true }, "new broker log:\n\(broker.log)")
             #expect(broker.log.contains("already hooked"), "\(broker.log)")
-            try await Task.sleep(for: .seconds(1))
-            // No new handshake, the tool's session still open, the guest hooked once.
+            // The decision was made at HELLO ("already hooked"): no new handshake, the tool's session still open, the guest hooked once.
             #expect(connections() == handshakes && handshakes == 1, "\(tool.log)")
             #expect(!tool.log.contains("ended:"), "the tool's session ended:\n\(tool.log)")
             #expect(status(statusPath).first?.hooks == 0)

@@ -27,7 +27,7 @@ extension OSLayerTests {
 
         func tree(reachableSocket: String) throws -> PolicyTree {
             let tree = try PolicyTree(toolSocket: "/tmp/kvmib-nobody-listens-\(getpid()).sock")
-            tree.write("introspectors.d/20-up.conf", "[introspector up]\nEndpoint=unix:\(reachableSocket)\nABI=v12\n")
+            tree.write("introspectors.d/20-up.conf", "[introspector up]\nEndpoint=unix:\(reachableSocket)\nABI=v12\nAuthentication=none\n")
             tree.write(
                 "guests.d/50-rules.conf",
                 """
@@ -63,7 +63,7 @@ extension OSLayerTests {
             defer { tree.cleanUp() }
             let store = try PolicyStore(sources: tree.sources)
             let path = temporarySocketPath("control")
-            let control = ControlServer(path: path, plans: store, logger: Logger(label: "control"), probeTimeout: .seconds(1))
+            let control = ControlServer(path: path, plans: store, logger: Logger(label: "control"), probeTimeout: .seconds(30))
             let listener = try control.bind()
             let task = Task { await control.run(listener: listener) }
             defer { task.cancel() }

@@ -43,6 +43,34 @@ extension OSLayerTests {
             #expect(try SecretFile.load(path) == [UInt8(ascii: "x")])
         }
 
+        @Test("a group-writable secret is refused (the policy files' rule)", arguments: [mode_t(0o620), 0o660, 0o670])
+        func refusesGroupWritable(mode: mode_t) {
+            let path = write(Array("x".utf8), mode: mode)
+            defer { unlink(path) }
+            #expect {
+                try SecretFile.load(path)
+            } throws: { error in
+                guard let error = error as? BrokerError else { return false }
+                return error.code == .insecureFile && error.location == path && error.message.contains("writable by its group")
+                    && error.message.contains("chmod g-w")
+            }
+        }
+
+        @Test("a secret owned by another user is refused unless root ownership is relaxed, as for policy files")
+        func refusesOtherOwner() throws {
+            guard geteuid() == 0 else { return }  // chown needs root
+            let path = write(Array("x".utf8), mode: 0o600)
+            defer { unlink(path) }
+            chown(path, 65534, 65534)
+            #expect {
+                try SecretFile.load(path)
+            } throws: { error in
+                guard let error = error as? BrokerError else { return false }
+                return error.code == .insecureFile && error.message.contains("owned by uid 65534, not root")
+            }
+            #expect(try SecretFile.load(path, requireRootOwnership: false) == [UInt8(ascii: "x")])
+        }
+
         @Test("symlinks, directories and missing files are refused with the path")
         func refusesOdd() {
             let target = write(Array("x".utf8), mode: 0o600)

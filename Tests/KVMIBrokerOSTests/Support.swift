@@ -8,13 +8,23 @@ import Testing
     import Glibc
 #endif
 
+/// A private directory (0700) for this test process's sockets: the broker refuses to put its
+/// sockets in a directory others may write, such as /tmp itself.
+let privateSocketDirectory: String = {
+    let path = "/tmp/kvmib-test-\(getpid())"
+    mkdir(path, 0o700)
+    chmod(path, 0o700)
+    return path
+}()
+
 /// A fresh unix socket path for one test.
 func temporarySocketPath(_ tag: String) -> String {
-    "/tmp/kvmib-test-\(getpid())-\(tag)-\(UInt32.random(in: 0...UInt32.max)).sock"
+    "\(privateSocketDirectory)/\(tag)-\(UInt32.random(in: 0...UInt32.max)).sock"
 }
 
-/// Polls until `body` returns true or `timeout` passes; returns the last result.
-func eventually(timeout: Duration = .seconds(5), _ body: () -> Bool) -> Bool {
+/// Polls until `body` returns true or `timeout` passes; returns the last result. The bound is
+/// generous on purpose: a passing run returns at once, and a busy machine must not fail it.
+func eventually(timeout: Duration = .seconds(60), _ body: () -> Bool) -> Bool {
     let deadline = ContinuousClock.now.advanced(by: timeout)
     while ContinuousClock.now < deadline {
         if body() { return true }

@@ -155,11 +155,22 @@ struct HygieneTests {
         #expect(!policy.decide(GuestFacts(uuid: .zero, name: "x")).introspected)
     }
 
+    /// Loaded from a copy with the modes an installation has: a checkout made under umask 002
+    /// has group-writable files, which the loader rightly refuses, and that is not the examples' fault.
     @Test("the shipped examples under policy/ load without errors or warnings")
-    func shippedExamples() {
+    func shippedExamples() throws {
         let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-        let result = load([repository.appendingPathComponent("policy").path])
-        #expect(messages(result) == [])
+        let root = TemporaryRoot()
+        var copied = 0
+        for directory in ["introspectors.d", "guests.d"] {
+            let shipped = repository.appendingPathComponent("policy/\(directory)").path
+            for file in try FileManager.default.contentsOfDirectory(atPath: shipped).sorted() where file.hasSuffix(".conf") {
+                root.write("\(directory)/\(file)", bytes: try Data(contentsOf: URL(fileURLWithPath: "\(shipped)/\(file)")))
+                copied += 1
+            }
+        }
+        #expect(copied >= 2)
+        #expect(messages(load([root.path])) == [])
     }
 }
 

@@ -35,14 +35,17 @@ let acmeIntrospectors = """
     [introspector acme]
     Endpoint=unix:/run/acme/kvmi.sock
     ABI=v12
+    SecretFile=/etc/kvmi-broker/secrets/acme.key
 
     [introspector other]
     Endpoint=vsock:3:4321
     ABI=v12
+    SecretFile=/etc/kvmi-broker/secrets/other.key
 
     [introspector legacy]
     Endpoint=vsock:4:1234
     ABI=v7
+    SecretFile=/etc/kvmi-broker/secrets/legacy.key
 
     """
 

@@ -40,6 +40,16 @@ int kvmib_introspection_ioctls_for(int generation,
 int kvmib_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
 
 /*
+ * A pidfd for the peer of a connected unix socket (SO_PEERPIDFD, Linux 6.5+);
+ * -1 with errno ENOPROTOOPT on older kernels.
+ */
+int kvmib_peer_pidfd(int fd);
+/* pidfd_open(pid, 0) (Linux 5.3+); -1/errno. Close-on-exec. */
+int kvmib_pidfd_open(pid_t pid);
+/* 1 while the process of `pidfd` has not exited (pidfd_send_signal with 0). */
+int kvmib_pidfd_alive(int pidfd);
+
+/*
  * sendmsg() of `len` bytes with at most one descriptor as SCM_RIGHTS
  * (pass -1 for none). MSG_NOSIGNAL | MSG_DONTWAIT. Returns bytes or -1/errno.
  */
@@ -72,6 +82,8 @@ enum {
 int kvmib_epoll_create(void);
 /* Registers fd once (EPOLLONESHOT) for `events`, reported with `token`. */
 int kvmib_epoll_add_oneshot(int epfd, int fd, uint32_t events, uint64_t token);
+/* Re-arms a oneshot registration with a new (combined) interest mask. */
+int kvmib_epoll_mod_oneshot(int epfd, int fd, uint32_t events, uint64_t token);
 /* Registers fd persistently (level-triggered). */
 int kvmib_epoll_add(int epfd, int fd, uint32_t events, uint64_t token);
 int kvmib_epoll_del(int epfd, int fd);

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Test equipment: QEMU's side of the broker channel, as a separate process whose real
+/proc/PID/cmdline carries `-uuid UUID` (so the broker's identity checks see a real peer).
+
+Usage: fake_qemu_channel.py SOCKET -uuid UUID MODE
+  hello  HELLO, then print WELCOME or REFUSE <errno> and exit 0 (3 on end of stream)
+  flood  HELLO, wait for WELCOME, print "welcome", then send EVENT frames as fast as the
+         broker takes them, for at most 120 s, until killed
+  exec   HELLO (VM not running), wait for WELCOME, print "welcome", then exec /bin/sh, which
+         sends EVENT RESUMED on the inherited channel and sleeps: the process that asked
+         is no longer the image whose identity was checked
+"""
+import os
+import socket
+import struct
+import sys
+import time
+import uuid as uuidlib
+
+MAGIC = 0x494D564B
+
+
+def frame(kind, seq, payload):
+    return struct.pack("<IHHII", MAGIC, kind, 0, seq, len(payload)) + payload
+
+
+def hello(guest, running=True):
+    payload = struct.pack("<HHI", 1, (1 << 3) if running else 0, os.getpid()) + guest.bytes
+    payload += struct.pack("<qQB3xiii", 1_795_000_000, 0x8000_0000, 0, 1, 0, -1)
+    payload += b"flooder".ljust(64, b"\0")
+    return frame(0x0001, 1, payload)
+
+
+def receive(sock):
+    header = b""
+    while len(header) < 16:
+        chunk = sock.recv(16 - len(header))
+        if not chunk:
+            return None
+        header += chunk
+    _, kind, _, seq, size = struct.unpack("<IHHII", header)
+    payload = b""
+    while len(payload) < size:
+        chunk = sock.recv(size - len(payload))
+        if not chunk:
+            return None
+        payload += chunk
+    return kind, seq, payload
+
+
+def main():
+    path, flag, text, mode = sys.argv[1:5]
+    assert flag == "-uuid"
+    guest = uuidlib.UUID(text)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.sendall(hello(guest, running=(mode != "exec")))
+    answer = receive(sock)
+    if answer is None:
+        print("closed", flush=True)
+        return 3
+    kind, _, payload = answer
+    if kind == 0x0003:
+        print("REFUSE %d" % struct.unpack("<i", payload[:4])[0], flush=True)
+        return 0
+    print("welcome" if mode in ("flood", "exec") else "WELCOME", flush=True)
+    if mode == "exec":
+        resumed = frame(0x0040, 1, struct.pack("<HHiqBB6x", 3, 0, 0, 1_795_000_000, 0, 1))
+        escaped = "".join("\\%03o" % byte for byte in resumed)
+        if sock.fileno() != 3:
+            os.dup2(sock.fileno(), 3)
+        os.set_inheritable(3, True)
+        os.execv("/bin/sh", ["sh", "-c", "printf '%s' >&3; exec sleep 60" % escaped])
+    if mode != "flood":
+        return 0
+    # An event kind the broker does not know: logged (rate-limited) and ignored.
+    event = frame(0x0040, 1, struct.pack("<HHiqBB6x", 0x7777, 0, 0, 1_795_000_000, 0, 1))
+    burst = event * 256
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        sock.sendall(burst)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
