@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import struct
@@ -354,6 +355,8 @@ def t_config_errors(env):
         (['-chardev', 'null,id=c'], 'chardev=c', 'is not a socket'),
         (['-chardev', 'socket,id=c,path=%s,reconnect-ms=1000' %
           other], 'chardev=c,unhook-timeout=0', 'at least 1'),
+        (['-chardev', 'socket,id=c,path=%s,reconnect-ms=1000' %
+          other], 'chardev=c,shutdown-timeout=0', 'at least 1'),
     ]
     for extra, opts, msg in cases:
         r = subprocess.run(base + extra + ['-object',
@@ -493,6 +496,136 @@ def t_reconnect(env):
     ch, _ = handshake(env)
     r = ch.request(UNHOOK)
     check(r['error'] == 0, 'still serving after errors')
+    ch.close()
+    env.stop(p)
+
+
+def timed(what, fn, bound):
+    """fn() must return within bound seconds; returns its duration"""
+    t0 = time.monotonic()
+    try:
+        fn()
+    except Fail as e:
+        raise Fail('%s: %s (main loop blocked?)' % (what, e))
+    except OSError as e:
+        raise Fail('%s: no answer within %s s (main loop blocked?): %s' %
+                   (what, bound, e))
+    dt = time.monotonic() - t0
+    check(dt < bound, '%s took %.1f s (main loop blocked?)' % (what, dt))
+    return dt
+
+
+def pause_resume(qmp, bound=5.0):
+    """one stop/cont cycle (PAUSED, RESUMED) and a query-status, each
+    answered within bound; returns the slowest answer"""
+    return max(timed('stop', lambda: qmp.cmd('stop', timeout=bound), bound),
+               timed('cont', lambda: qmp.cmd('cont', timeout=bound), bound),
+               timed('query-status',
+                     lambda: qmp.cmd('query-status', timeout=bound), bound))
+
+
+def t_slow_broker(env):
+    """a broker that reads late gets every event, in order"""
+    env.listen()
+    p, qmp = env.start(stopped=False)
+    ch, h = handshake(env)
+    ch.request(RELEASE)         # events from before the test are in
+    ch.pending.clear()
+    # 1200 events (48 KB): more than the socket holds, so QEMU queues
+    # the rest (below its 64 KiB bound) while the broker does not read
+    worst = 0
+    for _ in range(600):
+        worst = max(worst, pause_resume(qmp))
+    print('    600 stop/cont with an unread channel: slowest QMP answer '
+          '%.0f ms' % (worst * 1000))
+    seqs = []
+    for i in range(1200):
+        ev = ch.expect(EVENT)
+        check(ev['kind'] == ('PAUSED', 'RESUMED')[i % 2],
+              'event %d is %s' % (i, ev['kind']))
+        seqs.append(ev['seq'])
+    check(seqs == list(range(seqs[0], seqs[0] + 1200)),
+          'event seq not consecutive')
+    r = ch.request(RELEASE)
+    check(r['error'] == 0, 'the channel still serves requests')
+    check('reconnecting' not in env.stderr(p), 'QEMU did not reconnect')
+    ch.close()
+    env.stop(p)
+
+
+def t_stuck_broker(env):
+    """a broker that stops reading: past 64 KiB QEMU reconnects"""
+    env.listen()
+    p, qmp = env.start(stopped=False)
+    ch, h = handshake(env)
+    # WELCOMEd, and never read again: every stop/cont adds two EVENTs,
+    # until QEMU hangs up (the unread data stays readable)
+    hup = select.poll()
+    hup.register(ch.sock, select.POLLHUP)
+    worst = cycles = 0
+    deadline = time.monotonic() + 120
+    while not hup.poll(0):
+        worst = max(worst, pause_resume(qmp))
+        cycles += 1
+        check(time.monotonic() < deadline,
+              'QEMU still connected after %d stop/cont' % cycles)
+    print('    disconnected after %d stop/cont (%d events); slowest QMP '
+          'answer %.0f ms' % (cycles, 2 * cycles, worst * 1000))
+    check('does not read' in env.stderr(p), 'the reason is logged')
+    conn = env.accept().sock
+    # the old connection ends (its unsent output is dropped) ...
+    data = b''
+    ch.sock.settimeout(10)
+    while True:
+        try:
+            chunk = ch.sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    check(len(data) < 2 * cycles * 40, 'the queued output was dropped')
+    ch.close()
+    # ... and the new one starts with HELLO, carrying the state
+    ch = Channel(conn)
+    h2 = ch.expect(HELLO)
+    check(h2['start_time'] == h['start_time'] and h2['pid'] == p.pid,
+          'the same QEMU')
+    check(h2['flags'] & 8, 'HELLO says running')
+    ch.send(WELCOME, struct.pack('<HHI', 1, 0, 0), seq=0)
+    qmp.cmd('stop')
+    ev = ch.event('PAUSED')
+    check(ev['running'] == 0, 'events flow on the new connection')
+    r = ch.request(RELEASE)
+    check(r['error'] == 0, 'requests too')
+    ch.close()
+    env.stop(p)
+
+
+def t_object_del(env):
+    """object-del with output still queued leaves nothing behind"""
+    env.listen()
+    p, qmp = env.start(stopped=False)
+    ch, h = handshake(env)
+    for _ in range(400):        # 800 events: more than the socket holds
+        pause_resume(qmp)
+    qmp.cmd('object-del', id='vmi0')
+    # the broker reads again: the socket has room, and nothing may be
+    # woken for the object's queue
+    data = b''
+    ch.sock.settimeout(2)
+    try:
+        while True:
+            chunk = ch.sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        pass
+    check(len(data) < 800 * 40, 'the queued output was dropped')
+    for _ in range(3):
+        pause_resume(qmp)
+    check(p.poll() is None, 'QEMU runs')
     ch.close()
     env.stop(p)
 
@@ -788,6 +921,62 @@ def t_d_unhook_timeout(env):
     env.stop(p)
 
 
+def t_d_tool_never_closes(env):
+    """defaults: stop and SIGTERM wait at most 5 s for a stuck tool"""
+    # libvirt fails other calls for a domain whose job (the 'stop') is
+    # not done within 30 s, and sends SIGKILL 10 s after SIGTERM
+    p, qmp, ch, tool = hooked(env)
+    t0 = time.monotonic()
+    qmp.cmd('stop', timeout=30)
+    dt = time.monotonic() - t0
+    tool.settimeout(1)
+    check(len(tool.recv(16)) == 16, 'the tool got the unhook event')
+    check(4.5 < dt < 7, 'stop took %.1f s' % dt)
+    ev = ch.event('PAUSED')
+    check(ev['error'] == errno.ETIMEDOUT and ev['hooked'] == 0, str(ev))
+    check('within 5 s; unhooking anyway' in env.stderr(p), 'logged')
+    print('    stop returned after %.2f s (the tool never closed)' % dt)
+    qmp.cmd('cont')
+    ch.event('RESUMED')
+    a, tool2 = tool_pair()
+    r = ch.request(HOOK, lists(), fds=[a.fileno()])
+    check(r['hooked'] == 1, 'hooked again')
+    a.close()
+    enable_unhook_event(tool2)
+    t0 = time.monotonic()
+    p.terminate()
+    ev = ch.event('SHUTDOWN', timeout=15)
+    dt = time.monotonic() - t0
+    check(4.5 < dt < 7, 'SIGTERM waited %.1f s' % dt)
+    check(ev['error'] == errno.ETIMEDOUT and ev['hooked'] == 0, str(ev))
+    p.wait(10 - dt)
+    dt = time.monotonic() - t0
+    check(dt < 10, 'QEMU exited %.1f s after SIGTERM' % dt)
+    print('    QEMU exited %.2f s after SIGTERM (the tool never closed)' %
+          dt)
+    ch.close()
+    tool.close()
+    tool2.close()
+
+
+def t_d_shutdown_bound(env):
+    """shutdown-timeout shortens an unhook already under way"""
+    p, qmp, ch, tool = hooked(env, ',unhook-timeout=30,shutdown-timeout=2')
+    check('give up after 30 s' in env.stderr(p), 'unhook-timeout warning')
+    qmp.cmd('human-monitor-command', **{'command-line': 'stop'})
+    tool.settimeout(5)
+    check(len(tool.recv(16)) == 16, 'the tool got the unhook event')
+    time.sleep(0.5)
+    check(qmp.status() == 'running', 'the deferred stop waits')
+    t0 = time.monotonic()
+    p.terminate()
+    ch.event('SHUTDOWN', timeout=15)
+    dt = time.monotonic() - t0
+    check(1.5 < dt < 4, 'SIGTERM waited %.1f s' % dt)
+    p.wait(10)
+    ch.close()
+
+
 def t_d_hmp_stop(env):
     """HMP stop (no coroutine) is deferred until the tool unhooks"""
     p, qmp, ch, tool = hooked(env)
@@ -943,8 +1132,9 @@ def t_d_required(env):
 
 BASE = [t_hello, t_config_errors, t_hook_real_kernel, t_stop_cont_reset, t_reconnect,
         t_required_cont, t_required_no_s, t_migration, t_savevm, t_shutdown,
-        t_welcome_timeout]
+        t_welcome_timeout, t_slow_broker, t_stuck_broker, t_object_del]
 DOUBLE = [t_d_hello_hooked, t_d_hangup, t_d_stop_waits, t_d_unhook_timeout,
+          t_d_tool_never_closes, t_d_shutdown_bound,
           t_d_hmp_stop, t_d_preunhook_enoent, t_d_migration,
           t_d_migration_cancel, t_d_reset, t_d_shutdown, t_d_savevm,
           t_d_hmp_savevm, t_d_required]
