@@ -78,11 +78,9 @@ public final class ChannelServer: Sendable {
             return
         }
         let peer = PeerCredentials(pid: pid, uid: uid, gid: gid)
-        let pin = ProcessPin.peer(of: connection.raw, pid: pid)
-        defer { pin.pidfd?.close() }
         let session = SessionDriver(
-            socket: ChannelSocket(connection, io: io), peer: peer, pin: pin, configuration: configuration, registry: registry,
-            connector: connector, admission: admission, logger: logger)
+            socket: ChannelSocket(connection, io: io), peer: peer, configuration: configuration, registry: registry, connector: connector,
+            admission: admission, logger: logger)
         await session.run()
     }
 }

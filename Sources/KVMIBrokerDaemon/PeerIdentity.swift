@@ -22,9 +22,10 @@ public struct PeerCredentials: Sendable, Equatable, CustomStringConvertible {
     public var description: String { "pid \(pid) uid \(uid)" }
 }
 
-/// The peer process, pinned when the connection is accepted: a pidfd (from SO_PEERPIDFD where
-/// the kernel has it, else pidfd_open on the SO_PEERCRED pid) stays bound to that process, so
-/// a pid that is reused after the peer exits is never mistaken for it.
+/// The peer process, pinned while its identity is checked: a pidfd (from SO_PEERPIDFD where
+/// the kernel has it, which names the process that connected whenever it is asked; else
+/// pidfd_open on the SO_PEERCRED pid) stays bound to that process, so a pid that is reused
+/// after the peer exits is never mistaken for it.
 public struct ProcessPin: Sendable {
     public let pid: Int32
     public let pidfd: Descriptor?

@@ -28,8 +28,6 @@ final class SessionDriver: Sendable {
 
     let socket: ChannelSocket
     let peer: PeerCredentials
-    /// The peer process, pinned at accept; re-checked right before HOOK.
-    let pin: ProcessPin
     let configuration: BrokerConfiguration
     let registry: SessionRegistry
     let connector: IntrospectorConnector
@@ -37,12 +35,11 @@ final class SessionDriver: Sendable {
     let baseLogger: Logger
 
     init(
-        socket: ChannelSocket, peer: PeerCredentials, pin: ProcessPin, configuration: BrokerConfiguration, registry: SessionRegistry,
+        socket: ChannelSocket, peer: PeerCredentials, configuration: BrokerConfiguration, registry: SessionRegistry,
         connector: IntrospectorConnector, admission: ConnectionAdmission? = nil, logger: Logger
     ) {
         self.socket = socket
         self.peer = peer
-        self.pin = pin
         self.configuration = configuration
         self.registry = registry
         self.connector = connector
@@ -51,6 +48,28 @@ final class SessionDriver: Sendable {
     }
 
     func run() async {
+        // The admission phase returns before the session's long life begins, so its frame
+        // (HELLO, the checks, the claim) is not held by a thousand waiting sessions.
+        guard let admitted = await admit() else { return }
+        await drive(
+            hello: admitted.hello, name: admitted.name, metadata: admitted.metadata, facts: admitted.facts, token: admitted.token,
+            logger: admitted.logger)
+        await registry.release(admitted.hello.uuid, token: admitted.token)
+    }
+
+    /// A guest past HELLO, the identity checks and the claim.
+    struct Admitted: Sendable {
+        let hello: Channel.Hello
+        let name: String
+        let metadata: GuestMetadata?
+        let facts: ProcessFacts?
+        let token: UInt64
+        let logger: Logger
+    }
+
+    /// HELLO, identity checks, claim; nil when the connection was refused or closed.
+    @inline(never)
+    private func admit() async -> Admitted? {
         var logger = baseLogger
         logger[metadataKey: "qemu.pid"] = "\(peer.pid)"
         let hello: Channel.Hello
@@ -60,7 +79,7 @@ final class SessionDriver: Sendable {
             defer { ticket.map { admission?.greeted($0) } }
             guard let frame = try await socket.receive(until: .now.advanced(by: configuration.helloTimeout)) else {
                 configuration.refusals.log(logger, level: .info, "the peer closed the channel before HELLO", metadata: ["peer": "\(peer)"])
-                return
+                return nil
             }
             guard frame.knownType == .hello else {
                 throw BrokerError(.protocolViolation, "first message is type 0x\(String(frame.type, radix: 16)), not HELLO")
@@ -68,7 +87,7 @@ final class SessionDriver: Sendable {
             hello = try Channel.Hello(decoding: frame.payload)
         } catch {
             configuration.refusals.log(logger, "refusing channel peer", metadata: ["peer": "\(peer)", "reason": "\(error)"])
-            return
+            return nil
         }
         logger[metadataKey: "guest.uuid"] = "\(hello.uuid)"
         logger[metadataKey: "guest.name"] = "\(escapedForLog(hello.name, limit: 64))"
@@ -76,24 +95,30 @@ final class SessionDriver: Sendable {
             let reason = "channel version \(hello.version) is not a version of this protocol (the broker speaks \(Channel.version))"
             configuration.refusals.log(logger, "refusing QEMU: \(reason)", metadata: ["peer": "\(peer)"])
             await refuse(EPROTONOSUPPORT, reason)
-            return
+            return nil
         }
         let verifier = configuration.verifier
         let peer = self.peer
-        let pin = self.pin
-        let (verdict, facts) = await BlockingWork.shared.run { verifier.verdict(for: hello, from: peer, pin: pin) }
-        pin.pidfd?.close()  // the facts carry the identity from here on (start time and executable)
+        let channel = socket.descriptor
+        let (verdict, facts) = await BlockingWork.shared.run {
+            // Pinned for the checks only: SO_PEERPIDFD names the process that connected, whenever
+            // it is asked; from the verdict on, the facts (start time, executable) carry the
+            // identity, so a guest costs one descriptor, not two.
+            let pin = ProcessPin.peer(of: channel.raw, pid: peer.pid)
+            defer { pin.pidfd?.close() }
+            return verifier.verdict(for: hello, from: peer, pin: pin)
+        }
         switch verdict {
         case .accepted:
             break
         case .refused(let problem):
             configuration.refusals.log(logger, "refusing QEMU: \(problem)", metadata: ["peer": "\(peer)"])
             await refuse(EPERM, problem)
-            return
+            return nil
         case .transient(let problem):
             configuration.refusals.log(logger, "refusing QEMU for now: \(problem)", metadata: ["peer": "\(peer)"])
             await refuse(EAGAIN, problem)
-            return
+            return nil
         }
         var name = escapedForLog(hello.name, limit: 64)
         var metadata: GuestMetadata?
@@ -106,12 +131,12 @@ final class SessionDriver: Sendable {
             case .refused(let why):
                 configuration.refusals.log(logger, "refusing QEMU: libvirt says \(why)", metadata: ["peer": "\(peer)"])
                 await refuse(EPERM, "libvirt: \(why)")
-                return
+                return nil
             case .unavailable(let why):
                 configuration.refusals.log(
                     logger, "refusing QEMU for now: its identity cannot be checked with libvirt: \(why)", metadata: ["peer": "\(peer)"])
                 await refuse(EAGAIN, "libvirt unavailable: \(why)")
-                return
+                return nil
             }
         }
         let status = SessionStatus(
@@ -125,12 +150,12 @@ final class SessionDriver: Sendable {
             let reason = "QEMU pid \(pid) already holds the session of guest \(hello.uuid)"
             configuration.refusals.log(logger, "refusing QEMU: \(reason)")
             await refuse(EBUSY, reason)
-            return
+            return nil
         case .failure(.alreadyConnected):
             let reason = "this QEMU already has a live channel for guest \(hello.uuid); one channel per guest"
             configuration.refusals.log(logger, "refusing QEMU: \(reason)")
             await refuse(EBUSY, reason)
-            return
+            return nil
         }
         logger.info(
             "QEMU connected",
@@ -139,8 +164,7 @@ final class SessionDriver: Sendable {
                 "start_time": "\(hello.startTime)", "max_gpa": "\(hello.maxGPA)", "kvm.cap206": "\(hello.capV12)", "kvm.cap180": "\(hello.capV7)",
                 "kvm.introspection": "\(hello.introspectionParameter)",
             ])
-        await drive(hello: hello, name: name, metadata: metadata, facts: facts, token: token, logger: logger)
-        await registry.release(hello.uuid, token: token)
+        return Admitted(hello: hello, name: name, metadata: metadata, facts: facts, token: token, logger: logger)
     }
 
     private func refuse(_ errno: Int32, _ reason: String) async {
@@ -193,10 +217,10 @@ final class SessionDriver: Sendable {
         logger.notice("policy decision: \(reason)", metadata: ["policy.rule": "\(decision.rule ?? "-")"])
         state.plan = plan
         state.machine = GuestSessionMachine(allowLists: plan?.allowLists ?? .kernelDefaults(.v12))
-        let reloadPending = Atomic<Bool>(false)
+        let reload = ReloadFlag()
         await registry.listen(token: token) {
             // Coalesced: however many reloads happen, at most one notice waits for the session.
-            if !reloadPending.exchange(true, ordering: .acquiringAndReleasing) {
+            if !reload.pending.exchange(true, ordering: .acquiringAndReleasing) {
                 Task { await inputs.send(.policyReloaded) }
             }
         }
@@ -204,108 +228,135 @@ final class SessionDriver: Sendable {
         let first = state.machine.handle(.helloAccepted(hello, introspect: plan != nil))
         if await perform(first, &state, inputs, logger) == false { return }
         await publish(state, hello.uuid, token)
+        let session = SessionContext(hello: hello, name: name, metadata: metadata, token: token, inputs: inputs, reload: reload, logger: logger)
         for await input in inputs {
-            var actions: [GuestSessionMachine.Action] = []
-            switch input {
-            case .frame(let frame):
-                switch frame.knownType {
-                case .result:
-                    guard let outstanding = state.outstanding, frame.seq == outstanding.seq else {
-                        logger.error("QEMU sent a RESULT for request \(frame.seq), which is not the outstanding request; closing the channel")
-                        return
-                    }
-                    guard let result = try? Channel.Result(decoding: frame.payload), result.requestType == outstanding.type.rawValue else {
-                        logger.error("QEMU's RESULT for request \(frame.seq) does not answer a \(outstanding.type); closing the channel")
-                        return
-                    }
-                    state.outstanding = nil
-                    state.resultTimer?.cancel()
-                    state.resultTimer = nil
-                    let wasHooked = state.machine.state.isHooked
-                    actions = state.machine.handle(.result(result))
-                    if !wasHooked, state.machine.state.isHooked, let start = state.triggeredAt {
-                        state.lastHook = start.duration(to: .now)
-                        state.lastHookRequest = state.hookRequestedAt.map { $0.duration(to: .now) }
-                        state.hooks += 1
-                        state.triggeredAt = nil
-                        logger.info("hooked \(format(state.lastHook ?? .zero)) after the trigger")
-                    }
-                case .event:
-                    guard let event = try? Channel.Event(decoding: frame.payload) else { return }
-                    // The tool learns the guest's current session id (new after a reset or an incoming migration).
-                    state.request.startTime = event.startTime
-                    actions = state.machine.handle(.event(event))
-                default:
-                    logger.warning(
-                        "QEMU sent an unexpected \(frame.knownType.map { "\($0)" } ?? "type 0x\(String(frame.type, radix: 16))") message; closing")
-                    return
-                }
-            case .handshake(let attempt, let outcome):
-                guard attempt == state.handshakeAttempt else {
-                    // A superseded attempt (cancelled by a pause, a policy change, ...): never its success.
-                    if case .success(let late) = outcome { late.descriptor.close() }
-                    continue
-                }
-                state.handshakeTask = nil
-                state.handshakeAttempt = nil
-                switch outcome {
-                case .success(let outcome):
-                    state.pendingOutcome = outcome
-                    if !outcome.authenticated {
-                        logger.warning(
-                            "no shared secret configured: the introspector is not authenticated", metadata: ["tool.endpoint": "\(outcome.endpoint)"])
-                    }
-                    actions = state.machine.handle(.handshakeSucceeded)
-                case .failure(let error):
-                    actions = state.machine.handle(.handshakeFailed(error))
-                }
-            case .retryDue(let timer):
-                guard timer == state.retryTimer else { continue }
-                state.retryTask = nil
-                state.retryTimer = nil
-                actions = state.machine.handle(.retryDue)
-            case .unhookDeadline(let timer):
-                guard timer == state.unhookTimerID else { continue }
-                state.unhookTimer = nil
-                state.unhookTimerID = nil
-                actions = state.machine.handle(.unhookDeadline)
-            case .policyReloaded:
-                reloadPending.store(false, ordering: .releasing)
-                let (decision, reason) = plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
-                let next = decision.plan
-                state.failClosed = decision.failsClosed
-                let same: Bool
-                switch (state.plan, next) {
-                case (nil, nil): same = true
-                case (let old?, let new?): same = new.sameIntrospector(as: old)
-                default: same = false
-                }
-                // Every decision is audited; a changed one at notice level.
-                logger.log(
-                    level: next != state.plan ? .notice : .info, "policy reloaded: \(next != state.plan ? "changed" : "unchanged"): \(reason)",
-                    metadata: ["policy.rule": "\(decision.rule ?? "-")"])
-                if same, let next { state.plan = next } else { state.pendingPlan = next }
-                actions = state.machine.handle(
-                    .policyChanged(
-                        introspect: next != nil, allowLists: next?.allowLists ?? state.machine.allowLists, sameIntrospector: same))
-                if !same, !state.machine.state.isUnhookingOrUpdating {
-                    // Not hooked: the new plan applies from the next attempt.
-                    state.plan = state.pendingPlan
-                }
-            case .resultTimeout(let seq):
-                guard state.outstanding?.seq == seq else { continue }  // answered meanwhile: stale
-                logger.error(
-                    "QEMU did not answer request \(seq) (\(state.outstanding!.type)) within \(format(configuration.resultTimeout)); closing the channel"
-                )
-                return
-            case .closed(let error):
-                if let error { logger.warning("channel closed: \(error)") } else { logger.info("QEMU closed the channel") }
-                return
-            }
-            if await perform(actions, &state, inputs, logger) == false { return }
-            if await sendQueuedRequest(&state, inputs, logger) == false { return }
-            await publish(state, hello.uuid, token)
+            // Each input is handled in a function of its own (not inlined), so the frame this
+            // loop keeps while it waits is small: a boot storm holds a thousand of them.
+            if await handle(input, session, &state) == false { return }
         }
+    }
+
+    /// What one session's input handling needs besides its state.
+    struct SessionContext: Sendable {
+        let hello: Channel.Hello
+        let name: String
+        let metadata: GuestMetadata?
+        let token: UInt64
+        let inputs: AsyncChannel<Input>
+        let reload: ReloadFlag
+        let logger: Logger
+    }
+
+    /// Handles one input; false ends the session.
+    @inline(never)
+    private func handle(_ input: Input, _ session: SessionContext, _ state: inout LoopState) async -> Bool {
+        let hello = session.hello
+        let name = session.name
+        let metadata = session.metadata
+        let inputs = session.inputs
+        let logger = session.logger
+        let plans = configuration.plans
+        var actions: [GuestSessionMachine.Action] = []
+        switch input {
+        case .frame(let frame):
+            switch frame.knownType {
+            case .result:
+                guard let outstanding = state.outstanding, frame.seq == outstanding.seq else {
+                    logger.error("QEMU sent a RESULT for request \(frame.seq), which is not the outstanding request; closing the channel")
+                    return false
+                }
+                guard let result = try? Channel.Result(decoding: frame.payload), result.requestType == outstanding.type.rawValue else {
+                    logger.error("QEMU's RESULT for request \(frame.seq) does not answer a \(outstanding.type); closing the channel")
+                    return false
+                }
+                state.outstanding = nil
+                state.resultTimer?.cancel()
+                state.resultTimer = nil
+                let wasHooked = state.machine.state.isHooked
+                actions = state.machine.handle(.result(result))
+                if !wasHooked, state.machine.state.isHooked, let start = state.triggeredAt {
+                    state.lastHook = start.duration(to: .now)
+                    state.lastHookRequest = state.hookRequestedAt.map { $0.duration(to: .now) }
+                    state.hooks += 1
+                    state.triggeredAt = nil
+                    logger.info("hooked \(format(state.lastHook ?? .zero)) after the trigger")
+                }
+            case .event:
+                guard let event = try? Channel.Event(decoding: frame.payload) else { return false }
+                // The tool learns the guest's current session id (new after a reset or an incoming migration).
+                state.request.startTime = event.startTime
+                actions = state.machine.handle(.event(event))
+            default:
+                logger.warning(
+                    "QEMU sent an unexpected \(frame.knownType.map { "\($0)" } ?? "type 0x\(String(frame.type, radix: 16))") message; closing")
+                return false
+            }
+        case .handshake(let attempt, let outcome):
+            guard attempt == state.handshakeAttempt else {
+                // A superseded attempt (cancelled by a pause, a policy change, ...): never its success.
+                if case .success(let late) = outcome { late.descriptor.close() }
+                return true
+            }
+            state.handshakeTask = nil
+            state.handshakeAttempt = nil
+            switch outcome {
+            case .success(let outcome):
+                state.pendingOutcome = outcome
+                if !outcome.authenticated {
+                    logger.warning(
+                        "no shared secret configured: the introspector is not authenticated", metadata: ["tool.endpoint": "\(outcome.endpoint)"])
+                }
+                actions = state.machine.handle(.handshakeSucceeded)
+            case .failure(let error):
+                actions = state.machine.handle(.handshakeFailed(error))
+            }
+        case .retryDue(let timer):
+            guard timer == state.retryTimer else { return true }
+            state.retryTask = nil
+            state.retryTimer = nil
+            actions = state.machine.handle(.retryDue)
+        case .unhookDeadline(let timer):
+            guard timer == state.unhookTimerID else { return true }
+            state.unhookTimer = nil
+            state.unhookTimerID = nil
+            actions = state.machine.handle(.unhookDeadline)
+        case .policyReloaded:
+            session.reload.pending.store(false, ordering: .releasing)
+            let (decision, reason) = plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
+            let next = decision.plan
+            state.failClosed = decision.failsClosed
+            let same: Bool
+            switch (state.plan, next) {
+            case (nil, nil): same = true
+            case (let old?, let new?): same = new.sameIntrospector(as: old)
+            default: same = false
+            }
+            // Every decision is audited; a changed one at notice level.
+            logger.log(
+                level: next != state.plan ? .notice : .info, "policy reloaded: \(next != state.plan ? "changed" : "unchanged"): \(reason)",
+                metadata: ["policy.rule": "\(decision.rule ?? "-")"])
+            if same, let next { state.plan = next } else { state.pendingPlan = next }
+            actions = state.machine.handle(
+                .policyChanged(
+                    introspect: next != nil, allowLists: next?.allowLists ?? state.machine.allowLists, sameIntrospector: same))
+            if !same, !state.machine.state.isUnhookingOrUpdating {
+                // Not hooked: the new plan applies from the next attempt.
+                state.plan = state.pendingPlan
+            }
+        case .resultTimeout(let seq):
+            guard state.outstanding?.seq == seq else { return true }  // answered meanwhile: stale
+            logger.error(
+                "QEMU did not answer request \(seq) (\(state.outstanding!.type)) within \(format(configuration.resultTimeout)); closing the channel"
+            )
+            return false
+        case .closed(let error):
+            if let error { logger.warning("channel closed: \(error)") } else { logger.info("QEMU closed the channel") }
+            return false
+        }
+        if await perform(actions, &state, inputs, logger) == false { return false }
+        if await sendQueuedRequest(&state, inputs, logger) == false { return false }
+        await publish(state, hello.uuid, session.token)
+        return true
     }
 
     struct QueuedRequest {
@@ -396,6 +447,7 @@ final class SessionDriver: Sendable {
     }
 
     /// Performs actions in order; false means the channel is done.
+    @inline(never)
     private func perform(
         _ actions: [GuestSessionMachine.Action], _ state: inout LoopState, _ inputs: AsyncChannel<Input>, _ logger: Logger
     ) async -> Bool {
@@ -542,6 +594,11 @@ final class SessionDriver: Sendable {
         try await socket.send(Channel.Frame(type, seq: seq, payload: payload), passing: fd, until: .now.advanced(by: configuration.resultTimeout))
         return seq
     }
+}
+
+/// A reload notice is pending for a session (coalesces reloads).
+final class ReloadFlag: Sendable {
+    let pending = Atomic<Bool>(false)
 }
 
 extension PlanDecision {

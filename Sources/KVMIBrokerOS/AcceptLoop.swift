@@ -39,11 +39,12 @@ public final class ConnectionAdmission: Sendable {
         self.maximumGreeting = maximumGreeting
     }
 
-    /// Limits from the process's descriptor limit: each live connection may hold two
-    /// descriptors (the channel and, during a handshake, the introspector's socket), and
-    /// `reserve` stay free for everything else (libvirt, /proc reads, the runtime).
-    public convenience init(descriptorLimit: Int, reserve: Int = 64) {
-        let connections = max(1, (descriptorLimit - reserve) / 2)
+    /// Limits from the process's descriptor limit: a live connection holds one descriptor (its
+    /// channel), and a second only while its handshake is in flight, which the handshake pacer
+    /// bounds; `reserve` stay free for those sockets and everything else (libvirt, /proc reads,
+    /// the runtime).
+    public convenience init(descriptorLimit: Int, reserve: Int = 128) {
+        let connections = max(1, descriptorLimit - reserve)
         self.init(maximumConnections: connections, maximumGreeting: max(1, min(256, connections / 4)))
     }
 
@@ -144,11 +145,14 @@ public func serveConnections(
     let admission = admission ?? ConnectionAdmission(descriptorLimit: currentDescriptorLimit().soft)
     var atLimit = false
     var accepted = 0
+    // A flood makes the server reach its limit again and again: say so a few times a minute.
+    let limitNotices = RateLimitedLog(linesPerWindow: 4, window: .seconds(60))
     await withDiscardingTaskGroup { group in
         while !Task.isCancelled {
             if admission.counts.live >= admission.maximumConnections {
                 if !atLimit {
-                    logger.warning(
+                    limitNotices.log(
+                        logger,
                         "the \(what) socket holds its maximum of \(admission.maximumConnections) connections; new ones wait in the listen backlog")
                     atLimit = true
                 }
@@ -158,7 +162,7 @@ public func serveConnections(
             let raw = kvmib_accept(listener.raw, 1)
             if raw >= 0 {
                 if atLimit {
-                    logger.notice("the \(what) socket accepts connections again")
+                    limitNotices.log(logger, level: .notice, "the \(what) socket accepts connections again")
                     atLimit = false
                 }
                 let connection = Descriptor(adopting: raw)
@@ -185,8 +189,8 @@ public func serveConnections(
                 continue
             case EMFILE, ENFILE, ENOBUFS, ENOMEM:
                 if !atLimit {
-                    logger.error(
-                        "accept failed on the \(what) socket: out of descriptors; waiting for a connection to end",
+                    limitNotices.log(
+                        logger, level: .error, "accept failed on the \(what) socket: out of descriptors; waiting for a connection to end",
                         metadata: ["errno": "\(errnoName(error))", "connections": "\(admission.counts.live)"])
                     atLimit = true
                 }

@@ -36,6 +36,24 @@ public struct HandshakeOutcome: Sendable {
     public let authenticated: Bool
     public let connectDuration: Duration
     public let handshakeDuration: Duration
+    /// The introspector's turn (with a pacer): held until this outcome is dropped, so the
+    /// descriptors of handshakes that wait for their HOOK count against the same bound.
+    public internal(set) var turn: HandshakeTurn?
+}
+
+/// One handshake's turn at an introspector; the next in line gets it when this is released.
+public final class HandshakeTurn: Sendable {
+    private let pacer: HandshakePacer
+    private let key: String
+    private let id: UInt64
+
+    init(pacer: HandshakePacer, key: String, id: UInt64) {
+        self.pacer = pacer
+        self.key = key
+        self.id = id
+    }
+
+    deinit { pacer.release(key, id) }
 }
 
 /// Paces handshakes per introspector: at most `limit` in flight to one endpoint, the others
@@ -48,6 +66,30 @@ public final class HandshakePacer: Sendable {
     private struct Lane {
         var inFlight = 0
         var queue = Deque<(id: UInt64, continuation: CheckedContinuation<Void, any Error>)>()
+
+        var isIdle: Bool { inFlight == 0 && queue.isEmpty }
+
+        /// True: run now; nil: queued.
+        mutating func admit(_ id: UInt64, _ continuation: CheckedContinuation<Void, any Error>, limit: Int) -> Bool? {
+            if inFlight < limit && queue.isEmpty {
+                inFlight += 1
+                return true
+            }
+            queue.append((id, continuation))
+            return nil
+        }
+
+        mutating func withdraw(_ id: UInt64) -> CheckedContinuation<Void, any Error>? {
+            guard let index = queue.firstIndex(where: { $0.id == id }) else { return nil }
+            return queue.remove(at: index).continuation
+        }
+
+        /// A slot is free: it passes to the next in line, if any.
+        mutating func release() -> CheckedContinuation<Void, any Error>? {
+            if let next = queue.popFirst() { return next.continuation }
+            inFlight -= 1
+            return nil
+        }
     }
 
     private struct State {
@@ -74,6 +116,13 @@ public final class HandshakePacer: Sendable {
     /// Runs `body` once a slot for `endpoint` is free; throws `cancelled` if the task is
     /// cancelled while queued.
     public func paced<T: Sendable>(_ endpoint: IntrospectorEndpoint, _ body: () async throws -> T) async throws -> T {
+        let turn = try await self.turn(at: endpoint)
+        defer { withExtendedLifetime(turn) {} }
+        return try await body()
+    }
+
+    /// Waits for a turn at `endpoint`; the turn ends when the returned object is released.
+    public func turn(at endpoint: IntrospectorEndpoint) async throws -> HandshakeTurn {
         let key = endpoint.description
         let id = state.withLock { state -> UInt64 in
             defer { state.nextID += 1 }
@@ -81,16 +130,11 @@ public final class HandshakePacer: Sendable {
         }
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                // Lanes are mutated in place (through the dictionary's accessor): copying one out
+                // would copy its queue, O(guests) per step in a boot storm.
                 let outcome = state.withLock { state -> Bool? in
                     if state.cancelledEarly.remove(id) != nil { return false }
-                    var lane = state.lanes[key] ?? Lane()
-                    defer { state.lanes[key] = lane }
-                    if lane.inFlight < limit && lane.queue.isEmpty {
-                        lane.inFlight += 1
-                        return true
-                    }
-                    lane.queue.append((id, continuation))
-                    return nil
+                    return state.lanes[key, default: Lane()].admit(id, continuation, limit: limit)
                 }
                 switch outcome {
                 case true?: continuation.resume()
@@ -100,28 +144,23 @@ public final class HandshakePacer: Sendable {
             }
         } onCancel: {
             let waiter = state.withLock { state -> CheckedContinuation<Void, any Error>? in
-                guard var lane = state.lanes[key], let index = lane.queue.firstIndex(where: { $0.id == id }) else {
+                guard let waiter = state.lanes[key]?.withdraw(id) else {
                     state.cancelledEarly.insert(id)
                     return nil
                 }
-                let waiter = lane.queue.remove(at: index).continuation
-                state.lanes[key] = lane
                 return waiter
             }
             waiter?.resume(throwing: BrokerError(.cancelled, "cancelled while queued for the introspector"))
         }
-        defer { release(key, id) }
-        return try await body()
+        return HandshakeTurn(pacer: self, key: key, id: id)
     }
 
-    private func release(_ key: String, _ id: UInt64) {
+    fileprivate func release(_ key: String, _ id: UInt64) {
         let next = state.withLock { state -> CheckedContinuation<Void, any Error>? in
             state.cancelledEarly.remove(id)
-            guard var lane = state.lanes[key] else { return nil }
-            defer { state.lanes[key] = lane.inFlight == 0 && lane.queue.isEmpty ? nil : lane }
-            if let next = lane.queue.popFirst() { return next.continuation }  // the slot passes on
-            lane.inFlight -= 1
-            return nil
+            let next = state.lanes[key]?.release()
+            if state.lanes[key]?.isIdle == true { state.lanes[key] = nil }
+            return next
         }
         next?.resume()
     }
@@ -143,7 +182,10 @@ public struct IntrospectorConnector: Sendable {
     /// the endpoint's turn first; the deadline starts when the turn comes.
     public func connectAndHandshake(to endpoint: IntrospectorEndpoint, _ parameters: HandshakeParameters) async throws -> HandshakeOutcome {
         guard let pacer else { return try await attempt(endpoint, parameters) }
-        return try await pacer.paced(endpoint) { try await attempt(endpoint, parameters) }
+        let turn = try await pacer.turn(at: endpoint)
+        var outcome = try await attempt(endpoint, parameters)
+        outcome.turn = turn
+        return outcome
     }
 
     private func attempt(_ endpoint: IntrospectorEndpoint, _ parameters: HandshakeParameters) async throws -> HandshakeOutcome {

@@ -78,16 +78,22 @@ public final class TestIntrospector: Sendable {
         public var sendsFirstMessage: Bool
         /// After the handshake, speak KVMI to the kernel as a real tool does first (implies the first message).
         public var kvmiClient: KVMIClientPlan?
+        /// One guest at a time, as libkvmi accepts them: listen with a backlog of 0; accept one
+        /// connection, read the handshake, reply with GET_VERSION behind the reply, wait (up to
+        /// libkvmi's 15 s) for the kernel's GET_VERSION reply, park the connection, then accept the
+        /// next (implies the first message; not combined with the KVMI client mode).
+        public var serial: Bool
 
         public init(
             endpoint: IntrospectorEndpoint, secret: [UInt8]?, behaviour: Behaviour = .normal, sendsFirstMessage: Bool = false,
-            kvmiClient: KVMIClientPlan? = nil
+            kvmiClient: KVMIClientPlan? = nil, serial: Bool = false
         ) {
             self.endpoint = endpoint
             self.secret = secret
             self.behaviour = behaviour
-            self.sendsFirstMessage = sendsFirstMessage || kvmiClient != nil
+            self.sendsFirstMessage = sendsFirstMessage || kvmiClient != nil || serial
             self.kvmiClient = kvmiClient
+            self.serial = serial
         }
     }
 
@@ -131,7 +137,7 @@ public final class TestIntrospector: Sendable {
     /// Binds and starts serving.
     public init(_ configuration: Configuration) throws {
         self.configuration = configuration
-        (listener, endpoint) = try listenSocket(on: configuration.endpoint)
+        (listener, endpoint) = try listenSocket(on: configuration.endpoint, backlog: configuration.serial ? 0 : 1024)
         var fds: [Int32] = [0, 0]
         guard kvmib_pipe(&fds) == 0 else { throw BrokerError(.io, "pipe2 failed", errno: errno) }
         stopPipe = (Descriptor(adopting: fds[0]), Descriptor(adopting: fds[1]))
@@ -209,6 +215,15 @@ public final class TestIntrospector: Sendable {
             let raw = kvmib_accept(listener.raw, 0)
             if raw < 0 { continue }
             let connection = Descriptor(adopting: raw)
+            if configuration.serial, configuration.behaviour == .normal {
+                // The next accept waits until this guest's kernel has answered GET_VERSION.
+                if let index = serve(connection, keepRecordIndex: true), awaitVersionReply(connection, record: index) {
+                    parked.append(connection)
+                } else {
+                    connection.close()
+                }
+                continue
+            }
             if configuration.kvmiClient != nil, configuration.behaviour == .normal {
                 spawn("test-introspector-kvmi") { [self] in
                     if let index = self.serve(connection, keepRecordIndex: true) { self.runKVMI(connection, record: index) }
@@ -240,6 +255,53 @@ public final class TestIntrospector: Sendable {
             }
         }
         client.run()
+    }
+
+    /// Serial mode: libkvmi's first round trip with the kernel, through the descriptor QEMU
+    /// received: the reply to the GET_VERSION (seq 1) sent behind the handshake reply, read within
+    /// 15 s. The outcome goes into the record's `kvmi` (version, or why it ended).
+    private func awaitVersionReply(_ connection: Descriptor, record index: Int) -> Bool {
+        var session = KVMISessionRecord()
+        defer { state.withLock { [session] state in state.records[index].kvmi = session } }
+        let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int64(Self.readTimeoutMilliseconds)))
+        var bytes: [UInt8] = []
+        var wanted = KVMIWire.headerSize
+        while bytes.count < wanted {
+            let remaining = ContinuousClock.now.duration(to: deadline)
+            var fds = [
+                pollfd(fd: connection.raw, events: Int16(POLLIN), revents: 0), pollfd(fd: stopPipe.0.raw, events: Int16(POLLIN), revents: 0),
+            ]
+            let ready = remaining > .zero ? poll(&fds, 2, Int32(max(1, remaining.millisecondsDouble.rounded(.up)))) : 0
+            if ready < 0 && errno == EINTR { continue }
+            if ready <= 0 {
+                session.ended = "no reply to GET_VERSION within 15 s (is the guest hooked?)"
+                return false
+            }
+            if fds[1].revents != 0 {
+                session.ended = "test introspector stopped"
+                return false
+            }
+            var buffer = [UInt8](repeating: 0, count: wanted - bytes.count)
+            let count = recv(connection.raw, &buffer, buffer.count, 0)
+            if count <= 0 {
+                session.ended = "the socket was closed before the GET_VERSION reply"
+                return false
+            }
+            bytes += buffer.prefix(count)
+            if bytes.count == KVMIWire.headerSize {
+                let header = KVMIWire.Header(bytes)
+                guard header.id == 2, header.seq == 1, header.size >= 8, Int(header.size) <= KVMIWire.maximumMessageSize else {
+                    session.ended = "expected the reply to GET_VERSION, got id \(header.id) seq \(header.seq)"
+                    return false
+                }
+                wanted += Int(header.size)
+            }
+        }
+        let error = bytes.read(Int32.self, at: KVMIWire.headerSize, order: .host)
+        let hasVersion = error == 0 && bytes.count >= KVMIWire.headerSize + 12
+        session.version = hasVersion ? bytes.read(UInt32.self, at: KVMIWire.headerSize + 8, order: .host) : 0
+        if error != 0 { session.ended = "GET_VERSION answered with error \(error)" }
+        return error == 0
     }
 
     /// Handles the handshake of one connection and records it; returns the record's index when

@@ -13,7 +13,7 @@ struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kvmi-bench",
         abstract: "kvmi-broker benchmarks.",
-        subcommands: [HandshakeBench.self, HookBench.self, PolicyBench.self])
+        subcommands: [HandshakeBench.self, HookBench.self, PolicyBench.self, ScaleBench.self])
 }
 
 /// Handshake latency over a unix socket: connect + 104-byte struct + 24-byte reply + cookie check,

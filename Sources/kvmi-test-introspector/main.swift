@@ -39,6 +39,16 @@ struct TestIntrospectorCommand: ParsableCommand {
     @Option(help: "KVMI client mode: events to check with VM_CHECK_EVENT (comma-separated names).")
     var checkEvents: String = ""
 
+    @Flag(
+        help: """
+            One guest at a time, as libkvmi: listen with a backlog of 0, and accept the next connection only after this one's \
+            handshake and its GET_VERSION round trip with the kernel (up to 15 s).
+            """)
+    var serial = false
+
+    @Flag(help: "Print only the listening line, not every connection (for benchmarks with many guests).")
+    var quiet = false
+
     func run() throws {
         guard let behaviour = TestIntrospector.Behaviour(parsing: mode) else {
             throw ValidationError("unknown --mode '\(mode)'")
@@ -51,14 +61,18 @@ struct TestIntrospectorCommand: ParsableCommand {
             return Array(data)
         }
         var plan: KVMIClientPlan?
+        if serial, kvmi != nil { throw ValidationError("--serial and --kvmi cannot be combined") }
         if let kvmi {
             guard let abi = ABIGeneration(parsing: kvmi) else { throw ValidationError("--kvmi must be v7 or v12") }
             func names(_ text: String) -> [String] { text.split(separator: ",").map { String($0) } }
             plan = try KVMIClientPlan(abi: abi, commands: names(checkCommands), events: names(checkEvents))
         }
         let introspector = try TestIntrospector(
-            .init(endpoint: endpoint, secret: secret, behaviour: behaviour, sendsFirstMessage: sendGetVersion, kvmiClient: plan))
-        emit("test introspector listening on \(introspector.endpoint) (\(behaviour))")
+            .init(endpoint: endpoint, secret: secret, behaviour: behaviour, sendsFirstMessage: sendGetVersion, kvmiClient: plan, serial: serial))
+        emit("test introspector listening on \(introspector.endpoint) (\(behaviour)\(serial ? ", serial" : ""))")
+        if quiet {
+            while true { pause() }
+        }
         var printed: [String] = []
         while true {
             let lines = introspector.records.enumerated().map { "connection \($0.offset + 1): \(Self.describe($0.element))" }

@@ -280,3 +280,40 @@ final class LineCounter: LogHandler, @unchecked Sendable {
         lock.unlock()
     }
 }
+
+extension OSLayerTests.DaemonChannelTests {
+    @Test("at a 256-descriptor limit, 400 silent connections neither crash the broker nor keep a real guest out")
+    func silentConnectionsAtTheDescriptorLimit() async throws {
+        let python = URL(fileURLWithPath: "/usr/bin/python3").resolvingSymlinksInPath().path
+        let toolPath = temporarySocketPath("tool")
+        let introspector = try TestIntrospector(.init(endpoint: .unix(path: toolPath), secret: testSecret))
+        defer { introspector.stop() }
+        let secret = temporarySocketPath("secret")
+        #expect(FileManager.default.createFile(atPath: secret, contents: Data(testSecret), attributes: [.posixPermissions: 0o600]))
+        defer { unlink(secret) }
+        let channel = temporarySocketPath("channel")
+        // The broker raises its soft limit to the hard one: make both 256.
+        let broker = try SpawnedProcess(
+            "/usr/bin/prlimit",
+            [
+                "--nofile=256:256", "--", productsDirectory().appendingPathComponent("kvmi-broker").path, "run", "--channel-socket", channel,
+                "--libvirt-uri", "", "--control-socket", "", "--status-file", "", "--introspector", "unix:\(toolPath)",
+                "--secret-file", secret, "--commands", "all", "--events", "0", "--emulator", python,
+            ], logPath: temporarySocketPath("broker") + ".log")
+        defer { broker.terminate(SIGKILL, grace: 0) }
+        #expect(eventually { FileManager.default.fileExists(atPath: channel) }, "\(broker.log)")
+        var silent: [Descriptor] = []
+        for _ in 0..<400 {
+            guard let connection = try? connectUnixSocket(channel, nonBlocking: true) else { break }
+            silent.append(connection)
+        }
+        let guest = try SpawnedProcess(
+            "/usr/bin/python3", [fixture, channel, "-uuid", "5eed0000-0000-4000-8000-0000000000dd", "hello"],
+            logPath: temporarySocketPath("guest") + ".log")
+        #expect(guest.wait(timeout: 60) == 0)
+        #expect(guest.log.contains("WELCOME"), "guest: \(guest.log)\nbroker: \(broker.log)")
+        #expect(broker.isRunning, "the broker died: \(broker.log)")
+        silent.forEach { $0.close() }
+        broker.terminate(SIGTERM)
+    }
+}
