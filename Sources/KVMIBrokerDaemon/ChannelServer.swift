@@ -44,7 +44,9 @@ public final class ChannelServer: Sendable {
             logger.notice("reload requested, but the broker runs without a policy (static configuration)")
             return false
         }
-        switch store.reload() {
+        // Reading the policy and its secrets is blocking file I/O: off the cooperative pool, and
+        // one reload at a time (the queue is serial).
+        switch await BlockingWork.shared.run({ store.reload() }) {
         case .success(let (snapshot, warnings)):
             for warning in warnings { logger.warning("policy: \(warning)") }
             logger.notice(

@@ -460,7 +460,8 @@ final class SessionDriver: Sendable {
                     guard let plan = state.plan else { continue }
                     if state.triggeredAt == nil { state.triggeredAt = .now }
                     let parameters = HandshakeParameters(
-                        abi: plan.allowLists.abi, request: state.request, expectedCookie: plan.cookie, timeout: plan.handshakeTimeout)
+                        abi: plan.allowLists.abi, request: state.request, expectedCookie: plan.cookie, timeout: plan.handshakeTimeout,
+                        allowedPeer: plan.peerRequirement)
                     let connector = self.connector
                     let endpoint = plan.endpoint
                     let attempt = state.newID()

@@ -63,6 +63,22 @@ public enum PlanDecision: Sendable, Equatable {
     }
 }
 
+extension SessionPlan {
+    /// `AllowedPeer` as the connector checks it; nil when the policy names none.
+    public var peerRequirement: PeerRequirement? {
+        guard !allowedPeers.isEmpty else { return nil }
+        var requirement = PeerRequirement()
+        for peer in allowedPeers {
+            switch peer {
+            case .uid(let uid): requirement.uids.insert(uid)
+            case .user(let name): requirement.users.append(name)
+            case .cid(let cid): requirement.cids.insert(cid)
+            }
+        }
+        return requirement
+    }
+}
+
 /// Decides sessions: the static configuration, or the allow-policy.
 public protocol PlanSource: Sendable {
     /// The plan for a guest (nil: not introspected, which includes "required but unservable":

@@ -1,3 +1,4 @@
+import CKVMIBroker
 import DequeModule
 import Foundation
 import KVMIBrokerCore
@@ -16,12 +17,65 @@ public struct HandshakeParameters: Sendable {
     public var expectedCookie: CookieHash?
     /// From the start of the connect until the whole reply is in (QEMU's default is 10 s).
     public var timeout: Duration
+    /// Who may be on the other end (the policy's `AllowedPeer`), checked right after the
+    /// connect, before a byte of the handshake (the guest's UUID and name) is sent.
+    public var allowedPeer: PeerRequirement?
 
-    public init(abi: ABIGeneration, request: HandshakeRequest, expectedCookie: CookieHash?, timeout: Duration = .seconds(10)) {
+    public init(
+        abi: ABIGeneration, request: HandshakeRequest, expectedCookie: CookieHash?, timeout: Duration = .seconds(10),
+        allowedPeer: PeerRequirement? = nil
+    ) {
         self.abi = abi
         self.request = request
         self.expectedCookie = expectedCookie
         self.timeout = timeout
+        self.allowedPeer = allowedPeer
+    }
+}
+
+/// The introspector processes a connection may reach: for unix sockets the listener's uid
+/// (SO_PEERCRED on the connected socket) or a user name, for vsock the context id.
+public struct PeerRequirement: Sendable, Equatable {
+    public var uids: Set<UInt32>
+    public var users: [String]
+    public var cids: Set<UInt32>
+
+    public init(uids: Set<UInt32> = [], users: [String] = [], cids: Set<UInt32> = []) {
+        self.uids = uids
+        self.users = users
+        self.cids = cids
+    }
+
+    public var description: String {
+        (uids.sorted().map { "uid:\($0)" } + users.map { "user:\(escapedForLog($0, limit: 64))" } + cids.sorted().map { "cid:\($0)" })
+            .joined(separator: ", ")
+    }
+
+    /// Nil when the peer on `fd` (connected to `endpoint`) is allowed; else why not. Resolves
+    /// user names, so it runs on `BlockingWork` (NSS may be slow), never on the cooperative pool.
+    func problem(with fd: Int32, endpoint: IntrospectorEndpoint) -> String? {
+        switch endpoint {
+        case .unix:
+            var pid: pid_t = 0
+            var uid: uid_t = 0
+            var gid: gid_t = 0
+            guard kvmib_peer_credentials(fd, &pid, &uid, &gid) == 0 else {
+                return "cannot read the introspector's credentials (SO_PEERCRED: \(errnoName(errno)))"
+            }
+            var allowed = uids
+            for user in users {
+                if let entry = getpwnam(user) { allowed.insert(entry.pointee.pw_uid) }
+            }
+            guard allowed.contains(uid) else {
+                return "the process listening there runs as uid \(uid), which AllowedPeer (\(description)) does not name"
+            }
+            return nil
+        case .vsock(let cid, _):
+            guard cids.contains(cid) else { return "vsock context \(cid) is not one AllowedPeer (\(description)) names" }
+            return nil
+        case .tcp:
+            return "AllowedPeer cannot be verified for a tcp endpoint"
+        }
     }
 }
 
@@ -200,6 +254,13 @@ public struct IntrospectorConnector: Sendable {
                 throw BrokerError(.timedOut, "no connection within \(format(parameters.timeout))")
             }
             let connected = clock.now
+            if let allowed = parameters.allowedPeer {
+                let fd = descriptor.raw
+                if let problem = await BlockingWork.shared.run({ allowed.problem(with: fd, endpoint: endpoint) }) {
+                    descriptor.close()
+                    throw BrokerError(.authenticationFailed, "refusing the introspector before the handshake: \(problem)")
+                }
+            }
             do {
                 let (sent, reply, authenticated) = try await handshake(on: descriptor.raw, parameters, until: deadline)
                 return HandshakeOutcome(

@@ -167,6 +167,27 @@ extension OSLayerTests {
             #expect(pacer.load(of: endpoint).inFlight == 0 && pacer.load(of: endpoint).queued == 0)
         }
 
+        @Test("AllowedPeer is checked before a byte of the handshake is sent")
+        func allowedPeerBeforeTheHandshake() async throws {
+            let introspector = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("peer-tool")), secret: testSecret))
+            defer { introspector.stop() }
+            var wrong = parameters(timeout: .seconds(60))
+            wrong.allowedPeer = PeerRequirement(uids: [getuid() &+ 4242])
+            await #expect {
+                try await IntrospectorConnector().connectAndHandshake(to: introspector.endpoint, wrong)
+            } throws: { error in
+                let error = error as? BrokerError
+                return error?.code == .authenticationFailed && error?.message.contains("runs as uid \(getuid())") == true
+            }
+            // The tool saw a connection and not one byte: not the guest's UUID, not its name.
+            let record = try #require(introspector.waitForRecords(1, timeout: .seconds(60)).first)
+            #expect(record.handshake == nil)
+            #expect(record.error?.contains("after 0 handshake bytes") == true, "\(record.error ?? "-")")
+            var right = parameters(timeout: .seconds(60))
+            right.allowedPeer = PeerRequirement(users: [String(cString: getpwuid(getuid()).pointee.pw_name)])
+            _ = try await IntrospectorConnector().connectAndHandshake(to: introspector.endpoint, right)
+        }
+
         @Test("a cancelled guest leaves the introspector's queue")
         func cancelledWhileQueued() async throws {
             let pacer = HandshakePacer(limit: 1)
