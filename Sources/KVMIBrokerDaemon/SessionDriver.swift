@@ -141,7 +141,8 @@ final class SessionDriver: Sendable {
         }
         let status = SessionStatus(
             uuid: "\(hello.uuid)", name: name, qemuPID: peer.pid, state: "connected", hooked: hello.flags.contains(.hooked), failures: 0,
-            lastFailure: nil, startTime: hello.startTime, since: Date())
+            lastFailure: nil, startTime: hello.startTime, since: Date(),
+            identity: configuration.identity == nil ? "proc only (libvirt identity check OFF)" : "libvirt")
         let token: UInt64
         switch await registry.claim(hello.uuid, status: status) {
         case .success(let claimed):

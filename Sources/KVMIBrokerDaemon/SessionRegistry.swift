@@ -23,6 +23,9 @@ public struct SessionStatus: Sendable, Codable, Equatable {
     public var lastHookRequestMicroseconds: Int64?
     /// Hooks completed by this session.
     public var hooks: Int = 0
+    /// How the QEMU's identity was established: "libvirt" (pid-to-domain), or "proc only"
+    /// when the libvirt check is off.
+    public var identity: String?
 }
 
 /// Sessions keyed by guest UUID: at most one live channel per guest, and the status view.

@@ -122,7 +122,8 @@ struct ScaleBench: ParsableCommand {
                     (
                         broker,
                         [
-                            "run", "--channel-socket", channel, "--libvirt-uri", "", "--control-socket", "", "--status-file",
+                            "run", "--channel-socket", channel, "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--control-socket", "",
+                            "--status-file",
                             "\(work)/status-\(run).json", "--introspector", "unix:\(tool)", "--secret-file", secretPath, "--emulator", fakeQEMU,
                             "--abi", "v12", "--commands", "all", "--events", "all", "--log-level", "warning",
                         ]

@@ -29,6 +29,13 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "libvirt URI: a HELLO is accepted only if libvirt runs that domain with that QEMU pid; empty disables the check.")
     var libvirtUri = "qemu:///system"
 
+    @Flag(
+        help: """
+            Run without libvirt's pid-to-domain check (with --libvirt-uri ''): a QEMU is then trusted on /proc alone (its \
+            executable and -uuid), which a local process can imitate. For tests and hosts without libvirt only.
+            """)
+    var insecureNoLibvirtIdentity = false
+
     @Option(help: "The control socket the libvirt hook talks to (root only); empty disables it.")
     var controlSocket = "/run/kvmi-broker/control.sock"
 
@@ -97,6 +104,13 @@ struct RunCommand: AsyncParsableCommand {
 
     func validate() throws {
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level '\(escapedForLog(logLevel))' is not a level") }
+        if libvirtUri.isEmpty != insecureNoLibvirtIdentity {
+            throw ValidationError(
+                insecureNoLibvirtIdentity
+                    ? "--insecure-no-libvirt-identity needs --libvirt-uri '' (the check is on whenever a libvirt URI is given)"
+                    : "--libvirt-uri '' turns off libvirt's pid-to-domain check, the one sound proof of which guest a QEMU is; add --insecure-no-libvirt-identity to do that on purpose"
+            )
+        }
         if introspector != nil {
             let wrong = policyModeOptions
             guard wrong.isEmpty else {
@@ -155,7 +169,11 @@ struct RunCommand: AsyncParsableCommand {
         }
         signal(SIGPIPE, SIG_IGN)
         var libvirtTask: Task<Void, Never>?
-        if !libvirtUri.isEmpty {
+        if libvirtUri.isEmpty {
+            logger.warning(
+                "IDENTITY CHECK OFF (--insecure-no-libvirt-identity): QEMUs are trusted on /proc alone (executable and -uuid), which a local process can imitate"
+            )
+        } else {
             let (identity, task) = LibvirtIdentity.start(uri: libvirtUri, logger: logger)
             configuration.identity = identity
             libvirtTask = task
@@ -282,6 +300,7 @@ struct StatusCommand: ParsableCommand {
         if sessions.isEmpty { print("no guest sessions") }
         for session in sessions {
             print("\(session.name) \(session.uuid) qemu pid \(session.qemuPID): \(session.state)")
+            if let identity = session.identity, identity != "libvirt" { print("    identity: \(identity)") }
             if let failure = session.lastFailure { print("    last failure (\(session.failures) in a row): \(failure)") }
         }
     }

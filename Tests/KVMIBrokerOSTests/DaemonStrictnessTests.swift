@@ -297,7 +297,8 @@ extension OSLayerTests.DaemonChannelTests {
             "/usr/bin/prlimit",
             [
                 "--nofile=256:256", "--", productsDirectory().appendingPathComponent("kvmi-broker").path, "run", "--channel-socket", channel,
-                "--libvirt-uri", "", "--control-socket", "", "--status-file", "", "--introspector", "unix:\(toolPath)",
+                "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--control-socket", "", "--status-file", "", "--introspector",
+                "unix:\(toolPath)",
                 "--secret-file", secret, "--commands", "all", "--events", "0", "--emulator", python,
             ], logPath: temporarySocketPath("broker") + ".log")
         defer { broker.terminate(SIGKILL, grace: 0) }
@@ -315,5 +316,21 @@ extension OSLayerTests.DaemonChannelTests {
         #expect(broker.isRunning, "the broker died: \(broker.log)")
         silent.forEach { $0.close() }
         broker.terminate(SIGTERM)
+    }
+}
+
+extension OSLayerTests.DaemonChannelTests {
+    @Test("turning libvirt's identity check off takes a loudly named option; either half alone is refused")
+    func identityCheckOffIsExplicit() throws {
+        let broker = productsDirectory().appendingPathComponent("kvmi-broker")
+        let common = [
+            "run", "--control-socket", "", "--status-file", "", "--introspector", "unix:/nonexistent/tool.sock", "--commands", "all", "--events", "0",
+        ]
+        let (status, _, error) = try runProcess(broker, common + ["--libvirt-uri", ""])
+        #expect(status != 0)
+        #expect(error.contains("--insecure-no-libvirt-identity"), "\(error)")
+        let (status2, _, error2) = try runProcess(broker, common + ["--insecure-no-libvirt-identity"])
+        #expect(status2 != 0)
+        #expect(error2.contains("needs --libvirt-uri ''"), "\(error2)")
     }
 }

@@ -126,7 +126,7 @@ extension OSLayerTests {
             let broker = productsDirectory().appendingPathComponent("kvmi-broker")
             let arguments = [
                 "run", "--policy-root", tree.root, "--allow-non-root-owner", "--channel-socket", directory + "/qemu.sock", "--control-socket",
-                directory + "/control.sock", "--libvirt-uri", "", "--status-file", "",
+                directory + "/control.sock", "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--status-file", "",
             ]
             let first = try ChildProcess(broker, arguments)
             defer { first.kill() }
@@ -454,7 +454,7 @@ extension OSLayerTests {
 
         @Test("static mode needs --commands and --events; options of the other mode are refused in one line")
         func options() throws {
-            let common = ["run", "--libvirt-uri", "", "--control-socket", "", "--status-file", ""]
+            let common = ["run", "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--control-socket", "", "--status-file", ""]
             let cases: [([String], String)] = [
                 (
                     ["--introspector", "unix:/tmp/x.sock"],
