@@ -170,14 +170,14 @@ public final class TestIntrospector: Sendable {
             var one: UInt8 = 1
             _ = write(stopPipe.1.raw, &one, 1)
         }
-        let deadline = ContinuousClock.now.advanced(by: .seconds(5))
+        let deadline = ContinuousClock.now.advanced(by: .seconds(60))
         while state.withLock({ $0.runningThreads }) > 0 && ContinuousClock.now < deadline { usleep(1000) }
     }
 
     deinit { stop() }
 
     /// Waits (polling) until `count` connections have been recorded, or `timeout` passes.
-    public func waitForRecords(_ count: Int, timeout: Duration = .seconds(10)) -> [Record] {
+    public func waitForRecords(_ count: Int, timeout: Duration = .seconds(60)) -> [Record] {
         let deadline = ContinuousClock.now.advanced(by: timeout)
         while ContinuousClock.now < deadline {
             let current = records

@@ -147,19 +147,19 @@ static int request(int tool, uint16_t id, const void *body, uint16_t size, void 
 		memcpy(buf + sizeof(h), body, size);
 	if (write(tool, buf, sizeof(h) + size) != (ssize_t)(sizeof(h) + size))
 		return 9999;
-	if (read_n(tool, &rh, sizeof(rh), 3000) != sizeof(rh))
+	if (read_n(tool, &rh, sizeof(rh), 60000) != sizeof(rh))
 		return 9998;
 	if (rh_out)
 		*rh_out = rh;
 	if (rh.id != id || rh.seq != h.seq || rh.size < sizeof(ec))
 		return 9997;
-	if (read_n(tool, &ec, sizeof(ec), 3000) != sizeof(ec))
+	if (read_n(tool, &ec, sizeof(ec), 60000) != sizeof(ec))
 		return 9996;
 	size_t rest = rh.size - sizeof(ec);
 	if (ec.err != 0 && rest != 0)
 		return 9995; /* payload only when err == 0 */
 	char tmp[256];
-	if (rest > sizeof(tmp) || read_n(tool, tmp, rest, 3000) != rest)
+	if (rest > sizeof(tmp) || read_n(tool, tmp, rest, 60000) != rest)
 		return 9994;
 	if (payload)
 		memcpy(payload, tmp, rest < cap ? rest : cap);
@@ -407,7 +407,7 @@ static void test_generation(const struct gen *g, int vm)
 		check(xioctl(vm, g->preunhook, NULL) == 0, "%s PREUNHOOK #%u -> 0", n, seq);
 		uint8_t ev[8 + 544];
 		size_t want = g->v7 ? 8 + 544 : 16;
-		size_t got = read_n(tool, ev, want, 3000);
+		size_t got = read_n(tool, ev, want, 60000);
 		uint8_t expect[8 + 544];
 		memset(expect, 0, sizeof(expect));
 		struct kd_msg_hdr eh = { .id = g->v7 ? 1 : 0, .size = g->v7 ? 544 : 8, .seq = seq };
@@ -444,7 +444,7 @@ static void test_generation(const struct gen *g, int vm)
 		uint8_t ev[8 + 544];
 		size_t want = g->v7 ? 8 + 544 : 16;
 		struct kd_msg_hdr eh;
-		check(read_n(tool, ev, want, 3000) == want && (memcpy(&eh, ev, 8), eh.seq == 3),
+		check(read_n(tool, ev, want, 60000) == want && (memcpy(&eh, ev, 8), eh.seq == 3),
 		      "%s third unhook event has seq 3", n);
 	}
 
@@ -452,9 +452,9 @@ static void test_generation(const struct gen *g, int vm)
 	{
 		struct kd_msg_hdr h = { .id = g->get_version, .size = KD_MAX_MSG_SIZE + 1, .seq = 1 };
 		ssize_t w = write(tool, &h, sizeof(h));
-		check(w == sizeof(h) && wait_hup(tool, 3000), "%s message size 8185 -> the double closes the socket", n);
-		check(wait_hup(sv[0], 3000), "%s caller's fd sees the hang-up (shared socket)", n);
-		check(wait_tasks(tasks_before, 3000), "%s serving thread exited after the close", n);
+		check(w == sizeof(h) && wait_hup(tool, 60000), "%s message size 8185 -> the double closes the socket", n);
+		check(wait_hup(sv[0], 60000), "%s caller's fd sees the hang-up (shared socket)", n);
+		check(wait_tasks(tasks_before, 60000), "%s serving thread exited after the close", n);
 		check(hook(g, vm, sv[0], 0) == -EEXIST, "%s HOOK after the close, before UNHOOK -> EEXIST", n);
 		check(xioctl(vm, g->preunhook, NULL) == -ENOENT, "%s PREUNHOOK after the close -> ENOENT", n);
 		check(feature(g, vm, 1, 1, -1) == 0, "%s COMMAND after the close (state kept) -> 0", n);
@@ -482,7 +482,7 @@ static void test_generation(const struct gen *g, int vm)
 		uint8_t rep[32];
 		struct kd_msg_hdr rh2;
 		struct kd_error_code ec2;
-		size_t got = read_n(tool, rep, sizeof(rep), 3000);
+		size_t got = read_n(tool, rep, sizeof(rep), 60000);
 		memcpy(&rh2, rep, sizeof(rh2));
 		memcpy(&ec2, rep + 8, sizeof(ec2));
 		check(got == 32 && rh2.id == g->get_version && rh2.seq == 77 && rh2.size == 24 && ec2.err == 0,
@@ -492,10 +492,10 @@ static void test_generation(const struct gen *g, int vm)
 	check(r == 0, "%s fresh hook: GET_VERSION -> 0", n);
 	check(check_cmd(tool, g, g->control_events) == -KD_KVM_EPERM, "%s fresh hook: default allow-list again", n);
 	close(tool);
-	check(wait_hup(sv[0], 3000), "%s tool closed: caller's fd sees the hang-up", n);
+	check(wait_hup(sv[0], 60000), "%s tool closed: caller's fd sees the hang-up", n);
 	check(hook(g, vm, sv[0], 0) == -EEXIST, "%s tool closed: HOOK -> EEXIST until UNHOOK", n);
 	check(xioctl(vm, g->unhook, NULL) == 0, "%s UNHOOK after tool close -> 0", n);
-	check(count_dir("/proc/self/task") == tasks_before, "%s no thread left after UNHOOK", n);
+	check(wait_tasks(tasks_before, 60000), "%s no thread left after UNHOOK", n);
 	close(sv[0]);
 
 	/* UNHOOK while the tool is connected: the tool sees EOF */
@@ -504,12 +504,12 @@ static void test_generation(const struct gen *g, int vm)
 	check(xioctl(vm, g->unhook, NULL) == 0, "%s UNHOOK with the tool connected -> 0", n);
 	{
 		char c;
-		check(read_n(sv[1], &c, 1, 3000) == 0, "%s tool sees EOF after UNHOOK", n);
+		check(read_n(sv[1], &c, 1, 60000) == 0, "%s tool sees EOF after UNHOOK", n);
 	}
 	close(sv[0]);
 	close(sv[1]);
 	check(count_dir("/proc/self/fd") == fds_before - 2, "%s fd count back to the start", n);
-	check(count_dir("/proc/self/task") == tasks_before, "%s thread count back to the start", n);
+	check(wait_tasks(tasks_before, 60000), "%s thread count back to the start", n);
 }
 
 int main(void)
@@ -611,8 +611,8 @@ int main(void)
 		int old_vm = vm;
 		close(vm);
 		char c;
-		check(read_n(sv[1], &c, 1, 3000) == 0, "close(VM fd): the tool sees EOF");
-		check(count_dir("/proc/self/task") == tasks - 1, "close(VM fd): the serving thread is gone");
+		check(read_n(sv[1], &c, 1, 60000) == 0, "close(VM fd): the tool sees EOF");
+		check(wait_tasks(tasks - 1, 60000), "close(VM fd): the serving thread is gone");
 		vm = ioctl(kvm, KVM_CREATE_VM, 0);
 		check(vm >= 0, "KVM_CREATE_VM again (fd %d, the old one was %d)", vm, old_vm);
 		check(hook(&V12, vm, sv[0], 0) == 0, "new VM starts unhooked: HOOK -> 0");
