@@ -15,6 +15,28 @@ import Testing
 private let fixture = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures/fake_qemu_channel.py").path
 
 extension OSLayerTests.DaemonChannelTests {
+    /// One test's broker (static mode, this process as a QEMU in a fake /proc) and test
+    /// introspector; both are stopped when `body` returns or throws.
+    func withBroker(
+        tool behaviour: TestIntrospector.Behaviour = .normal, _ body: (ChannelServer, String, TestIntrospector) async throws -> Void
+    ) async throws {
+        let procRoot = try fakeProc(cmdlineUUID: uuid)
+        defer { try? FileManager.default.removeItem(atPath: procRoot) }
+        let introspector = try TestIntrospector(
+            .init(endpoint: .unix(path: temporarySocketPath("tool")), secret: testSecret, behaviour: behaviour))
+        defer { introspector.stop() }
+        let (server, broker, socketPath) = try startBroker(procRoot: procRoot, introspector: introspector.endpoint)
+        do {
+            try await body(server, socketPath, introspector)
+        } catch {
+            broker.cancel()
+            await broker.value
+            throw error
+        }
+        broker.cancel()
+        await broker.value
+    }
+
     /// Connects, sends HELLO, and returns the answer frame (WELCOME or REFUSE).
     func greet(_ socketPath: String, uuid: GuestUUID, version: UInt16 = 1) throws -> (FakeQEMU, Channel.Frame?) {
         let qemu = try FakeQEMU(connectingTo: socketPath)
@@ -26,12 +48,7 @@ extension OSLayerTests.DaemonChannelTests {
 
     @Test("one live channel per guest: a second channel of the same QEMU is refused while the first lives")
     func secondChannelRefused() async throws {
-        let procRoot = try fakeProc(cmdlineUUID: uuid)
-        defer { try? FileManager.default.removeItem(atPath: procRoot) }
-        let introspector = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("tool")), secret: testSecret))
-        defer { introspector.stop() }
-        let (server, broker, socketPath) = try startBroker(procRoot: procRoot, introspector: introspector.endpoint)
-        do {
+        try await withBroker { server, socketPath, introspector in
             let (first, welcome) = try greet(socketPath, uuid: uuid)
             #expect(welcome?.knownType == .welcome)
             let (hook, fds) = try #require(first.receive(timeout: .seconds(30)))
@@ -43,35 +60,21 @@ extension OSLayerTests.DaemonChannelTests {
             #expect(await server.registry.count == 1)
             #expect(introspector.records.count == 1, "one handshake, not one per channel")
         }
-        broker.cancel()
-        await broker.value
     }
 
     @Test("a HELLO that announces channel version 0 is refused")
     func versionZeroRefused() async throws {
-        let procRoot = try fakeProc(cmdlineUUID: uuid)
-        defer { try? FileManager.default.removeItem(atPath: procRoot) }
-        let introspector = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("tool")), secret: testSecret))
-        defer { introspector.stop() }
-        let (_, broker, socketPath) = try startBroker(procRoot: procRoot, introspector: introspector.endpoint)
-        do {
+        try await withBroker { _, socketPath, introspector in
             let (_, answer) = try greet(socketPath, uuid: uuid, version: 0)
             #expect(answer?.knownType == .refuse)
             #expect(answer?.payload.read(Int32.self, at: 0, order: .little) == EPROTONOSUPPORT)
+            #expect(introspector.records.isEmpty)
         }
-        broker.cancel()
-        await broker.value
-        #expect(introspector.records.isEmpty)
     }
 
     @Test("a RESULT whose sequence number no request had is a protocol error, not a hook")
     func resultForUnknownRequest() async throws {
-        let procRoot = try fakeProc(cmdlineUUID: uuid)
-        defer { try? FileManager.default.removeItem(atPath: procRoot) }
-        let introspector = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("tool")), secret: testSecret))
-        defer { introspector.stop() }
-        let (server, broker, socketPath) = try startBroker(procRoot: procRoot, introspector: introspector.endpoint)
-        do {
+        try await withBroker { server, socketPath, introspector in
             let (qemu, welcome) = try greet(socketPath, uuid: uuid)
             #expect(welcome?.knownType == .welcome)
             let (hook, fds) = try #require(qemu.receive(timeout: .seconds(30)))
@@ -83,18 +86,11 @@ extension OSLayerTests.DaemonChannelTests {
             #expect(qemu.receive(timeout: .seconds(30)) == nil, "the broker closes the channel")
             #expect(await server.registry.snapshot().first?.hooked != true)
         }
-        broker.cancel()
-        await broker.value
     }
 
     @Test("a RESULT timeout handled after its RESULT is stale: the hooked session stays")
     func staleResultTimeoutIsIgnored() async throws {
-        let procRoot = try fakeProc(cmdlineUUID: uuid)
-        defer { try? FileManager.default.removeItem(atPath: procRoot) }
-        let introspector = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("tool")), secret: testSecret))
-        defer { introspector.stop() }
-        let (server, broker, socketPath) = try startBroker(procRoot: procRoot, introspector: introspector.endpoint)
-        do {
+        try await withBroker { server, socketPath, introspector in
             let (qemu, welcome) = try greet(socketPath, uuid: uuid)
             #expect(welcome?.knownType == .welcome)
             let (hook, fds) = try #require(qemu.receive(timeout: .seconds(30)))
@@ -113,22 +109,14 @@ extension OSLayerTests.DaemonChannelTests {
             #expect(await eventuallyAsync { await server.registry.snapshot().first?.state.contains("PAUSED") == true })
             #expect(await server.registry.count == 1)
         }
-        broker.cancel()
-        await broker.value
     }
 
     @Test("a handshake outcome of a superseded attempt is never taken as the current one's")
     func supersededHandshakeIsDropped() async throws {
-        let procRoot = try fakeProc(cmdlineUUID: uuid)
-        defer { try? FileManager.default.removeItem(atPath: procRoot) }
-        // A tool that never answers: the session stays in its first attempt.
-        let introspector = try TestIntrospector(
-            .init(endpoint: .unix(path: temporarySocketPath("tool")), secret: testSecret, behaviour: .silent))
-        defer { introspector.stop() }
         let other = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("tool2")), secret: testSecret))
         defer { other.stop() }
-        let (server, broker, socketPath) = try startBroker(procRoot: procRoot, introspector: introspector.endpoint)
-        do {
+        // A tool that never answers: the session stays in its first attempt.
+        try await withBroker(tool: .silent) { server, socketPath, _ in
             let (qemu, welcome) = try greet(socketPath, uuid: uuid)
             #expect(welcome?.knownType == .welcome)
             #expect(await eventuallyAsync { await server.registry.snapshot().first?.state.hasPrefix("connecting") == true })
@@ -144,8 +132,6 @@ extension OSLayerTests.DaemonChannelTests {
             // The stale outcome was handled before the pause: a HOOK for it would already be here.
             #expect(qemu.receive(timeout: .zero) == nil, "no HOOK for the superseded attempt")
         }
-        broker.cancel()
-        await broker.value
     }
 
     @Test("connections that never send HELLO cannot keep a real guest out")
