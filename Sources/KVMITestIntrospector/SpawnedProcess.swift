@@ -13,14 +13,26 @@ public final class SpawnedProcess: @unchecked Sendable {
     private let lock = NSLock()
     private var exitStatus: Int32?
 
-    public init(_ executable: String, _ arguments: [String], environment: [String: String]? = nil, logPath: String) throws {
+    /// `descriptors` are passed to the child as 3, 4, 5, ...; with `ownProcessGroup` the child
+    /// leads a process group of its own (so `kill(-pid, ...)` reaches all it starts).
+    public init(
+        _ executable: String, _ arguments: [String], environment: [String: String]? = nil, logPath: String, descriptors: [Int32] = [],
+        ownProcessGroup: Bool = false
+    ) throws {
         self.logPath = logPath
+        // Move the descriptors out of the way of their targets before the dup2s.
+        let high = descriptors.map { fcntl($0, F_DUPFD_CLOEXEC, 100) }
+        defer { high.filter { $0 >= 0 }.forEach { close($0) } }
+        guard !high.contains(where: { $0 < 0 }) else {
+            throw NSError(domain: "spawn", code: Int(errno), userInfo: [NSLocalizedDescriptionKey: "cannot duplicate the descriptors to pass"])
+        }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o600)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        for (offset, fd) in high.enumerated() { posix_spawn_file_actions_adddup2(&actions, fd, Int32(3 + offset)) }
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }
@@ -31,7 +43,12 @@ public final class SpawnedProcess: @unchecked Sendable {
         var defaults = sigset_t()
         sigfillset(&defaults)
         posix_spawnattr_setsigdefault(&attributes, &defaults)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        var flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF
+        if ownProcessGroup {
+            posix_spawnattr_setpgroup(&attributes, 0)
+            flags |= POSIX_SPAWN_SETPGROUP
+        }
+        posix_spawnattr_setflags(&attributes, Int16(flags))
         let environment = (environment ?? ProcessInfo.processInfo.environment).map { "\($0.key)=\($0.value)" }
         let argv = ([executable] + arguments).map { strdup($0) } + [nil]
         let envp = environment.map { strdup($0) } + [nil]

@@ -437,66 +437,27 @@ private final class Storm {
 /// The guests' launcher (`fake_qemu --launch`), in a process group of its own so that nothing
 /// it started can be left behind.
 private final class Launcher {
-    let pid: pid_t
-    private var reaped = false
+    private let process: SpawnedProcess
+    var pid: pid_t { process.pid }
 
     init(_ executable: String, _ arguments: [String], descriptors: [Int32], logPath: String) throws {
-        // Move the descriptors out of the way of their targets (3, 4, 5) before the dup2s.
-        let high = descriptors.map { fcntl($0, F_DUPFD_CLOEXEC, 100) }
-        defer { high.forEach { close($0) } }
-        guard !high.contains(where: { $0 < 0 }) else { throw BrokerError(.io, "cannot duplicate the launcher's pipes", errno: errno) }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o600)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        for (offset, fd) in high.enumerated() { posix_spawn_file_actions_adddup2(&actions, fd, Int32(3 + offset)) }
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attributes, &empty)
-        var defaults = sigset_t()
-        sigfillset(&defaults)
-        posix_spawnattr_setsigdefault(&attributes, &defaults)
-        posix_spawnattr_setpgroup(&attributes, 0)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP))
-        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-        let envp = ProcessInfo.processInfo.environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer {
-            argv.forEach { free($0) }
-            envp.forEach { free($0) }
-        }
-        var child: pid_t = 0
-        let status = posix_spawn(&child, executable, &actions, &attributes, argv, envp)
-        guard status == 0 else { throw BrokerError(.io, "posix_spawn \(executable) failed", errno: status) }
-        pid = child
+        process = try SpawnedProcess(executable, arguments, logPath: logPath, descriptors: descriptors, ownProcessGroup: true)
     }
 
     /// Waits for the launcher's exit; false if it had to be killed.
     func reap(until deadline: ContinuousClock.Instant) -> Bool {
-        while !reaped && ContinuousClock.now < deadline {
-            var status: Int32 = 0
-            if waitpid(pid, &status, WNOHANG) == pid {
-                reaped = true
-                break
-            }
-            usleep(5_000)
-        }
-        if !reaped { kill() }
+        while process.isRunning && ContinuousClock.now < deadline { usleep(5_000) }
+        let exited = !process.isRunning
         // Guests orphaned by a killed launcher die with it (PR_SET_PDEATHSIG) or on the stop pipe.
-        return reaped
+        if !exited { kill() }
+        return exited
     }
 
     /// SIGKILL to the whole group (the launcher and every guest), then reaps the launcher.
     func kill() {
-        guard !reaped else { return }
-        Glibc.kill(-pid, SIGKILL)
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        reaped = true
+        guard process.isRunning else { return }
+        Glibc.kill(-process.pid, SIGKILL)
+        process.terminate(SIGKILL, grace: 0)
     }
 
     deinit { kill() }

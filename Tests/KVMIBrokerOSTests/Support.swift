@@ -42,8 +42,16 @@ func productsDirectory() -> URL {
     return directory
 }
 
-/// Runs a process to completion with a time limit; returns (status, stdout, stderr).
-func runProcess(_ executable: URL, _ arguments: [String], timeout: TimeInterval = 30) throws -> (Int32, String, String) {
+/// What a child reads on its standard input.
+enum ChildInput {
+    case none
+    case text(String)
+    case file(String)
+}
+
+/// Runs a process to completion with a time limit (terminated past it); returns (status,
+/// stdout, stderr). The one runner behind the variants below.
+func runProcess(_ executable: URL, _ arguments: [String], stdin: ChildInput, timeout: TimeInterval) throws -> (Int32, String, String) {
     let process = Process()
     process.executableURL = executable
     process.arguments = arguments
@@ -51,16 +59,38 @@ func runProcess(_ executable: URL, _ arguments: [String], timeout: TimeInterval 
     let err = Pipe()
     process.standardOutput = out
     process.standardError = err
+    var inputPipe: Pipe?
+    var inputFile: FileHandle?
+    switch stdin {
+    case .none: break
+    case .text:
+        inputPipe = Pipe()
+        process.standardInput = inputPipe
+    case .file(let path):
+        guard let handle = FileHandle(forReadingAtPath: path) else { throw BrokerError(.io, "cannot open the child's input", at: path) }
+        inputFile = handle
+        process.standardInput = handle
+    }
     try process.run()
+    if case .text(let text) = stdin, let inputPipe {
+        inputPipe.fileHandleForWriting.write(Data(text.utf8))
+        try inputPipe.fileHandleForWriting.close()
+    }
     let deadline = Date().addingTimeInterval(timeout)
     while process.isRunning && Date() < deadline { usleep(10_000) }
     if process.isRunning {
         process.terminate()
-        process.waitUntilExit()
+        while process.isRunning { usleep(10_000) }
     }
+    try inputFile?.close()
     let stdout = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
     let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
     return (process.terminationStatus, stdout, stderr)
+}
+
+/// Runs a process to completion with a time limit; returns (status, stdout, stderr).
+func runProcess(_ executable: URL, _ arguments: [String], timeout: TimeInterval = 30) throws -> (Int32, String, String) {
+    try runProcess(executable, arguments, stdin: .none, timeout: timeout)
 }
 
 let testUUID = GuestUUID("6695eb01-f6a4-8304-79aa-97f2502e193f")!
@@ -101,25 +131,5 @@ func openSocketCount() -> Int {
 
 /// Runs a process with `input` on its stdin; returns (status, stdout, stderr).
 func runProcess(_ executable: URL, _ arguments: [String], input: String, timeout: TimeInterval = 30) throws -> (Int32, String, String) {
-    let process = Process()
-    process.executableURL = executable
-    process.arguments = arguments
-    let stdin = Pipe()
-    let out = Pipe()
-    let err = Pipe()
-    process.standardInput = stdin
-    process.standardOutput = out
-    process.standardError = err
-    try process.run()
-    stdin.fileHandleForWriting.write(Data(input.utf8))
-    try stdin.fileHandleForWriting.close()
-    let deadline = Date().addingTimeInterval(timeout)
-    while process.isRunning && Date() < deadline { usleep(10_000) }
-    if process.isRunning {
-        process.terminate()
-        while process.isRunning { usleep(10_000) }
-    }
-    let stdout = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    return (process.terminationStatus, stdout, stderr)
+    try runProcess(executable, arguments, stdin: .text(input), timeout: timeout)
 }

@@ -27,26 +27,7 @@ func inode(_ path: String) -> UInt64? {
 
 /// Runs a process with stdin read from `inputFile`; returns (status, stdout, stderr).
 func runProcess(_ executable: URL, _ arguments: [String], inputFile: String, timeout: TimeInterval = 60) throws -> (Int32, String, String) {
-    let process = Process()
-    process.executableURL = executable
-    process.arguments = arguments
-    let input = try #require(FileHandle(forReadingAtPath: inputFile))
-    let out = Pipe()
-    let err = Pipe()
-    process.standardInput = input
-    process.standardOutput = out
-    process.standardError = err
-    try process.run()
-    let deadline = Date().addingTimeInterval(timeout)
-    while process.isRunning && Date() < deadline { usleep(10_000) }
-    if process.isRunning {
-        process.terminate()
-        process.waitUntilExit()
-    }
-    try input.close()
-    let stdout = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    return (process.terminationStatus, stdout, stderr)
+    try runProcess(executable, arguments, stdin: .file(inputFile), timeout: timeout)
 }
 
 extension OSLayerTests {
