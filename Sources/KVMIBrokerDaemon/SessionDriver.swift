@@ -207,17 +207,30 @@ final class SessionDriver: Sendable {
         }
     }
 
+    /// The session's life: the first decision, then one input at a time.
+    @inline(never)
     private func loop(
         hello: Channel.Hello, name: String, metadata: GuestMetadata?, token: UInt64, inputs: AsyncChannel<Input>, state: inout LoopState,
         logger: Logger
     ) async {
-        let plans = configuration.plans
-        let (decision, reason) = plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
-        let plan = decision.plan
-        state.failClosed = decision.failsClosed
-        logger.notice("policy decision: \(reason)", metadata: ["policy.rule": "\(decision.rule ?? "-")"])
-        state.plan = plan
-        state.machine = GuestSessionMachine(allowLists: plan?.allowLists ?? .kernelDefaults(.v12))
+        guard let reload = await begin(hello: hello, name: name, metadata: metadata, token: token, inputs: inputs, state: &state, logger: logger)
+        else { return }
+        let session = SessionContext(hello: hello, name: name, metadata: metadata, token: token, inputs: inputs, reload: reload, logger: logger)
+        for await input in inputs {
+            // Each input is handled in a function of its own (not inlined), so the frame this
+            // loop keeps while it waits is small: a boot storm holds a thousand of them.
+            if await handle(input, session, &state) == false { return }
+        }
+    }
+
+    /// The policy decision, the registrations and the first actions (WELCOME, ...); nil when
+    /// the channel is done already.
+    @inline(never)
+    private func begin(
+        hello: Channel.Hello, name: String, metadata: GuestMetadata?, token: UInt64, inputs: AsyncChannel<Input>, state: inout LoopState,
+        logger: Logger
+    ) async -> ReloadFlag? {
+        let first = decideFirst(hello: hello, name: name, metadata: metadata, state: &state, logger: logger)
         let reload = ReloadFlag()
         await registry.listen(token: token) {
             // Coalesced: however many reloads happen, at most one notice waits for the session.
@@ -226,15 +239,23 @@ final class SessionDriver: Sendable {
             }
         }
         await registry.registerInjector(hello.uuid) { input in await inputs.send(input) }
-        let first = state.machine.handle(.helloAccepted(hello, introspect: plan != nil))
-        if await perform(first, &state, inputs, logger) == false { return }
-        await publish(state, hello.uuid, token)
-        let session = SessionContext(hello: hello, name: name, metadata: metadata, token: token, inputs: inputs, reload: reload, logger: logger)
-        for await input in inputs {
-            // Each input is handled in a function of its own (not inlined), so the frame this
-            // loop keeps while it waits is small: a boot storm holds a thousand of them.
-            if await handle(input, session, &state) == false { return }
-        }
+        if await perform(first, &state, inputs, logger) == false { return nil }
+        await publish(&state, hello.uuid, token)
+        return reload
+    }
+
+    /// The policy's decision for the guest, audited, and the machine's first actions.
+    @inline(never)
+    private func decideFirst(
+        hello: Channel.Hello, name: String, metadata: GuestMetadata?, state: inout LoopState, logger: Logger
+    ) -> [GuestSessionMachine.Action] {
+        let (decision, reason) = configuration.plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
+        let plan = decision.plan
+        state.failClosed = decision.failsClosed
+        logger.notice("policy decision: \(reason)", metadata: ["policy.rule": "\(decision.rule ?? "-")"])
+        state.plan = plan
+        state.machine = GuestSessionMachine(allowLists: plan?.allowLists ?? .kernelDefaults(.v12))
+        return state.machine.handle(.helloAccepted(hello, introspect: plan != nil))
     }
 
     /// What one session's input handling needs besides its state.
@@ -248,13 +269,24 @@ final class SessionDriver: Sendable {
         let logger: Logger
     }
 
-    /// Handles one input; false ends the session.
+    /// Handles one input; false ends the session. Only the channel I/O awaits: the decisions
+    /// are made synchronously in `react`, so this frame (kept by every session's task
+    /// allocator at its high-water mark) stays small.
     @inline(never)
     private func handle(_ input: Input, _ session: SessionContext, _ state: inout LoopState) async -> Bool {
+        guard let actions = react(to: input, session, &state) else { return false }
+        if await perform(actions, &state, session.inputs, session.logger) == false { return false }
+        if await sendQueuedRequest(&state, session.inputs, session.logger) == false { return false }
+        await publish(&state, session.hello.uuid, session.token)
+        return true
+    }
+
+    /// What an input means for the session: the machine's actions, or nil to end the session.
+    @inline(never)
+    private func react(to input: Input, _ session: SessionContext, _ state: inout LoopState) -> [GuestSessionMachine.Action]? {
         let hello = session.hello
         let name = session.name
         let metadata = session.metadata
-        let inputs = session.inputs
         let logger = session.logger
         let plans = configuration.plans
         var actions: [GuestSessionMachine.Action] = []
@@ -264,11 +296,11 @@ final class SessionDriver: Sendable {
             case .result:
                 guard let outstanding = state.outstanding, frame.seq == outstanding.seq else {
                     logger.error("QEMU sent a RESULT for request \(frame.seq), which is not the outstanding request; closing the channel")
-                    return false
+                    return nil
                 }
                 guard let result = try? Channel.Result(decoding: frame.payload), result.requestType == outstanding.type.rawValue else {
                     logger.error("QEMU's RESULT for request \(frame.seq) does not answer a \(outstanding.type); closing the channel")
-                    return false
+                    return nil
                 }
                 state.outstanding = nil
                 state.resultTimer?.cancel()
@@ -283,20 +315,20 @@ final class SessionDriver: Sendable {
                     logger.info("hooked \(format(state.lastHook ?? .zero)) after the trigger")
                 }
             case .event:
-                guard let event = try? Channel.Event(decoding: frame.payload) else { return false }
+                guard let event = try? Channel.Event(decoding: frame.payload) else { return nil }
                 // The tool learns the guest's current session id (new after a reset or an incoming migration).
                 state.request.startTime = event.startTime
                 actions = state.machine.handle(.event(event))
             default:
                 logger.warning(
                     "QEMU sent an unexpected \(frame.knownType.map { "\($0)" } ?? "type 0x\(String(frame.type, radix: 16))") message; closing")
-                return false
+                return nil
             }
         case .handshake(let attempt, let outcome):
             guard attempt == state.handshakeAttempt else {
                 // A superseded attempt (cancelled by a pause, a policy change, ...): never its success.
                 if case .success(let late) = outcome { late.descriptor.close() }
-                return true
+                return []
             }
             state.handshakeTask = nil
             state.handshakeAttempt = nil
@@ -312,12 +344,12 @@ final class SessionDriver: Sendable {
                 actions = state.machine.handle(.handshakeFailed(error))
             }
         case .retryDue(let timer):
-            guard timer == state.retryTimer else { return true }
+            guard timer == state.retryTimer else { return [] }
             state.retryTask = nil
             state.retryTimer = nil
             actions = state.machine.handle(.retryDue)
         case .unhookDeadline(let timer):
-            guard timer == state.unhookTimerID else { return true }
+            guard timer == state.unhookTimerID else { return [] }
             state.unhookTimer = nil
             state.unhookTimerID = nil
             actions = state.machine.handle(.unhookDeadline)
@@ -345,19 +377,16 @@ final class SessionDriver: Sendable {
                 state.plan = state.pendingPlan
             }
         case .resultTimeout(let seq):
-            guard state.outstanding?.seq == seq else { return true }  // answered meanwhile: stale
+            guard state.outstanding?.seq == seq else { return [] }  // answered meanwhile: stale
             logger.error(
                 "QEMU did not answer request \(seq) (\(state.outstanding!.type)) within \(format(configuration.resultTimeout)); closing the channel"
             )
-            return false
+            return nil
         case .closed(let error):
             if let error { logger.warning("channel closed: \(error)") } else { logger.info("QEMU closed the channel") }
-            return false
+            return nil
         }
-        if await perform(actions, &state, inputs, logger) == false { return false }
-        if await sendQueuedRequest(&state, inputs, logger) == false { return false }
-        await publish(state, hello.uuid, session.token)
-        return true
+        return actions
     }
 
     struct QueuedRequest {
@@ -397,6 +426,8 @@ final class SessionDriver: Sendable {
         var hookRequestedAt: ContinuousClock.Instant?
         var lastHookRequest: Duration?
         var hooks = 0
+        /// What the status view was last told.
+        var published: Published?
         /// This session's log lines are rate-limited (a QEMU streaming events cannot flood the log).
         let logLimit: RateLimitedLog
         /// The checked process image, compared again right before each HOOK.
@@ -421,22 +452,48 @@ final class SessionDriver: Sendable {
         }
     }
 
-    private func publish(_ state: LoopState, _ uuid: GuestUUID, _ token: UInt64) async {
-        let machine = state.machine
-        await registry.update(uuid, token: token) { status in
-            let description = machine.state.description
-            if status.state != description { status.since = Date() }
-            status.state = description
-            if case .hooked = machine.state { status.hooked = true } else { status.hooked = false }
-            status.failures = machine.failures
-            status.lastFailure = machine.lastFailure
-            status.hooks = state.hooks
+    /// What the status view shows of a session, taken synchronously so that the hop to the
+    /// registry carries a few fields, not the session's state.
+    struct Published: Sendable, Equatable {
+        var state: String
+        var hooked: Bool
+        var failures: Int
+        var lastFailure: String?
+        var hooks: Int
+        var lastHookMicroseconds: Int64?
+        var lastHookRequestMicroseconds: Int64?
+
+        init(_ state: LoopState) {
             func microseconds(_ duration: Duration) -> Int64 {
                 let (seconds, attoseconds) = duration.components
                 return seconds * 1_000_000 + attoseconds / 1_000_000_000_000
             }
-            status.lastHookMicroseconds = state.lastHook.map(microseconds)
-            status.lastHookRequestMicroseconds = state.lastHookRequest.map(microseconds)
+            self.state = state.machine.state.description
+            if case .hooked = state.machine.state { hooked = true } else { hooked = false }
+            failures = state.machine.failures
+            lastFailure = state.machine.lastFailure
+            hooks = state.hooks
+            lastHookMicroseconds = state.lastHook.map(microseconds)
+            lastHookRequestMicroseconds = state.lastHookRequest.map(microseconds)
+        }
+    }
+
+    /// Updates the status view when what it shows changed (most inputs change nothing there,
+    /// and then no hop to the registry is made).
+    @inline(never)
+    private func publish(_ state: inout LoopState, _ uuid: GuestUUID, _ token: UInt64) async {
+        let published = Published(state)
+        guard published != state.published else { return }
+        state.published = published
+        await registry.update(uuid, token: token) { status in
+            if status.state != published.state { status.since = Date() }
+            status.state = published.state
+            status.hooked = published.hooked
+            status.failures = published.failures
+            status.lastFailure = published.lastFailure
+            status.hooks = published.hooks
+            status.lastHookMicroseconds = published.lastHookMicroseconds
+            status.lastHookRequestMicroseconds = published.lastHookRequestMicroseconds
         }
     }
 
@@ -447,109 +504,28 @@ final class SessionDriver: Sendable {
         }
     }
 
-    /// Performs actions in order; false means the channel is done.
+    /// Performs actions in order; false means the channel is done. Only sending awaits; every
+    /// other action is applied synchronously by `apply`, which keeps this frame small.
     @inline(never)
     private func perform(
         _ actions: [GuestSessionMachine.Action], _ state: inout LoopState, _ inputs: AsyncChannel<Input>, _ logger: Logger
     ) async -> Bool {
         for action in actions {
+            let step = apply(action, &state, inputs, logger)
             do {
-                switch action {
-                case .sendWelcome:
+                switch step {
+                case .done:
+                    continue
+                case .close:
+                    return false
+                case .welcome:
                     try await send(.welcome, Channel.welcome(version: Channel.version), &state)
-                case .startHandshake:
-                    guard let plan = state.plan else { continue }
-                    if state.triggeredAt == nil { state.triggeredAt = .now }
-                    let parameters = HandshakeParameters(
-                        abi: plan.allowLists.abi, request: state.request, expectedCookie: plan.cookie, timeout: plan.handshakeTimeout,
-                        allowedPeer: plan.peerRequirement)
-                    let connector = self.connector
-                    let endpoint = plan.endpoint
-                    let attempt = state.newID()
-                    state.handshakeTask?.cancel()
-                    state.handshakeAttempt = attempt
-                    state.handshakeTask = Task {
-                        let outcome: Result<HandshakeOutcome, BrokerError>
-                        do {
-                            outcome = .success(try await connector.connectAndHandshake(to: endpoint, parameters))
-                        } catch let error as BrokerError {
-                            outcome = .failure(error)
-                        } catch {
-                            outcome = .failure(BrokerError(.io, "\(error)"))
-                        }
-                        await inputs.send(.handshake(attempt: attempt, outcome))
-                    }
-                case .sendHook(let lists):
+                case .request(let type, let payload):
+                    try await sendRequest(type, payload, &state, inputs)
+                case .hook(let lists):
                     guard let outcome = state.pendingOutcome else { continue }
                     state.pendingOutcome = nil
-                    // The socket can read and write the guest's memory: only to the process whose identity was checked.
-                    if let facts = state.facts {
-                        let verifier = configuration.verifier
-                        let pid = peer.pid
-                        if let problem = await BlockingWork.shared.run({ verifier.recheck(pid: pid, facts) }) {
-                            outcome.descriptor.close()
-                            logger.error("not hooking: \(problem); closing the channel")
-                            return false
-                        }
-                    }
-                    state.hookRequestedAt = .now
-                    try await sendRequest(.hook, lists.encoded(), &state, inputs, passing: outcome.descriptor)
-                case .dropHandshake:
-                    state.pendingOutcome?.descriptor.close()
-                    state.pendingOutcome = nil
-                case .cancelHandshake:
-                    state.handshakeTask?.cancel()
-                    state.handshakeTask = nil
-                    state.handshakeAttempt = nil
-                case .sendRelease:
-                    // Required but unservable: the guest must not run unmonitored, so it stays held.
-                    guard !state.failClosed else {
-                        logger.warning("the policy requires this guest to be introspected but cannot serve it; not releasing its vCPUs")
-                        continue
-                    }
-                    try await sendRequest(.release, [], &state, inputs)
-                case .scheduleRetry(let failures):
-                    var generator = SystemRandomNumberGenerator()
-                    let delay = (state.plan?.backoff ?? configuration.backoff).delay(afterFailures: failures, using: &generator)
-                    logger.debug("retrying in \(format(delay))")
-                    let id = state.newID()
-                    state.retryTask?.cancel()
-                    state.retryTimer = id
-                    state.retryTask = timer(after: delay, inputs, .retryDue(timer: id))
-                case .cancelRetry:
-                    state.retryTask?.cancel()
-                    state.retryTask = nil
-                    state.retryTimer = nil
-                case .sendSetAllowed(let lists):
-                    try await sendRequest(.setAllowed, lists.encoded(), &state, inputs)
-                case .sendPreunhook:
-                    try await sendRequest(.preunhook, [], &state, inputs)
-                case .sendUnhook:
-                    state.unhookTimer?.cancel()
-                    state.unhookTimer = nil
-                    state.unhookTimerID = nil
-                    try await sendRequest(.unhook, [], &state, inputs)
-                case .scheduleUnhookDeadline:
-                    let timeout = state.plan?.unhookTimeout ?? .seconds(5)
-                    let id = state.newID()
-                    state.unhookTimer?.cancel()
-                    state.unhookTimerID = id
-                    state.unhookTimer = timer(after: timeout, inputs, .unhookDeadline(timer: id))
-                case .adoptNewIntrospector:
-                    state.unhookTimer?.cancel()
-                    state.unhookTimer = nil
-                    state.unhookTimerID = nil
-                    if let next = state.pendingPlan {
-                        state.plan = next
-                        state.pendingPlan = nil
-                    }
-                case .log(let level, let message):
-                    if let suppressed = state.logLimit.admit() {
-                        if suppressed > 0 { logger.notice("\(suppressed) log lines of this session were suppressed (rate limit)") }
-                        logger.log(level: level.swiftLog, "\(message)", metadata: ["session.state": "\(state.machine.state)"])
-                    }
-                case .closeChannel:
-                    return false
+                    if await hook(outcome.descriptor, lists, &state, inputs, logger) == false { return false }
                 }
             } catch {
                 logger.warning("channel failed while performing \(action): \(error)")
@@ -559,9 +535,134 @@ final class SessionDriver: Sendable {
         return true
     }
 
+    /// What `perform` still has to send after `apply`.
+    enum Step {
+        case done
+        case close
+        case welcome
+        case request(Channel.MessageType, [UInt8])
+        case hook(Channel.AllowLists)
+    }
+
+    /// Applies an action's effect on the session's state and timers; returns what to send.
+    @inline(never)
+    private func apply(_ action: GuestSessionMachine.Action, _ state: inout LoopState, _ inputs: AsyncChannel<Input>, _ logger: Logger) -> Step {
+        switch action {
+        case .sendWelcome:
+            return .welcome
+        case .startHandshake:
+            guard let plan = state.plan else { return .done }
+            if state.triggeredAt == nil { state.triggeredAt = .now }
+            let parameters = HandshakeParameters(
+                abi: plan.allowLists.abi, request: state.request, expectedCookie: plan.cookie, timeout: plan.handshakeTimeout,
+                allowedPeer: plan.peerRequirement)
+            let connector = self.connector
+            let endpoint = plan.endpoint
+            let attempt = state.newID()
+            state.handshakeTask?.cancel()
+            state.handshakeAttempt = attempt
+            state.handshakeTask = Task {
+                let outcome: Result<HandshakeOutcome, BrokerError>
+                do {
+                    outcome = .success(try await connector.connectAndHandshake(to: endpoint, parameters))
+                } catch let error as BrokerError {
+                    outcome = .failure(error)
+                } catch {
+                    outcome = .failure(BrokerError(.io, "\(error)"))
+                }
+                await inputs.send(.handshake(attempt: attempt, outcome))
+            }
+        case .sendHook(let lists):
+            return .hook(lists)
+        case .dropHandshake:
+            state.pendingOutcome?.descriptor.close()
+            state.pendingOutcome = nil
+        case .cancelHandshake:
+            state.handshakeTask?.cancel()
+            state.handshakeTask = nil
+            state.handshakeAttempt = nil
+        case .sendRelease:
+            // Required but unservable: the guest must not run unmonitored, so it stays held.
+            guard !state.failClosed else {
+                logger.warning("the policy requires this guest to be introspected but cannot serve it; not releasing its vCPUs")
+                return .done
+            }
+            return .request(.release, [])
+        case .scheduleRetry(let failures):
+            var generator = SystemRandomNumberGenerator()
+            let delay = (state.plan?.backoff ?? configuration.backoff).delay(afterFailures: failures, using: &generator)
+            logger.debug("retrying in \(format(delay))")
+            let id = state.newID()
+            state.retryTask?.cancel()
+            state.retryTimer = id
+            state.retryTask = timer(after: delay, inputs, .retryDue(timer: id))
+        case .cancelRetry:
+            state.retryTask?.cancel()
+            state.retryTask = nil
+            state.retryTimer = nil
+        case .sendSetAllowed(let lists):
+            return .request(.setAllowed, lists.encoded())
+        case .sendPreunhook:
+            return .request(.preunhook, [])
+        case .sendUnhook:
+            state.unhookTimer?.cancel()
+            state.unhookTimer = nil
+            state.unhookTimerID = nil
+            return .request(.unhook, [])
+        case .scheduleUnhookDeadline:
+            let timeout = state.plan?.unhookTimeout ?? .seconds(5)
+            let id = state.newID()
+            state.unhookTimer?.cancel()
+            state.unhookTimerID = id
+            state.unhookTimer = timer(after: timeout, inputs, .unhookDeadline(timer: id))
+        case .adoptNewIntrospector:
+            state.unhookTimer?.cancel()
+            state.unhookTimer = nil
+            state.unhookTimerID = nil
+            if let next = state.pendingPlan {
+                state.plan = next
+                state.pendingPlan = nil
+            }
+        case .log(let level, let message):
+            if let suppressed = state.logLimit.admit() {
+                if suppressed > 0 { logger.notice("\(suppressed) log lines of this session were suppressed (rate limit)") }
+                logger.log(level: level.swiftLog, "\(message)", metadata: ["session.state": "\(state.machine.state)"])
+            }
+        case .closeChannel:
+            return .close
+        }
+        return .done
+    }
+
+    /// HOOK with the introspector's socket, right after checking that the peer is still the
+    /// process whose identity was checked: the socket can read and write the guest's memory.
+    @inline(never)
+    private func hook(
+        _ descriptor: Descriptor, _ lists: Channel.AllowLists, _ state: inout LoopState, _ inputs: AsyncChannel<Input>, _ logger: Logger
+    ) async -> Bool {
+        if let facts = state.facts {
+            let verifier = configuration.verifier
+            let pid = peer.pid
+            if let problem = await BlockingWork.shared.run({ verifier.recheck(pid: pid, facts) }) {
+                descriptor.close()
+                logger.error("not hooking: \(problem); closing the channel")
+                return false
+            }
+        }
+        state.hookRequestedAt = .now
+        do {
+            try await sendRequest(.hook, lists.encoded(), &state, inputs, passing: descriptor)
+            return true
+        } catch {
+            logger.warning("channel failed while sending HOOK: \(error)")
+            return false
+        }
+    }
+
     /// Sends a request and arms its RESULT timeout; while another request is outstanding it
     /// waits in the queue (version 1 does not pipeline). A passed descriptor is closed once
     /// sent: QEMU has its own copy then.
+    @inline(never)
     private func sendRequest(
         _ type: Channel.MessageType, _ payload: [UInt8], _ state: inout LoopState, _ inputs: AsyncChannel<Input>,
         passing descriptor: Descriptor? = nil
@@ -578,6 +679,7 @@ final class SessionDriver: Sendable {
     }
 
     /// After a RESULT: the next queued request, if any.
+    @inline(never)
     private func sendQueuedRequest(_ state: inout LoopState, _ inputs: AsyncChannel<Input>, _ logger: Logger) async -> Bool {
         guard state.outstanding == nil, !state.queued.isEmpty else { return true }
         let next = state.queued.removeFirst()
@@ -591,6 +693,7 @@ final class SessionDriver: Sendable {
     }
 
     @discardableResult
+    @inline(never)
     private func send(_ type: Channel.MessageType, _ payload: [UInt8], _ state: inout LoopState, passing fd: Int32? = nil) async throws -> UInt32 {
         let seq = state.nextSeq()
         try await socket.send(Channel.Frame(type, seq: seq, payload: payload), passing: fd, until: .now.advanced(by: configuration.resultTimeout))

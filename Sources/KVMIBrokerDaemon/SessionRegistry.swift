@@ -173,28 +173,21 @@ final class StatusFileWriter: @unchecked Sendable {
     }
 
     private func write(_ sessions: [SessionStatus]) {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        encoder.dateEncodingStrategy = .iso8601
         var problem: String?
-        do {
-            let data = try encoder.encode(SessionRegistry.sorted(sessions))
-            let temporary = path + ".tmp"
-            let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o640)
-            if fd < 0 {
-                problem = "cannot create \(temporary): \(String(cString: strerror(errno)))"
-            } else {
-                let written = data.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-                let writeErrno = errno
-                close(fd)
-                if written != data.count {
-                    problem = "cannot write \(temporary): \(String(cString: strerror(writeErrno)))"
-                } else if rename(temporary, path) != 0 {
-                    problem = "cannot rename \(temporary) to \(path): \(String(cString: strerror(errno)))"
-                }
+        let data = StatusJSON.encode(SessionRegistry.sorted(sessions))
+        let temporary = path + ".tmp"
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o640)
+        if fd < 0 {
+            problem = "cannot create \(temporary): \(String(cString: strerror(errno)))"
+        } else {
+            let written = data.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+            let writeErrno = errno
+            close(fd)
+            if written != data.count {
+                problem = "cannot write \(temporary): \(String(cString: strerror(writeErrno)))"
+            } else if rename(temporary, path) != 0 {
+                problem = "cannot rename \(temporary) to \(path): \(String(cString: strerror(errno)))"
             }
-        } catch {
-            problem = "cannot encode the status: \(error)"
         }
         if problem != lastError {
             if let problem {

@@ -48,34 +48,53 @@ public final class ChannelSocket: Sendable {
     public func receive(until deadline: ContinuousClock.Instant?) async throws -> Channel.Frame? {
         var reader = Channel.FrameReader()
         while true {
-            let limit = min(reader.readLimit, 4096)
-            var buffer = [UInt8](repeating: 0, count: limit)
-            var fds = [Int32](repeating: -1, count: 4)
-            var count: Int32 = 0
-            var truncated: Int32 = 0
-            let received = buffer.withUnsafeMutableBytes { raw in
-                kvmib_recv_with_fds(descriptor.raw, raw.baseAddress, limit, &fds, 4, &count, &truncated)
+            switch try receiveAvailable(into: &reader) {
+            case .frame(let frame): return frame
+            case .endOfStream: return nil
+            case .partial: continue
+            case .wouldBlock: _ = try await io.reactor.wait(for: .readable, on: descriptor.raw, until: deadline)
             }
-            for index in 0..<Int(count) { _ = close(fds[index]) }
-            if count > 0 || truncated != 0 {
-                throw BrokerError(.protocolViolation, "the peer sent file descriptors; QEMU never does")
+        }
+    }
+
+    private enum Received {
+        case frame(Channel.Frame)
+        case endOfStream
+        case partial
+        case wouldBlock
+    }
+
+    /// One `recvmsg` into a buffer on the stack: synchronous, so no buffer is held across the
+    /// wait for the next byte (a thousand idle sessions wait there).
+    @inline(never)
+    private func receiveAvailable(into reader: inout Channel.FrameReader) throws -> Received {
+        let limit = min(reader.readLimit, 4096)
+        return try withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 4096) { buffer in
+            try withUnsafeTemporaryAllocation(of: Int32.self, capacity: 4) { fds in
+                fds.initialize(repeating: -1)
+                var count: Int32 = 0
+                var truncated: Int32 = 0
+                while true {
+                    let received = kvmib_recv_with_fds(descriptor.raw, buffer.baseAddress, limit, fds.baseAddress, 4, &count, &truncated)
+                    for index in 0..<Int(count) { _ = close(fds[index]) }
+                    if count > 0 || truncated != 0 {
+                        throw BrokerError(.protocolViolation, "the peer sent file descriptors; QEMU never does")
+                    }
+                    if received > 0 {
+                        let frame = try reader.consume(UnsafeBufferPointer(rebasing: buffer[..<received]))
+                        return frame.map { .frame($0) } ?? .partial
+                    }
+                    if received == 0 {
+                        if reader.atFrameBoundary { return .endOfStream }
+                        throw BrokerError(.peerClosed, "the peer closed the channel in the middle of a frame")
+                    }
+                    let error = errno
+                    if error == EINTR { continue }
+                    if error == EAGAIN { return .wouldBlock }
+                    if error == ECONNRESET { return .endOfStream }
+                    throw BrokerError(.io, "cannot receive from the channel", errno: error)
+                }
             }
-            if received > 0 {
-                if let frame = try reader.consume(buffer.prefix(received)) { return frame }
-                continue
-            }
-            if received == 0 {
-                if reader.atFrameBoundary { return nil }
-                throw BrokerError(.peerClosed, "the peer closed the channel in the middle of a frame")
-            }
-            let error = errno
-            if error == EINTR { continue }
-            if error == EAGAIN {
-                _ = try await io.reactor.wait(for: .readable, on: descriptor.raw, until: deadline)
-                continue
-            }
-            if error == ECONNRESET { return nil }
-            throw BrokerError(.io, "cannot receive from the channel", errno: error)
         }
     }
 }

@@ -1,0 +1,48 @@
+import Foundation
+import Testing
+
+@testable import KVMIBrokerDaemon
+
+@Suite("The status file's JSON")
+struct StatusFileTests {
+    /// Sessions that exercise every field, both optional states, and strings with each escape.
+    static let sessions: [SessionStatus] = [
+        SessionStatus(
+            uuid: "6b1e5d2a-0000-4000-8000-000000000001", name: "web-01", qemuPID: 4242, state: "hooked (ABI v12)", hooked: true,
+            failures: 0, lastFailure: nil, startTime: 1_234_567, since: Date(timeIntervalSince1970: 1_796_339_114.987),
+            lastHookMicroseconds: 812, lastHookRequestMicroseconds: 301, hooks: 3, identity: "libvirt"),
+        SessionStatus(
+            uuid: "6b1e5d2a-0000-4000-8000-000000000002", name: "a \"quoted\" \\ name/with\tcontrol\u{01}\u{1f}\n\r\u{08}\u{0c} and ünïcode ✓",
+            qemuPID: 7, state: "waiting", hooked: false, failures: 12, lastFailure: "connect: ECONNREFUSED (unix:/run/acme/x.sock)",
+            startTime: -1, since: Date(timeIntervalSince1970: 86_400 * 365 + 0.5), lastHookMicroseconds: nil, lastHookRequestMicroseconds: nil,
+            hooks: 0, identity: nil),
+    ]
+
+    static func foundationEncoding(_ sessions: [SessionStatus]) throws -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+        return Array(try encoder.encode(sessions))
+    }
+
+    @Test("is byte for byte what JSONEncoder writes (pretty, sorted keys, ISO 8601 dates)")
+    func sameAsJSONEncoder() throws {
+        for sessions in [Self.sessions, [], [Self.sessions[1]]] {
+            let ours = StatusJSON.encode(sessions)
+            let theirs = try Self.foundationEncoding(sessions)
+            #expect(String(decoding: ours, as: UTF8.self) == String(decoding: theirs, as: UTF8.self))
+        }
+    }
+
+    @Test("reads back with the decoder `kvmi-broker status` uses")
+    func decodes() throws {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        let decoded = try decoder.decode([SessionStatus].self, from: Data(StatusJSON.encode(Self.sessions)))
+        #expect(decoded.count == 2)
+        #expect(decoded[1].name == Self.sessions[1].name)
+        #expect(decoded[0].lastHookMicroseconds == 812)
+        #expect(decoded[1].lastFailure == Self.sessions[1].lastFailure)
+        #expect(decoded[0].since == Date(timeIntervalSince1970: 1_796_339_114))
+    }
+}
