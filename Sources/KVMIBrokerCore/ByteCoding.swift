@@ -29,12 +29,18 @@ extension Collection where Element == UInt8, Index == Int {
 extension Sequence where Element == UInt8 {
     /// Lower-case hex, two digits a byte (UUIDs, cookie hashes in logs).
     public var hexString: String {
-        let digits = Array("0123456789abcdef")
-        var text = ""
+        var text: [UInt8] = []
+        text.reserveCapacity(underestimatedCount * 2)
         for byte in self {
-            text.append(digits[Int(byte >> 4)])
-            text.append(digits[Int(byte & 0xF)])
+            text.append(hexDigit(byte >> 4))
+            text.append(hexDigit(byte & 0xF))
         }
-        return text
+        return String(decoding: text, as: UTF8.self)
     }
+}
+
+/// The lower-case hex digit of a value below 16, as ASCII.
+@inline(__always)
+func hexDigit(_ value: UInt8) -> UInt8 {
+    value < 10 ? UInt8(ascii: "0") + value : UInt8(ascii: "a") + value - 10
 }

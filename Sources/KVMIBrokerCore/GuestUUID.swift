@@ -39,8 +39,16 @@ public struct GuestUUID: Sendable, Hashable, CustomStringConvertible {
 
     private init(uncheckedBytes: [UInt8]) { self.bytes = uncheckedBytes }
 
+    /// The canonical 8-4-4-4-12 form (built directly: it is in every session's log metadata).
     public var description: String {
-        [bytes[0..<4], bytes[4..<6], bytes[6..<8], bytes[8..<10], bytes[10..<16]].map(\.hexString).joined(separator: "-")
+        var text: [UInt8] = []
+        text.reserveCapacity(36)
+        for (index, byte) in bytes.enumerated() {
+            if index == 4 || index == 6 || index == 8 || index == 10 { text.append(UInt8(ascii: "-")) }
+            text.append(hexDigit(byte >> 4))
+            text.append(hexDigit(byte & 0xF))
+        }
+        return String(decoding: text, as: UTF8.self)
     }
 }
 

@@ -153,6 +153,9 @@ final class StatusFileWriter: @unchecked Sendable {
     private let queue = DispatchQueue(label: "kvmi-broker.status-writer")
     /// Confined to `queue`.
     private var lastError: String?
+    /// Each session's JSON object as last written, by UUID (confined to `queue`): only the
+    /// sessions that changed are encoded again.
+    private var encoded: [String: (status: SessionStatus, object: [UInt8])] = [:]
 
     init(path: String, logger: Logger?) {
         self.path = path
@@ -174,7 +177,22 @@ final class StatusFileWriter: @unchecked Sendable {
 
     private func write(_ sessions: [SessionStatus]) {
         var problem: String?
-        let data = StatusJSON.encode(SessionRegistry.sorted(sessions))
+        var objects: [[UInt8]] = []
+        objects.reserveCapacity(sessions.count)
+        var next: [String: (status: SessionStatus, object: [UInt8])] = [:]
+        next.reserveCapacity(sessions.count)
+        for session in SessionRegistry.sorted(sessions) {
+            let object: [UInt8]
+            if let cached = encoded[session.uuid], cached.status == session {
+                object = cached.object
+            } else {
+                object = StatusJSON.object(session)
+            }
+            objects.append(object)
+            next[session.uuid] = (session, object)
+        }
+        encoded = next
+        let data = StatusJSON.array(objects)
         let temporary = path + ".tmp"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o640)
         if fd < 0 {

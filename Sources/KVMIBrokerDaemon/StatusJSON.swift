@@ -8,22 +8,34 @@
 /// every 100 ms; through `Codable` that was about a fifth of the broker's CPU.
 enum StatusJSON {
     static func encode(_ sessions: [SessionStatus]) -> [UInt8] {
+        array(sessions.map(object))
+    }
+
+    /// The document from objects made by `object` (the writer keeps those of unchanged sessions).
+    static func array(_ objects: [[UInt8]]) -> [UInt8] {
         var out: [UInt8] = []
-        out.reserveCapacity(64 + sessions.count * 512)
-        if sessions.isEmpty {
+        if objects.isEmpty {
             out.append(contentsOf: "[\n\n]".utf8)
             return out
         }
+        out.reserveCapacity(4 + objects.reduce(0) { $0 + $1.count + 2 })
         out.append(contentsOf: "[\n".utf8)
-        for (index, session) in sessions.enumerated() {
+        for (index, object) in objects.enumerated() {
             if index > 0 { out.append(contentsOf: ",\n".utf8) }
-            append(session, to: &out)
+            out.append(contentsOf: object)
         }
         out.append(contentsOf: "\n]".utf8)
         return out
     }
 
-    /// One object, its keys in the order `.sortedKeys` gives them.
+    /// One session's object, its keys in the order `.sortedKeys` gives them.
+    static func object(_ session: SessionStatus) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(512)
+        append(session, to: &out)
+        return out
+    }
+
     private static func append(_ session: SessionStatus, to out: inout [UInt8]) {
         out.append(contentsOf: "  {\n".utf8)
         var first = true

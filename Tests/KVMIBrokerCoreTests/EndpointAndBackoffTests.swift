@@ -117,6 +117,7 @@ struct UUIDTests {
         let text = "6695eb01-f6a4-8304-79aa-97f2502e193f"
         #expect(GuestUUID(text)?.description == text)
         #expect(GuestUUID(text.uppercased())?.description == text)
+        #expect(([0x00, 0x0f, 0xa5, 0xff, 0x10] as [UInt8]).hexString == "000fa5ff10")
         #expect(GuestUUID("6695eb01f6a4830479aa97f2502e193f") == nil)
         #expect(GuestUUID("6695eb01-f6a4-8304-79aa-97f2502e193g") == nil)
         var generator = SplitMix(state: 1)

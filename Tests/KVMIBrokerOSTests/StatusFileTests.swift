@@ -3,6 +3,10 @@ import Testing
 
 @testable import KVMIBrokerDaemon
 
+#if canImport(Glibc)
+    import Glibc
+#endif
+
 @Suite("The status file's JSON")
 struct StatusFileTests {
     /// Sessions that exercise every field, both optional states, and strings with each escape.
@@ -44,5 +48,22 @@ struct StatusFileTests {
         #expect(decoded[0].lastHookMicroseconds == 812)
         #expect(decoded[1].lastFailure == Self.sessions[1].lastFailure)
         #expect(decoded[0].since == Date(timeIntervalSince1970: 1_796_339_114))
+    }
+
+    @Test("the writer encodes again exactly the sessions that changed, and drops the ones that left")
+    func writerCache() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("kvmib-status-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).json")
+            .path
+        defer { unlink(path) }
+        let writer = StatusFileWriter(path: path, logger: nil)
+        var sessions = Self.sessions
+        await writer.write(sessions)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == Data(try Self.foundationEncoding(SessionRegistry.sorted(sessions))))
+        sessions[1].state = "hooked (ABI v7)"
+        sessions[1].hooked = true
+        await writer.write(sessions)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == Data(try Self.foundationEncoding(SessionRegistry.sorted(sessions))))
+        await writer.write([sessions[1]])
+        #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == Data(try Self.foundationEncoding([sessions[1]])))
     }
 }
