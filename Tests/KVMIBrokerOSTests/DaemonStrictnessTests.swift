@@ -143,7 +143,8 @@ extension OSLayerTests.DaemonChannelTests {
         let socketPath = temporarySocketPath("channel")
         var configuration = BrokerConfiguration(
             channelSocketPath: socketPath, introspector: introspector.endpoint, cookie: CookieHash(secret: testSecret),
-            allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [0]), verifier: PeerVerifier(procRoot: procRoot))
+            allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [0]),
+            verifier: PeerVerifier(emulators: [fakeEmulator], procRoot: procRoot))
         // Only eviction can free room here: a silent peer would otherwise be waited for a minute.
         configuration.helloTimeout = .seconds(60)
         let admission = ConnectionAdmission(maximumConnections: 24, maximumGreeting: 4)
@@ -175,7 +176,7 @@ extension OSLayerTests.DaemonChannelTests {
         let configuration = BrokerConfiguration(
             channelSocketPath: socketPath, introspector: introspector.endpoint, cookie: CookieHash(secret: testSecret),
             allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [0]), guests: [],
-            verifier: PeerVerifier(extraEmulators: [python]))
+            verifier: PeerVerifier(emulators: [python]))
         let lines = LineCounter()
         let server = ChannelServer(configuration: configuration, logger: Logger(label: "test-broker", factory: { _ in lines }))
         let listener = try server.bind()
@@ -216,7 +217,7 @@ extension OSLayerTests.DaemonChannelTests {
         let socketPath = temporarySocketPath("channel")
         let configuration = BrokerConfiguration(
             channelSocketPath: socketPath, introspector: introspector.endpoint, cookie: CookieHash(secret: testSecret),
-            allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [0]), verifier: PeerVerifier(extraEmulators: [python]))
+            allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [0]), verifier: PeerVerifier(emulators: [python]))
         let lines = LineCounter()
         let server = ChannelServer(configuration: configuration, logger: Logger(label: "test-broker", factory: { _ in lines }))
         let listener = try server.bind()
