@@ -307,7 +307,7 @@ extension OSLayerTests.DaemonChannelTests {
 }
 
 extension OSLayerTests.DaemonChannelTests {
-    @Test("turning libvirt's identity check off takes a loudly named option; either half alone is refused")
+    @Test("turning libvirt's identity check off takes a loudly named option and --emulator; either half alone is refused")
     func identityCheckOffIsExplicit() throws {
         let broker = productsDirectory().appendingPathComponent("kvmi-broker")
         let common = [
@@ -319,5 +319,12 @@ extension OSLayerTests.DaemonChannelTests {
         let (status2, _, error2) = try runProcess(broker, common + ["--insecure-no-libvirt-identity"])
         #expect(status2 != 0)
         #expect(error2.contains("needs --libvirt-uri ''"), "\(error2)")
+        // Without libvirt's <emulator>, the executables a QEMU may run must be named; with libvirt, they must not.
+        let (status3, _, error3) = try runProcess(broker, common + ["--libvirt-uri", "", "--insecure-no-libvirt-identity"])
+        #expect(status3 != 0)
+        #expect(error3.contains("--insecure-no-libvirt-identity needs --emulator PATH"), "\(error3)")
+        let (status4, _, error4) = try runProcess(broker, common + ["--emulator", "/usr/bin/qemu-system-x86_64"])
+        #expect(status4 != 0)
+        #expect(error4.contains("--emulator applies only with --insecure-no-libvirt-identity"), "\(error4)")
     }
 }
