@@ -89,8 +89,8 @@ let package = Package(
         .testTarget(
             name: "KVMIBrokerOSTests",
             dependencies: [
-                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon", "KVMIBrokerPolicy", "KVMITestIntrospector", "CKVMIBroker",
-                .product(name: "Logging", package: "swift-log"),
+                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon", "KVMIBrokerPolicy", "KVMIBrokerLibvirt", "KVMITestIntrospector",
+                "CKVMIBroker", .product(name: "Logging", package: "swift-log"),
             ],
             // Peer programs the tests run as separate processes (found through #filePath).
             exclude: ["Fixtures"]),

@@ -4,7 +4,8 @@ import KVMIBrokerPolicy
 import Logging
 
 /// libvirt as the identity source: a HELLO is accepted only if libvirt runs a domain with that
-/// UUID whose QEMU pid is the peer's; the name and our metadata come from libvirt.
+/// UUID whose QEMU pid is the peer's; the name, our metadata, the emulator and the DAC label
+/// come from libvirt (the last two from the live XML).
 public struct LibvirtIdentity: IdentitySource {
     public let watcher: LibvirtWatcher
     public let timeout: Duration
@@ -18,8 +19,10 @@ public struct LibvirtIdentity: IdentitySource {
         switch await watcher.verifyPeer(uuid: uuid, pid: pid, timeout: timeout) {
         case .accepted(let domain):
             return .accepted(
-                name: domain.name,
-                metadata: domain.metadata.map { GuestMetadata(wanted: $0.wanted, introspector: $0.introspector, required: $0.required) })
+                DomainIdentity(
+                    name: domain.name,
+                    metadata: domain.metadata.map { GuestMetadata(wanted: $0.wanted, introspector: $0.introspector, required: $0.required) },
+                    emulator: domain.emulator, processLabel: domain.processLabel))
         case .refused(let why):
             return .refused(why)
         case .unavailable(let why):
@@ -28,8 +31,9 @@ public struct LibvirtIdentity: IdentitySource {
     }
 
     /// Starts the watcher and logs its events (discovery, disconnects, resyncs) until cancelled.
-    public static func start(uri: String, logger: Logger) -> (LibvirtIdentity, Task<Void, Never>) {
-        let watcher = LibvirtWatcher(configuration: .init(uri: uri), logger: logger)
+    /// (Tests point `locator` at a run directory of their own, with the test driver.)
+    public static func start(uri: String, locator: QEMUProcessLocator = .system, logger: Logger) -> (LibvirtIdentity, Task<Void, Never>) {
+        let watcher = LibvirtWatcher(configuration: .init(uri: uri, locator: locator), logger: logger)
         watcher.start()
         let task = Task {
             for await event in watcher.events {

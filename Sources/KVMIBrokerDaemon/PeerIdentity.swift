@@ -65,16 +65,21 @@ public struct ProcessFacts: Sendable, Equatable {
 }
 
 /// Checks that a channel peer is the QEMU it claims to be: the HELLO's pid is the socket
-/// peer's, the peer's executable is a QEMU, and its `-uuid` argument is the HELLO's UUID.
+/// peer's, the peer runs an emulator it may run, and its `-uuid` argument is the HELLO's UUID.
 /// A QEMU that lies about its identity must never get an introspector socket for another guest.
+///
+/// Which executable is a QEMU is never decided by its name (anyone can name a program
+/// `qemu-system-x86_64`): with libvirt's identity check, it is the `<emulator>` libvirt records
+/// for the domain (`verdict(for:uuid:facts:peer:)`); without it, the configured `emulators`.
 public struct PeerVerifier: Sendable {
-    /// Absolute paths of emulators accepted besides any `qemu-system-*` or `qemu-kvm`.
-    public var extraEmulators: [String]
+    /// The executables accepted as QEMU when libvirt's identity check is off (`--emulator`):
+    /// paths, compared with the peer's executable by device and inode (symlinks resolved).
+    public var emulators: [String]
     /// Where process information lives (tests point it elsewhere only to break it).
     public var procRoot: String
 
-    public init(extraEmulators: [String] = [], procRoot: String = "/proc") {
-        self.extraEmulators = extraEmulators
+    public init(emulators: [String] = [], procRoot: String = "/proc") {
+        self.emulators = emulators
         self.procRoot = procRoot
     }
 
@@ -104,8 +109,12 @@ public struct PeerVerifier: Sendable {
 
     /// The checks against a pinned process: the facts are read before and after the checks and
     /// must agree, and the pinned process must still be alive afterwards, so every /proc read
-    /// was of that one process image. Returns the facts to re-check before HOOK.
-    public func verdict(for hello: Channel.Hello, from peer: PeerCredentials, pin: ProcessPin) -> (Verdict, ProcessFacts?) {
+    /// was of that one process image. Returns the facts to re-check before HOOK (and, with
+    /// libvirt, to compare with the domain's emulator). With `emulatorList` false the
+    /// executable is left to `verdict(for:uuid:facts:peer:)` (libvirt's `<emulator>`).
+    public func verdict(for hello: Channel.Hello, from peer: PeerCredentials, pin: ProcessPin, emulatorList: Bool = true) -> (
+        Verdict, ProcessFacts?
+    ) {
         if Int32(bitPattern: hello.pid) != peer.pid {
             return (.refused("HELLO claims pid \(hello.pid) but the socket peer is pid \(peer.pid)"), nil)
         }
@@ -116,12 +125,61 @@ public struct PeerVerifier: Sendable {
             return (.transient("cannot read the facts of pid \(peer.pid) now: \(errnoName(error.code))"), nil)
         case .failure(let error): return (.refused("cannot read the facts of pid \(peer.pid) (\(errnoName(error.code)))"), nil)
         }
-        let verdict = checks(hello, peer, executable: before.executable)
+        if emulatorList, let problem = emulatorProblem(before, peer) { return (.refused(problem), nil) }
+        let verdict = checks(hello, peer)
         guard verdict == .accepted else { return (verdict, nil) }
         guard case .success(let after) = facts(of: peer.pid), after == before, pin.isAlive else {
             return (.refused("pid \(peer.pid) exited, exec'd or was replaced while its identity was being checked"), nil)
         }
         return (.accepted, before)
+    }
+
+    /// With libvirt's identity check: the pinned peer (its `facts` from the verdict above) runs
+    /// the very file libvirt records as the domain's `<emulator>` (same device and inode, so a
+    /// copy or a look-alike path is not it), and runs as the user and group libvirt runs the
+    /// domain's QEMU as, or as root. Blocking (stat, user and group look-ups): call it through
+    /// `BlockingWork`.
+    public func verdict(for domain: DomainIdentity, uuid: GuestUUID, facts: ProcessFacts, peer: PeerCredentials) -> Verdict {
+        let name = escapedForLog(domain.name, limit: 64)
+        let executable = escapedForLog(Self.withoutDeleted(facts.executable))
+        guard let emulator = domain.emulator else {
+            return .refused(
+                "libvirt records no <emulator> for domain \(name) (\(uuid)), so QEMU pid \(peer.pid) (\(executable)) cannot be checked against it")
+        }
+        var info = stat()
+        guard stat(emulator, &info) == 0 else {
+            let error = errno
+            let why = "cannot stat the <emulator> libvirt records for domain \(name) (\(uuid)), \(escapedForLog(emulator)): \(errnoName(error))"
+            return Self.isTransient(error) ? .transient(why) : .refused(why)
+        }
+        guard facts.executableDevice == UInt64(info.st_dev), facts.executableInode == UInt64(info.st_ino) else {
+            let real = Self.realPath(emulator).map { $0 == emulator ? "" : " (\(escapedForLog($0)))" } ?? ""
+            return .refused(
+                "QEMU pid \(peer.pid) of guest \(uuid) runs \(executable), not the emulator libvirt records for domain \(name): \(escapedForLog(emulator))\(real)"
+            )
+        }
+        if peer.uid == 0 { return .accepted }
+        guard let label = domain.processLabel else {
+            return .refused(
+                "QEMU pid \(peer.pid) of guest \(uuid) runs as uid \(peer.uid) gid \(peer.gid), but libvirt reports no DAC label for domain \(name), so only root may be its QEMU"
+            )
+        }
+        let shown = escapedForLog(label.description, limit: 128)
+        let uid: UInt32
+        let gid: UInt32
+        switch (Self.userID(label.user), Self.groupID(label.group)) {
+        case (.success(let user), .success(let group)):
+            uid = user
+            gid = group
+        case (.failure(let error), _), (_, .failure(let error)):
+            return .refused("cannot resolve the DAC label \(shown) libvirt reports for domain \(name) (\(uuid)): \(error.why)")
+        }
+        guard peer.uid == uid, peer.gid == gid else {
+            return .refused(
+                "QEMU pid \(peer.pid) of guest \(uuid) runs as uid \(peer.uid) gid \(peer.gid), but libvirt runs domain \(name)'s QEMU as \(shown) (uid \(uid) gid \(gid)) and only that or root is accepted"
+            )
+        }
+        return .accepted
     }
 
     /// Right before HOOK hands the introspector's socket over: pid `pid` is still the process
@@ -164,12 +222,24 @@ public struct PeerVerifier: Sendable {
                 executableInode: found ? UInt64(info.st_ino) : nil))
     }
 
-    private func checks(_ hello: Channel.Hello, _ peer: PeerCredentials, executable: String) -> Verdict {
-        let path = executable.hasSuffix(" (deleted)") ? String(executable.dropLast(10)) : executable
-        let name = (path as NSString).lastPathComponent
-        guard name.hasPrefix("qemu-system-") || name == "qemu-kvm" || extraEmulators.contains(path) else {
-            return .refused("pid \(peer.pid) runs \(escapedForLog(path)), which is not a QEMU")
+    /// Without libvirt: the peer's executable must be one of `emulators` (same device and inode).
+    private func emulatorProblem(_ facts: ProcessFacts, _ peer: PeerCredentials) -> String? {
+        let executable = escapedForLog(Self.withoutDeleted(facts.executable))
+        guard !emulators.isEmpty else {
+            return
+                "pid \(peer.pid) runs \(executable), and no emulator is configured (--emulator): without libvirt's identity check only the listed executables are QEMUs"
         }
+        if let device = facts.executableDevice, let inode = facts.executableInode {
+            for emulator in emulators {
+                var info = stat()
+                if stat(emulator, &info) == 0, UInt64(info.st_dev) == device, UInt64(info.st_ino) == inode { return nil }
+            }
+        }
+        let list = emulators.map { escapedForLog($0) }.joined(separator: ", ")
+        return "pid \(peer.pid) runs \(executable), which is not a configured emulator (\(list))"
+    }
+
+    private func checks(_ hello: Channel.Hello, _ peer: PeerCredentials) -> Verdict {
         let data: [UInt8]
         switch readFile("\(procRoot)/\(peer.pid)/cmdline", limit: 1 << 20) {
         case .success(let bytes): data = bytes
@@ -195,6 +265,56 @@ public struct PeerVerifier: Sendable {
             return .refused("HELLO claims UUID \(hello.uuid) but QEMU pid \(peer.pid) was started with -uuid \(uuid)")
         }
         return .accepted
+    }
+
+    /// /proc/PID/exe of a program whose file was removed (or replaced, as by an upgrade).
+    static func withoutDeleted(_ path: String) -> String {
+        path.hasSuffix(" (deleted)") ? String(path.dropLast(10)) : path
+    }
+
+    static func realPath(_ path: String) -> String? {
+        guard let resolved = realpath(path, nil) else { return nil }
+        defer { free(resolved) }
+        return String(cString: resolved)
+    }
+
+    /// Why a user or group name could not be resolved.
+    struct Unresolved: Error {
+        let why: String
+    }
+
+    /// A DAC label's user: `+N` is a number; else a name (a name that is no user but all
+    /// digits is a number, as libvirt reads it).
+    static func userID(_ text: String) -> Result<UInt32, Unresolved> {
+        resolve(text, "user") { name in
+            var entry = passwd()
+            var result: UnsafeMutablePointer<passwd>?
+            var buffer = [CChar](repeating: 0, count: 16384)
+            let error = getpwnam_r(name, &entry, &buffer, buffer.count, &result)
+            return (error, result.map { $0.pointee.pw_uid })
+        }
+    }
+
+    static func groupID(_ text: String) -> Result<UInt32, Unresolved> {
+        resolve(text, "group") { name in
+            var entry = group()
+            var result: UnsafeMutablePointer<group>?
+            var buffer = [CChar](repeating: 0, count: 16384)
+            let error = getgrnam_r(name, &entry, &buffer, buffer.count, &result)
+            return (error, result.map { $0.pointee.gr_gid })
+        }
+    }
+
+    private static func resolve(_ text: String, _ kind: String, _ lookUp: (String) -> (Int32, UInt32?)) -> Result<UInt32, Unresolved> {
+        if text.hasPrefix("+") {
+            guard let number = UInt32(text.dropFirst()) else { return .failure(Unresolved(why: "'\(escapedForLog(text))' is not a \(kind) id")) }
+            return .success(number)
+        }
+        let (error, found) = lookUp(text)
+        if let found { return .success(found) }
+        if let number = UInt32(text) { return .success(number) }
+        let reason = error == 0 ? "no such \(kind)" : errnoName(error)
+        return .failure(Unresolved(why: "\(kind) '\(escapedForLog(text))': \(reason)"))
     }
 
     /// Errors that say "not now" rather than "not so".

@@ -100,13 +100,16 @@ final class SessionDriver: Sendable {
         let verifier = configuration.verifier
         let peer = self.peer
         let channel = socket.descriptor
+        // With libvirt, the executable is compared with the domain's <emulator> below; without
+        // it, with the configured emulators.
+        let emulatorList = configuration.identity == nil
         let (verdict, facts) = await BlockingWork.shared.run {
             // Pinned for the checks only: SO_PEERPIDFD names the process that connected, whenever
             // it is asked; from the verdict on, the facts (start time, executable) carry the
             // identity, so a guest costs one descriptor, not two.
             let pin = ProcessPin.peer(of: channel.raw, pid: peer.pid)
             defer { pin.pidfd?.close() }
-            return verifier.verdict(for: hello, from: peer, pin: pin)
+            return verifier.verdict(for: hello, from: peer, pin: pin, emulatorList: emulatorList)
         }
         switch verdict {
         case .accepted:
@@ -124,9 +127,25 @@ final class SessionDriver: Sendable {
         var metadata: GuestMetadata?
         if let identity = configuration.identity {
             switch await identity.verify(uuid: hello.uuid, pid: peer.pid) {
-            case .accepted(let domainName, let domainMetadata):
-                name = domainName
-                metadata = domainMetadata
+            case .accepted(let domain):
+                // The pinned process image (its facts) against what libvirt started: the emulator
+                // file and the user and group.
+                let uuid = hello.uuid
+                let pinned = facts ?? ProcessFacts(startTime: 0, executable: "", executableDevice: nil, executableInode: nil)
+                switch await BlockingWork.shared.run({ verifier.verdict(for: domain, uuid: uuid, facts: pinned, peer: peer) }) {
+                case .accepted:
+                    break
+                case .refused(let problem):
+                    configuration.refusals.log(logger, "refusing QEMU: \(problem)", metadata: ["peer": "\(peer)"])
+                    await refuse(EPERM, problem)
+                    return nil
+                case .transient(let problem):
+                    configuration.refusals.log(logger, "refusing QEMU for now: \(problem)", metadata: ["peer": "\(peer)"])
+                    await refuse(EAGAIN, problem)
+                    return nil
+                }
+                name = domain.name
+                metadata = domain.metadata
                 logger[metadataKey: "guest.name"] = "\(escapedForLog(name, limit: 64))"
             case .refused(let why):
                 configuration.refusals.log(logger, "refusing QEMU: libvirt says \(why)", metadata: ["peer": "\(peer)"])

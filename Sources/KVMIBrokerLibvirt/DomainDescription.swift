@@ -11,6 +11,9 @@ public struct DomainDescription: Sendable, Equatable {
     public var metadata: IntrospectionMetadata?
     /// `<devices><emulator>`.
     public var emulator: String?
+    /// The DAC label QEMU runs under (`<seclabel model='dac'><label>`), as libvirt reports it in
+    /// a running domain's live XML; nil when there is none.
+    public var processLabel: DACLabel?
     /// The channel socket path in the `-chardev` line `kvmi-broker enroll` adds, if present.
     public var enrolledChannelSocket: String?
 
@@ -35,7 +38,8 @@ public struct DomainDescription: Sendable, Equatable {
         self.uuid = uuid
         self.name = name
         self.id = root[attribute: "id"].flatMap { Int32($0) }
-        self.emulator = root.child("devices")?.child("emulator")?.text.trimmingXMLSpace()
+        self.emulator = Self.emulator(in: root)
+        self.processLabel = DACLabel(seclabelsOf: root)
         do {
             self.metadata = try DomainDescription.metadataElement(in: root).map { element throws(BrokerError) in
                 try IntrospectionMetadata(element: element)
@@ -44,6 +48,12 @@ public struct DomainDescription: Sendable, Equatable {
             throw error.located(at: place)
         }
         self.enrolledChannelSocket = QEMUCommandLine.enrolledChannelSocket(in: root)
+    }
+
+    /// `<devices><emulator>`, trimmed; nil when absent or empty.
+    static func emulator(in root: MarkupElement) -> String? {
+        guard let text = root.child("devices")?.child("emulator")?.text.trimmingXMLSpace(), !text.isEmpty else { return nil }
+        return text
     }
 
     /// Our element among `<metadata>`'s children, found by namespace URI whatever its prefix.
@@ -62,6 +72,35 @@ public struct DomainDescription: Sendable, Equatable {
         }
         return nil
     }
+}
+
+/// The user and group libvirt runs a domain's QEMU as: the `<label>` of the domain's
+/// `<seclabel model='dac'>` (`user:group`, each a name or `+number`). The broker compares the
+/// channel peer's uid/gid with it, so a local process of another user cannot pose as the QEMU.
+public struct DACLabel: Sendable, Equatable, CustomStringConvertible {
+    public var user: String
+    public var group: String
+
+    public init(user: String, group: String) {
+        self.user = user
+        self.group = group
+    }
+
+    /// Parses `user:group`; nil when either half is missing.
+    public init?(_ text: String) {
+        let parts = text.trimmingXMLSpace().split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+        guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else { return nil }
+        self.init(user: String(parts[0]), group: String(parts[1]))
+    }
+
+    /// The label of the domain-level `<seclabel model='dac'>` (not a disk's), if it has one.
+    public init?(seclabelsOf root: MarkupElement) {
+        let dac = root.elements.first { $0.name == "seclabel" && $0[attribute: "model"] == "dac" }
+        guard let text = dac?.child("label")?.text, let label = DACLabel(text) else { return nil }
+        self = label
+    }
+
+    public var description: String { "\(user):\(group)" }
 }
 
 extension String {

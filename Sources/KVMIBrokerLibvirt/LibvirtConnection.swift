@@ -58,10 +58,14 @@ public struct LibvirtDomain: Sendable, Equatable, CustomStringConvertible {
     public var metadataProblem: String?
     /// The QEMU process (from libvirt's pid file or status XML); nil when not running or unreadable.
     public var qemuPID: Int32?
+    /// From the live XML, read only for a peer's identity check (`domain(uuid:locator:live:)`):
+    /// the `<emulator>` libvirt started, and the DAC label it runs QEMU under.
+    public var emulator: String?
+    public var processLabel: DACLabel?
 
     public init(
         uuid: GuestUUID, name: String, id: Int32? = nil, state: DomainState, metadata: IntrospectionMetadata? = nil,
-        metadataProblem: String? = nil, qemuPID: Int32? = nil
+        metadataProblem: String? = nil, qemuPID: Int32? = nil, emulator: String? = nil, processLabel: DACLabel? = nil
     ) {
         self.uuid = uuid
         self.name = name
@@ -70,6 +74,8 @@ public struct LibvirtDomain: Sendable, Equatable, CustomStringConvertible {
         self.metadata = metadata
         self.metadataProblem = metadataProblem
         self.qemuPID = qemuPID
+        self.emulator = emulator
+        self.processLabel = processLabel
     }
 
     public var description: String {
@@ -177,14 +183,22 @@ public final class LibvirtConnection: @unchecked Sendable {
         return out.sorted { $0.name < $1.name }
     }
 
-    /// The domain with this UUID, or nil when libvirt has none.
-    public func domain(uuid: GuestUUID, locator: QEMUProcessLocator = .system) throws(BrokerError) -> LibvirtDomain? {
+    /// The domain with this UUID, or nil when libvirt has none. With `live`, a running domain's
+    /// live XML is read too (its `<emulator>` and DAC label, for a peer's identity check); not
+    /// being able to read it throws.
+    public func domain(uuid: GuestUUID, locator: QEMUProcessLocator = .system, live: Bool = false) throws(BrokerError) -> LibvirtDomain? {
         guard let domain = virDomainLookupByUUIDString(pointer, uuid.description) else {
             if Self.lastErrorCode == Int32(VIR_ERR_NO_DOMAIN.rawValue) { return nil }
             throw Self.lastError(.io, "cannot look up the domain", at: uuid.description)
         }
         defer { virDomainFree(domain) }
-        return facts(of: domain, locator: locator)
+        guard var facts = facts(of: domain, locator: locator) else { return nil }
+        if live && facts.state.isActive {
+            let root = try MarkupElement.parse(try liveXML(of: domain, place: uuid.description))
+            facts.emulator = DomainDescription.emulator(in: root)
+            facts.processLabel = DACLabel(seclabelsOf: root)
+        }
+        return facts
     }
 
     /// The domain named or with the UUID `nameOrUUID`, or nil when libvirt has none.
@@ -240,6 +254,16 @@ public final class LibvirtConnection: @unchecked Sendable {
         }
         defer { free(text) }
         return try IntrospectionMetadata(metadataString: String(cString: text))
+    }
+
+    /// The running domain's XML as libvirt holds it now (what it started, with the labels it
+    /// chose); a read-only connection is enough.
+    func liveXML(of domain: OpaquePointer, place: String) throws(BrokerError) -> String {
+        guard let text = virDomainGetXMLDesc(domain, 0) else {
+            throw Self.lastError(.io, "cannot read the domain's live XML", at: place)
+        }
+        defer { free(text) }
+        return String(cString: text)
     }
 
     /// The persistent (inactive) definition's XML, as `virsh dumpxml --inactive --security-info`.

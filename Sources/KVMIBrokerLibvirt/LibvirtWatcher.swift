@@ -165,15 +165,15 @@ public final class LibvirtWatcher: @unchecked Sendable {
 
     // MARK: Identity and lookups
 
-    /// The running domain with this UUID (nil if libvirt has none running), asked on the
-    /// watcher's queue so no Swift thread blocks on libvirt. Throws when not connected or when
+    /// The running domain with this UUID (nil if libvirt has none running), with its emulator and
+    /// DAC label from the live XML, asked on the watcher's queue so no Swift thread blocks on libvirt. Throws when not connected or when
     /// libvirt does not answer within `timeout` (it holds a domain's lock while its hooks run).
     public func runningDomain(uuid: GuestUUID, timeout: Duration = .seconds(5)) async throws(BrokerError) -> LibvirtDomain? {
         let result: Result<LibvirtDomain?, BrokerError> = await withTimeout(timeout, place: uuid.description) { () throws(BrokerError) in
             guard let connection = self.connection else {
                 throw BrokerError(.connectFailed, "not connected to libvirt (\(self.configuration.uri))", at: uuid.description)
             }
-            guard let domain = try connection.domain(uuid: uuid, locator: self.configuration.locator), domain.state.isActive else {
+            guard let domain = try connection.domain(uuid: uuid, locator: self.configuration.locator, live: true), domain.state.isActive else {
                 return nil
             }
             return domain

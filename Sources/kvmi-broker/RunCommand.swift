@@ -79,7 +79,12 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Static mode: seconds for connect + handshake with the introspector (default 10).")
     var handshakeTimeout: Double?
 
-    @Option(name: .customLong("emulator"), help: "Also accept this emulator path as a QEMU (repeatable).")
+    @Option(
+        name: .customLong("emulator"),
+        help: """
+            With --insecure-no-libvirt-identity, required: an executable a QEMU may run (repeatable; compared by file, not by \
+            name). With libvirt, a QEMU must run the <emulator> libvirt records for its domain instead.
+            """)
     var emulators: [String] = []
 
     @Option(help: "Handshakes in flight to one introspector at once; the rest wait their turn in arrival order.")
@@ -131,6 +136,19 @@ struct RunCommand: AsyncParsableCommand {
                     "\(wrong.joined(separator: ", ")) \(wrong.count == 1 ? "is a static-mode option" : "are static-mode options") (with --introspector); in policy mode the policy's [introspector] sections decide that: drop \(wrong.count == 1 ? "it" : "them") or add --introspector"
                 )
             }
+        }
+        if insecureNoLibvirtIdentity && emulators.isEmpty {
+            throw ValidationError(
+                "--insecure-no-libvirt-identity needs --emulator PATH: without libvirt's <emulator>, only the executables listed are accepted as QEMU (a name such as qemu-system-* proves nothing)"
+            )
+        }
+        if !insecureNoLibvirtIdentity && !emulators.isEmpty {
+            throw ValidationError(
+                "--emulator applies only with --insecure-no-libvirt-identity: with libvirt, a QEMU must run the <emulator> libvirt records for its domain"
+            )
+        }
+        for emulator in emulators where !FileManager.default.isExecutableFile(atPath: emulator) {
+            throw ValidationError("--emulator '\(escapedForLog(emulator))' is not an executable file")
         }
         if let abi, ABIGeneration(parsing: abi) == nil { throw ValidationError("--abi must be v7 or v12, not '\(escapedForLog(abi))'") }
         for uuid in guests where GuestUUID(uuid) == nil { throw ValidationError("--guest '\(escapedForLog(uuid))' is not a UUID") }
@@ -239,7 +257,7 @@ struct RunCommand: AsyncParsableCommand {
                 roots: policyRoots.isEmpty ? PolicySources.defaultRoots : policyRoots, requireRootOwnership: !allowNonRootOwner)
             let store = try PolicyStore(sources: sources)
             return BrokerConfiguration(
-                channelSocketPath: channelSocket, channelSocketGroup: group, policy: store, verifier: PeerVerifier(extraEmulators: emulators),
+                channelSocketPath: channelSocket, channelSocketGroup: group, policy: store, verifier: PeerVerifier(emulators: emulators),
                 statusFile: statusFile.isEmpty ? nil : statusFile)
         }
         let generation = ABIGeneration(parsing: abi ?? "v12")!
@@ -256,7 +274,7 @@ struct RunCommand: AsyncParsableCommand {
                 initial: .milliseconds(Int64((backoffInitial ?? 0.5) * 1000)), maximum: .milliseconds(Int64((backoffMax ?? 30) * 1000)),
                 multiplier: 2, jitter: 0.2),
             handshakeTimeout: .milliseconds(Int64((handshakeTimeout ?? 10) * 1000)),
-            verifier: PeerVerifier(extraEmulators: emulators), statusFile: statusFile.isEmpty ? nil : statusFile)
+            verifier: PeerVerifier(emulators: emulators), statusFile: statusFile.isEmpty ? nil : statusFile)
     }
 
     private func ids(_ text: String, _ option: String) throws -> [Int32] {

@@ -67,6 +67,28 @@ let qemuDomainXML = """
         #expect(domain.metadata == IntrospectionMetadata(introspector: "acme", required: true))
     }
 
+    @Test("the DAC label of a running domain's live XML: the domain's, not a disk's; user:group or +uid:+gid")
+    func dacLabelFromLiveXML() throws {
+        let live = """
+            <domain type='kvm' id='7'>
+              <name>web</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>
+              <devices>
+                <emulator>/usr/bin/qemu-system-x86_64</emulator>
+                <disk type='file'><source file='/x.img'><seclabel model='dac' relabel='yes'><label>+5:+5</label></seclabel></source></disk>
+              </devices>
+              <seclabel type='dynamic' model='apparmor' relabel='yes'><label>libvirt-6695eb01</label></seclabel>
+              <seclabel type='dynamic' model='dac' relabel='yes'><label>+64055:+994</label><imagelabel>+64055:+994</imagelabel></seclabel>
+            </domain>
+            """
+        let domain = try DomainDescription(xml: live)
+        #expect(domain.processLabel == DACLabel(user: "+64055", group: "+994"))
+        #expect(domain.emulator == "/usr/bin/qemu-system-x86_64")
+        #expect(DACLabel(" libvirt-qemu:kvm ") == DACLabel(user: "libvirt-qemu", group: "kvm"))
+        #expect(DACLabel("root") == nil && DACLabel(":kvm") == nil && DACLabel("root:") == nil)
+        let none = try DomainDescription(xml: "<domain><name>t</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid></domain>")
+        #expect(none.processLabel == nil && none.emulator == nil)
+    }
+
     @Test func elementInAnotherNamespaceIsNotOurs() throws {
         let xml = """
             <domain><name>a</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>

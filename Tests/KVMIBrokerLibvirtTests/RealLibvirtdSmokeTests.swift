@@ -31,8 +31,16 @@ struct RealLibvirtdSmokeTests {
         try await log.wait(for: "\(name)'s start event") { $0.contains { $0.lifecycle?.name == name && $0.lifecycle?.kind == .started } }
         let started = try #require(log.events.compactMap(\.lifecycle).first { $0.name == name && $0.kind == .started })
         let pid = try #require(started.domain?.qemuPID)
-        #expect(await watcher.verifyPeer(uuid: started.uuid, pid: pid, timeout: patience) == .accepted(try #require(started.domain)))
-        #expect(await watcher.verifyPeer(uuid: started.uuid, pid: pid + 1, timeout: patience) != .accepted(try #require(started.domain)))
+        // The identity check also reads the live XML: the emulator libvirt started, and the DAC
+        // label it runs QEMU under (scripts/libvirtd-ci sets qemu.conf's user and group to root).
+        var expected = try #require(started.domain)
+        expected.emulator = try control.withDomain(name) { domain throws(BrokerError) in
+            try DomainDescription(xml: try control.inactiveXML(of: domain, place: name)).emulator
+        }
+        expected.processLabel = DACLabel("+0:+0")
+        #expect(expected.emulator != nil)
+        #expect(await watcher.verifyPeer(uuid: started.uuid, pid: pid, timeout: patience) == .accepted(expected))
+        #expect(await watcher.verifyPeer(uuid: started.uuid, pid: pid + 1, timeout: patience) != .accepted(expected))
 
         let clock = ContinuousClock()
         let restartedAt = clock.now

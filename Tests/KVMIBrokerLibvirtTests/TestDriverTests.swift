@@ -414,6 +414,8 @@ func fastBackoff() throws -> Backoff {
             return
         }
         #expect(domain.name == "alpha" && domain.metadata?.introspector == "acme")
+        // From the live XML: the emulator; the test driver reports no DAC label.
+        #expect(domain.emulator == "/usr/bin/qemu-system-x86_64" && domain.processLabel == nil)
         #expect(
             await watcher.verifyPeer(uuid: alphaUUID, pid: 999, timeout: patience)
                 == .refused("domain alpha (\(alphaUUID)) runs as QEMU pid 4242, not pid 999"))

@@ -66,6 +66,9 @@ extension OSLayerTests {
     struct DaemonChannelTests {
         let uuid = GuestUUID("0b2ab0f4-7d15-4bd2-9a52-4e6ad33c7b0e")!
 
+        /// The emulator the fake /proc's `exe` names, and the one these brokers are configured with.
+        let fakeEmulator = "/usr/bin/qemu-system-x86_64"
+
         /// A /proc look-alike in which this test process is a QEMU started with `-uuid cmdlineUUID`.
         func fakeProc(cmdlineUUID: GuestUUID?, executable: String = "/usr/bin/qemu-system-x86_64") throws -> String {
             let root = "/tmp/kvmib-proc-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
@@ -97,7 +100,7 @@ extension OSLayerTests {
                 channelSocketPath: socketPath, introspector: introspector, cookie: CookieHash(secret: testSecret),
                 allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [0, 5]),
                 backoff: try Backoff(initial: .milliseconds(300), maximum: .seconds(1), multiplier: 2, jitter: 0),
-                handshakeTimeout: .seconds(2), verifier: PeerVerifier(procRoot: procRoot), statusFile: statusFile)
+                handshakeTimeout: .seconds(2), verifier: PeerVerifier(emulators: [fakeEmulator], procRoot: procRoot), statusFile: statusFile)
             let server = ChannelServer(configuration: configuration, logger: Logger(label: "test-broker"))
             let listener = try server.bind()
             let task = Task { await server.run(listener: listener) }
@@ -180,7 +183,7 @@ extension OSLayerTests {
                 ("uuid", "was started with -uuid"),
                 ("pid", "but the socket peer is pid"),
                 ("no-uuid", "has no -uuid argument"),
-                ("not-qemu", "which is not a QEMU"),
+                ("not-qemu", "which is not a configured emulator (/usr/bin/qemu-system-x86_64)"),
             ])
         func liar(kind: String, expected: String) async throws {
             let other = GuestUUID("11111111-2222-4333-8444-555555555555")!

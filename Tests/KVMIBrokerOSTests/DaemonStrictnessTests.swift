@@ -143,7 +143,8 @@ extension OSLayerTests.DaemonChannelTests {
         let socketPath = temporarySocketPath("channel")
         var configuration = BrokerConfiguration(
             channelSocketPath: socketPath, introspector: introspector.endpoint, cookie: CookieHash(secret: testSecret),
-            allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [0]), verifier: PeerVerifier(procRoot: procRoot))
+            allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [0]),
+            verifier: PeerVerifier(emulators: [fakeEmulator], procRoot: procRoot))
         // Only eviction can free room here: a silent peer would otherwise be waited for a minute.
         configuration.helloTimeout = .seconds(60)
         let admission = ConnectionAdmission(maximumConnections: 24, maximumGreeting: 4)
@@ -175,7 +176,7 @@ extension OSLayerTests.DaemonChannelTests {
         let configuration = BrokerConfiguration(
             channelSocketPath: socketPath, introspector: introspector.endpoint, cookie: CookieHash(secret: testSecret),
             allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [0]), guests: [],
-            verifier: PeerVerifier(extraEmulators: [python]))
+            verifier: PeerVerifier(emulators: [python]))
         let lines = LineCounter()
         let server = ChannelServer(configuration: configuration, logger: Logger(label: "test-broker", factory: { _ in lines }))
         let listener = try server.bind()
@@ -216,7 +217,7 @@ extension OSLayerTests.DaemonChannelTests {
         let socketPath = temporarySocketPath("channel")
         let configuration = BrokerConfiguration(
             channelSocketPath: socketPath, introspector: introspector.endpoint, cookie: CookieHash(secret: testSecret),
-            allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [0]), verifier: PeerVerifier(extraEmulators: [python]))
+            allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [0]), verifier: PeerVerifier(emulators: [python]))
         let lines = LineCounter()
         let server = ChannelServer(configuration: configuration, logger: Logger(label: "test-broker", factory: { _ in lines }))
         let listener = try server.bind()
@@ -306,7 +307,7 @@ extension OSLayerTests.DaemonChannelTests {
 }
 
 extension OSLayerTests.DaemonChannelTests {
-    @Test("turning libvirt's identity check off takes a loudly named option; either half alone is refused")
+    @Test("turning libvirt's identity check off takes a loudly named option and --emulator; either half alone is refused")
     func identityCheckOffIsExplicit() throws {
         let broker = productsDirectory().appendingPathComponent("kvmi-broker")
         let common = [
@@ -318,5 +319,12 @@ extension OSLayerTests.DaemonChannelTests {
         let (status2, _, error2) = try runProcess(broker, common + ["--insecure-no-libvirt-identity"])
         #expect(status2 != 0)
         #expect(error2.contains("needs --libvirt-uri ''"), "\(error2)")
+        // Without libvirt's <emulator>, the executables a QEMU may run must be named; with libvirt, they must not.
+        let (status3, _, error3) = try runProcess(broker, common + ["--libvirt-uri", "", "--insecure-no-libvirt-identity"])
+        #expect(status3 != 0)
+        #expect(error3.contains("--insecure-no-libvirt-identity needs --emulator PATH"), "\(error3)")
+        let (status4, _, error4) = try runProcess(broker, common + ["--emulator", "/usr/bin/qemu-system-x86_64"])
+        #expect(status4 != 0)
+        #expect(error4.contains("--emulator applies only with --insecure-no-libvirt-identity"), "\(error4)")
     }
 }

@@ -33,7 +33,8 @@ extension OSLayerTests {
             let configuration = BrokerConfiguration(
                 channelSocketPath: socketPath, introspector: introspector, cookie: CookieHash(secret: testSecret),
                 allowLists: try Channel.AllowLists(abi: .v12, commands: commandIDs, events: eventIDs),
-                backoff: try Backoff(initial: .milliseconds(200), maximum: .seconds(2), multiplier: 2, jitter: 0), handshakeTimeout: .seconds(5))
+                backoff: try Backoff(initial: .milliseconds(200), maximum: .seconds(2), multiplier: 2, jitter: 0), handshakeTimeout: .seconds(5),
+                verifier: PeerVerifier(emulators: [try patchedQEMU()]))
             let server = ChannelServer(configuration: configuration, logger: Logger(label: "hooked-broker"))
             let listener = try server.bind()
             return (server, Task { await server.run(listener: listener) }, socketPath)

@@ -60,7 +60,9 @@ extension OSLayerTests {
             defer { try? FileManager.default.removeItem(atPath: procRoot) }
             let socketPath = temporarySocketPath("policy-channel")
             let server = ChannelServer(
-                configuration: BrokerConfiguration(channelSocketPath: socketPath, policy: store, verifier: PeerVerifier(procRoot: procRoot)),
+                configuration: BrokerConfiguration(
+                    channelSocketPath: socketPath, policy: store,
+                    verifier: PeerVerifier(emulators: ["/usr/bin/qemu-system-x86_64"], procRoot: procRoot)),
                 logger: Logger(label: "policy-broker"))
             let listener = try server.bind()
             let task = Task { await server.run(listener: listener) }

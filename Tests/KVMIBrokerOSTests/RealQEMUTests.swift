@@ -31,7 +31,8 @@ extension OSLayerTests {
             let socketPath = temporarySocketPath("qemu-channel")
             let configuration = BrokerConfiguration(
                 channelSocketPath: socketPath, introspector: introspector, cookie: CookieHash(secret: testSecret),
-                allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [-1]), backoff: backoff, handshakeTimeout: .seconds(5))
+                allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [-1]), backoff: backoff, handshakeTimeout: .seconds(5),
+                verifier: PeerVerifier(emulators: [try patchedQEMU()]))
             let server = ChannelServer(configuration: configuration, logger: Logger(label: "real-qemu-broker"))
             let listener = try server.bind()
             return (server, Task { await server.run(listener: listener) }, socketPath)

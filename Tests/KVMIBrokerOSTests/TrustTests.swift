@@ -107,7 +107,8 @@ extension OSLayerTests {
             let broker = productsDirectory().appendingPathComponent("kvmi-broker")
             let arguments = [
                 "run", "--policy-root", tree.root, "--allow-non-root-owner", "--channel-socket", directory + "/qemu.sock", "--control-socket",
-                directory + "/control.sock", "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--status-file", "",
+                directory + "/control.sock", "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--emulator", "/usr/bin/qemu-system-x86_64",
+                "--status-file", "",
             ]
             let first = try ChildProcess(broker, arguments)
             defer { first.kill() }

@@ -9,6 +9,14 @@ Usage: fake_qemu_channel.py SOCKET -uuid UUID MODE
   exec   HELLO (VM not running), wait for WELCOME, print "welcome", then exec /bin/sh, which
          sends EVENT RESUMED on the inherited channel and sleeps: the process that asked
          is no longer the image whose identity was checked
+  hook   HELLO, then print WELCOME (or REFUSE <errno> and exit), then wait for the next frame:
+         print "HOOK fds=N" for a HOOK, or "closed" when the broker closes the channel
+  handoff HELLO, wait for WELCOME, print "welcome pid PID", fork a child that keeps the
+         channel and does what `hook` does after WELCOME, and exit at once: the pid that
+         was checked is free for another process while the channel lives on
+
+With KVMIB_FAKE_QEMU_GATE=PATH in the environment it waits (at most 60 s) until PATH exists
+before it connects, so that a test can first record its pid where libvirt would.
 """
 import os
 import socket
@@ -48,10 +56,32 @@ def receive(sock):
     return kind, seq, payload
 
 
+def await_next_frame(sock):
+    """After WELCOME: print what the broker sends next (a HOOK and its descriptors) or "closed"."""
+    header, fds = b"", []
+    while len(header) < 16:
+        data, ancillary, _, _ = sock.recvmsg(16 - len(header), socket.CMSG_SPACE(4 * 4))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += struct.unpack("<%di" % (len(payload) // 4), payload[: len(payload) // 4 * 4])
+        if not data:
+            print("closed", flush=True)
+            return 0
+        header += data
+    _, kind, _, _, _ = struct.unpack("<IHHII", header)
+    print(("HOOK fds=%d" % len(fds)) if kind == 0x0010 else ("frame 0x%x" % kind), flush=True)
+    return 0
+
+
 def main():
     path, flag, text, mode = sys.argv[1:5]
     assert flag == "-uuid"
     guest = uuidlib.UUID(text)
+    gate = os.environ.get("KVMIB_FAKE_QEMU_GATE")
+    if gate:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
     sock.sendall(hello(guest, running=(mode != "exec")))
@@ -63,7 +93,14 @@ def main():
     if kind == 0x0003:
         print("REFUSE %d" % struct.unpack("<i", payload[:4])[0], flush=True)
         return 0
+    if mode == "handoff":
+        print("welcome pid %d" % os.getpid(), flush=True)
+        if os.fork() == 0:
+            os._exit(await_next_frame(sock))
+        os._exit(0)
     print("welcome" if mode in ("flood", "exec") else "WELCOME", flush=True)
+    if mode == "hook":
+        return await_next_frame(sock)
     if mode == "exec":
         resumed = frame(0x0040, 1, struct.pack("<HHiqBB6x", 3, 0, 0, 1_795_000_000, 0, 1))
         escaped = "".join("\\%03o" % byte for byte in resumed)
