@@ -62,6 +62,18 @@ public struct ProcessFacts: Sendable, Equatable {
     public var executable: String
     public var executableDevice: UInt64?
     public var executableInode: UInt64?
+
+    /// The same process image: the same start time (not a reused pid) and the same executable
+    /// file (no exec since): by device and inode when both have them, else by path.
+    public func isSameImage(as other: ProcessFacts) -> Bool {
+        guard startTime == other.startTime else { return false }
+        if let device = executableDevice, let inode = executableInode, let otherDevice = other.executableDevice,
+            let otherInode = other.executableInode
+        {
+            return device == otherDevice && inode == otherInode
+        }
+        return !executable.isEmpty && executable == other.executable
+    }
 }
 
 /// Checks that a channel peer is the QEMU it claims to be: the HELLO's pid is the socket
@@ -128,7 +140,7 @@ public struct PeerVerifier: Sendable {
         if emulatorList, let problem = emulatorProblem(before, peer) { return (.refused(problem), nil) }
         let verdict = checks(hello, peer)
         guard verdict == .accepted else { return (verdict, nil) }
-        guard case .success(let after) = facts(of: peer.pid), after == before, pin.isAlive else {
+        guard case .success(let after) = facts(of: peer.pid, path: before.executableInode == nil), after.isSameImage(as: before), pin.isAlive else {
             return (.refused("pid \(peer.pid) exited, exec'd or was replaced while its identity was being checked"), nil)
         }
         return (.accepted, before)
@@ -187,9 +199,12 @@ public struct PeerVerifier: Sendable {
     /// no exec since). Nil when it is. (The pidfd is not kept for this, so that a hooked guest
     /// costs the broker one descriptor, not two.)
     public func recheck(pid: Int32, _ facts: ProcessFacts) -> String? {
+        guard case .success(let quick) = self.facts(of: pid, path: false) else { return "QEMU pid \(pid) has exited" }
+        if quick.startTime != facts.startTime { return "pid \(pid) is now another process (its start time changed)" }
+        guard !quick.isSameImage(as: facts) else { return nil }
         guard case .success(let now) = self.facts(of: pid) else { return "QEMU pid \(pid) has exited" }
         if now.startTime != facts.startTime { return "pid \(pid) is now another process (its start time changed)" }
-        if now.executable != facts.executable || now.executableInode != facts.executableInode || now.executableDevice != facts.executableDevice {
+        if !now.isSameImage(as: facts) {
             return "QEMU pid \(pid) exec'd \(escapedForLog(now.executable)) since its identity was checked"
         }
         return nil
@@ -197,22 +212,21 @@ public struct PeerVerifier: Sendable {
 
     /// Start time (field 22 of /proc/PID/stat, after the parenthesised command name, which may
     /// hold anything) and the executable.
-    func facts(of pid: Int32) -> Result<ProcessFacts, SystemErrno> {
+    /// With `path` false the executable's path is not read (`executable` is empty): enough to
+    /// compare with facts read before (`isSameImage`), and one system call less per check.
+    func facts(of pid: Int32, path: Bool = true) -> Result<ProcessFacts, SystemErrno> {
         let stat: [UInt8]
         switch readFile("\(procRoot)/\(pid)/stat", limit: 4096) {
         case .success(let bytes): stat = bytes
         case .failure(let error): return .failure(error)
         }
-        guard let close = stat.lastIndex(of: UInt8(ascii: ")")) else { return .failure(SystemErrno(EINVAL)) }
-        let fields = stat[(close + 1)...].split(separator: UInt8(ascii: " "))
-        // fields[0] is field 3 (state); field 22 is fields[19].
-        guard fields.count > 19, let startTime = UInt64(String(decoding: fields[19], as: UTF8.self)) else {
-            return .failure(SystemErrno(EINVAL))
-        }
-        let executable: String
-        switch readLink("\(procRoot)/\(pid)/exe") {
-        case .success(let target): executable = target
-        case .failure(let error): return .failure(error)
+        guard let startTime = Self.startTime(stat: stat) else { return .failure(SystemErrno(EINVAL)) }
+        var executable = ""
+        if path {
+            switch readLink("\(procRoot)/\(pid)/exe") {
+            case .success(let target): executable = target
+            case .failure(let error): return .failure(error)
+            }
         }
         var info = Glibc.stat()
         let found = fstatat(AT_FDCWD, "\(procRoot)/\(pid)/exe", &info, 0) == 0
@@ -239,6 +253,35 @@ public struct PeerVerifier: Sendable {
         return "pid \(peer.pid) runs \(executable), which is not a configured emulator (\(list))"
     }
 
+    /// Field 22 of /proc/PID/stat (the start time), counted after the parenthesised command
+    /// name, which may hold anything.
+    static func startTime(stat: [UInt8]) -> UInt64? {
+        guard let close = stat.lastIndex(of: UInt8(ascii: ")")) else { return nil }
+        // After ")" come " state ppid ...": field 3 follows the first space; field 22 the 20th.
+        var spaces = 0
+        var index = close + 1
+        while index < stat.count {
+            if stat[index] == UInt8(ascii: " ") {
+                spaces += 1
+                if spaces == 20 { break }
+            }
+            index += 1
+        }
+        guard spaces == 20 else { return nil }
+        var value: UInt64 = 0
+        var digits = 0
+        index += 1
+        while index < stat.count, stat[index] >= UInt8(ascii: "0"), stat[index] <= UInt8(ascii: "9") {
+            let (times, overflow1) = value.multipliedReportingOverflow(by: 10)
+            let (sum, overflow2) = times.addingReportingOverflow(UInt64(stat[index] - UInt8(ascii: "0")))
+            guard !overflow1, !overflow2 else { return nil }
+            value = sum
+            digits += 1
+            index += 1
+        }
+        return digits > 0 ? value : nil
+    }
+
     private func checks(_ hello: Channel.Hello, _ peer: PeerCredentials) -> Verdict {
         let data: [UInt8]
         switch readFile("\(procRoot)/\(peer.pid)/cmdline", limit: 1 << 20) {
@@ -247,9 +290,11 @@ public struct PeerVerifier: Sendable {
             return .transient("cannot read the command line of pid \(peer.pid) now: \(errnoName(error.code))")
         case .failure(let error): return .refused("cannot read the command line of pid \(peer.pid) (\(errnoName(error.code)))")
         }
-        let arguments = data.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
-        let values = arguments.indices.filter { ($0 + 1) < arguments.count && (arguments[$0] == "-uuid" || arguments[$0] == "--uuid") }
-            .map { arguments[$0 + 1] }
+        // Only the values of -uuid become strings (a libvirt command line has a hundred arguments).
+        let arguments = data.split(separator: 0, omittingEmptySubsequences: false)
+        let values = arguments.indices.filter {
+            ($0 + 1) < arguments.count && (arguments[$0].elementsEqual("-uuid".utf8) || arguments[$0].elementsEqual("--uuid".utf8))
+        }.map { String(decoding: arguments[$0 + 1], as: UTF8.self) }
         guard let text = values.first else {
             return .refused("QEMU pid \(peer.pid) has no -uuid argument, so its identity cannot be checked")
         }

@@ -51,9 +51,7 @@ final class SessionDriver: Sendable {
         // The admission phase returns before the session's long life begins, so its frame
         // (HELLO, the checks, the claim) is not held by a thousand waiting sessions.
         guard let admitted = await admit() else { return }
-        await drive(
-            hello: admitted.hello, name: admitted.name, metadata: admitted.metadata, facts: admitted.facts, token: admitted.token,
-            logger: admitted.logger)
+        await drive(admitted)
         await registry.release(admitted.hello.uuid, token: admitted.token)
     }
 
@@ -65,6 +63,9 @@ final class SessionDriver: Sendable {
         let facts: ProcessFacts?
         let token: UInt64
         let logger: Logger
+        /// The session's inputs and its reload flag, registered with the claim.
+        let inputs: AsyncChannel<Input>
+        let reload: ReloadFlag
     }
 
     /// HELLO, identity checks, claim; nil when the connection was refused or closed.
@@ -163,7 +164,19 @@ final class SessionDriver: Sendable {
             lastFailure: nil, startTime: hello.startTime, since: Date(),
             identity: configuration.identity == nil ? "proc only (libvirt identity check OFF)" : "libvirt")
         let token: UInt64
-        switch await registry.claim(hello.uuid, status: status) {
+        let inputs = AsyncChannel<Input>()
+        let reload = ReloadFlag()
+        // One hop to the registry claims the guest and registers the session's inputs.
+        let claim = await registry.claim(
+            hello.uuid, status: status,
+            onPolicyChange: {
+                // Coalesced: however many reloads happen, at most one notice waits for the session.
+                if !reload.pending.exchange(true, ordering: .acquiringAndReleasing) {
+                    Task { await inputs.send(.policyReloaded) }
+                }
+            },
+            injector: { input in await inputs.send(input) })
+        switch claim {
         case .success(let claimed):
             token = claimed
         case .failure(.otherProcess(let pid)):
@@ -184,7 +197,8 @@ final class SessionDriver: Sendable {
                 "start_time": "\(hello.startTime)", "max_gpa": "\(hello.maxGPA)", "kvm.cap206": "\(hello.capV12)", "kvm.cap180": "\(hello.capV7)",
                 "kvm.introspection": "\(hello.introspectionParameter)",
             ])
-        return Admitted(hello: hello, name: name, metadata: metadata, facts: facts, token: token, logger: logger)
+        return Admitted(
+            hello: hello, name: name, metadata: metadata, facts: facts, token: token, logger: logger, inputs: inputs, reload: reload)
     }
 
     private func refuse(_ errno: Int32, _ reason: String) async {
@@ -192,8 +206,9 @@ final class SessionDriver: Sendable {
             Channel.Frame(.refuse, seq: 1, payload: Channel.refuse(errno: errno, reason: reason)), until: .now.advanced(by: .seconds(1)))
     }
 
-    private func drive(hello: Channel.Hello, name: String, metadata: GuestMetadata?, facts: ProcessFacts?, token: UInt64, logger: Logger) async {
-        let inputs = AsyncChannel<Input>()
+    private func drive(_ admitted: Admitted) async {
+        let hello = admitted.hello
+        let inputs = admitted.inputs
         let socket = self.socket
         await withDiscardingTaskGroup { group in
             // The reader: one frame at a time, each handed over before the next is read.
@@ -213,8 +228,11 @@ final class SessionDriver: Sendable {
             var state = LoopState(
                 machine: GuestSessionMachine(allowLists: .kernelDefaults(.v12)),
                 request: HandshakeRequest(uuid: hello.uuid, name: hello.name, startTime: hello.startTime, maxGPA: hello.maxGPA), plan: nil,
-                logLimit: RateLimitedLog(linesPerWindow: configuration.sessionLogLines, window: .seconds(10)), facts: facts)
-            await loop(hello: hello, name: name, metadata: metadata, token: token, inputs: inputs, state: &state, logger: logger)
+                logLimit: RateLimitedLog(linesPerWindow: configuration.sessionLogLines, window: .seconds(10)), facts: admitted.facts)
+            let session = SessionContext(
+                hello: hello, name: admitted.name, metadata: admitted.metadata, token: admitted.token, inputs: inputs, reload: admitted.reload,
+                logger: admitted.logger)
+            await loop(session, state: &state)
             // Teardown, structured: nothing the session started outlives it.
             inputs.finish()
             group.cancelAll()
@@ -228,39 +246,23 @@ final class SessionDriver: Sendable {
 
     /// The session's life: the first decision, then one input at a time.
     @inline(never)
-    private func loop(
-        hello: Channel.Hello, name: String, metadata: GuestMetadata?, token: UInt64, inputs: AsyncChannel<Input>, state: inout LoopState,
-        logger: Logger
-    ) async {
-        guard let reload = await begin(hello: hello, name: name, metadata: metadata, token: token, inputs: inputs, state: &state, logger: logger)
-        else { return }
-        let session = SessionContext(hello: hello, name: name, metadata: metadata, token: token, inputs: inputs, reload: reload, logger: logger)
-        for await input in inputs {
+    private func loop(_ session: SessionContext, state: inout LoopState) async {
+        guard await begin(session, state: &state) else { return }
+        for await input in session.inputs {
             // Each input is handled in a function of its own (not inlined), so the frame this
             // loop keeps while it waits is small: a boot storm holds a thousand of them.
             if await handle(input, session, &state) == false { return }
         }
     }
 
-    /// The policy decision, the registrations and the first actions (WELCOME, ...); nil when
-    /// the channel is done already.
+    /// The policy decision and the first actions (WELCOME, ...); false when the channel is
+    /// done already.
     @inline(never)
-    private func begin(
-        hello: Channel.Hello, name: String, metadata: GuestMetadata?, token: UInt64, inputs: AsyncChannel<Input>, state: inout LoopState,
-        logger: Logger
-    ) async -> ReloadFlag? {
-        let first = decideFirst(hello: hello, name: name, metadata: metadata, state: &state, logger: logger)
-        let reload = ReloadFlag()
-        await registry.listen(token: token) {
-            // Coalesced: however many reloads happen, at most one notice waits for the session.
-            if !reload.pending.exchange(true, ordering: .acquiringAndReleasing) {
-                Task { await inputs.send(.policyReloaded) }
-            }
-        }
-        await registry.registerInjector(hello.uuid) { input in await inputs.send(input) }
-        if await perform(first, &state, inputs, logger) == false { return nil }
-        await publish(&state, hello.uuid, token)
-        return reload
+    private func begin(_ session: SessionContext, state: inout LoopState) async -> Bool {
+        let first = decideFirst(hello: session.hello, name: session.name, metadata: session.metadata, state: &state, logger: session.logger)
+        if await perform(first, &state, session.inputs, session.logger) == false { return false }
+        await publish(&state, session.hello.uuid, session.token)
+        return true
     }
 
     /// The policy's decision for the guest, audited, and the machine's first actions.

@@ -60,14 +60,21 @@ public actor SessionRegistry {
     }
 
     /// Claims the guest for a new channel: at most one live channel per guest, whichever
-    /// process it comes from (QEMU reconnects by itself once its old channel is gone).
-    public func claim(_ uuid: GuestUUID, status: SessionStatus) -> Result<UInt64, ClaimRefusal> {
+    /// process it comes from (QEMU reconnects by itself once its old channel is gone). A
+    /// successful claim registers, in the same step, what a policy reload calls
+    /// (`onPolicyChange`) and the session's input for tests (`injector`).
+    func claim(
+        _ uuid: GuestUUID, status: SessionStatus, onPolicyChange: (@Sendable () -> Void)? = nil,
+        injector: (@Sendable (SessionDriver.Input) async -> Void)? = nil
+    ) -> Result<UInt64, ClaimRefusal> {
         if let existing = sessions[uuid] {
             return .failure(existing.status.qemuPID == status.qemuPID ? .alreadyConnected : .otherProcess(pid: existing.status.qemuPID))
         }
         let token = nextToken
         nextToken += 1
         sessions[uuid] = (token, status)
+        listeners[token] = onPolicyChange
+        injectors[uuid] = injector
         persist()
         return .success(token)
     }
@@ -79,15 +86,6 @@ public actor SessionRegistry {
         guard entry.status != before else { return }
         sessions[uuid] = entry
         persist()
-    }
-
-    /// `notify` is called on every policy reload while the session lives.
-    public func listen(token: UInt64, _ notify: @escaping @Sendable () -> Void) {
-        listeners[token] = notify
-    }
-
-    func registerInjector(_ uuid: GuestUUID, _ inject: @escaping @Sendable (SessionDriver.Input) async -> Void) {
-        injectors[uuid] = inject
     }
 
     /// Hands `input` to the live session of `uuid` (tests only); false when there is none.

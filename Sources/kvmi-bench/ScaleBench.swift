@@ -39,6 +39,11 @@ struct ScaleBench: ParsableCommand {
             """)
     var introspector = "normal"
 
+    @Option(
+        name: .customLong("broker-option"), parsing: .singleValue,
+        help: "An extra option for `kvmi-broker run` (repeatable), e.g. --broker-option=--handshakes-per-introspector=32.")
+    var brokerOptions: [String] = []
+
     @Option(help: "Floor + broker pairs to run.")
     var runs = 1
 
@@ -126,7 +131,7 @@ struct ScaleBench: ParsableCommand {
                             "--status-file",
                             "\(work)/status-\(run).json", "--introspector", "unix:\(tool)", "--secret-file", secretPath, "--emulator", fakeQEMU,
                             "--abi", "v12", "--commands", "all", "--events", "all", "--log-level", "warning",
-                        ]
+                        ] + brokerOptions
                     )
                 })
             print("")

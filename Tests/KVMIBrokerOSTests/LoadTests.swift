@@ -145,14 +145,19 @@ extension OSLayerTests {
                 }
             }
             while pacer.load(of: endpoint).inFlight < 2 { await Task.yield() }
+            // Each waiter holds its slot until the test lets it go, so exactly one slot is
+            // handed over at a time and the order of the grants is observable (two slots
+            // granted together may start in either order on two threads).
+            let releases = (0..<8).map { _ in AsyncStream<Void>.makeStream() }
             var waiters: [Task<Void, any Error>] = []
             for index in 2..<8 {
+                let release = releases[index].stream
                 waiters.append(
                     Task {
                         try await pacer.paced(endpoint) {
                             running.enter()
                             order.record(index)
-                            await Task.yield()
+                            for await _ in release { break }
                             running.leave()
                         }
                     })
@@ -161,8 +166,17 @@ extension OSLayerTests {
             #expect(pacer.load(of: endpoint).inFlight == 2 && pacer.load(of: endpoint).queued == 6)
             gate.continuation.finish()
             for holder in holders { try await holder.value }
+            // The two freed slots go to the first two in line.
+            try #require(await eventuallyAsync { order.values.count >= 4 })
+            #expect(Set(order.values[2..<4]) == [2, 3])
+            // From then on every release hands one slot to the next in line.
+            for (released, next) in zip(2..<6, 4..<8) {
+                releases[released].continuation.finish()
+                try #require(await eventuallyAsync { order.values.count >= next + 1 }, "no slot was handed over after \(released) let go")
+                #expect(order.values[next] == next)
+            }
+            for index in 6..<8 { releases[index].continuation.finish() }
             for waiter in waiters { try await waiter.value }
-            #expect(Array(order.values.dropFirst(2)) == [2, 3, 4, 5, 6, 7])
             #expect(running.peak <= 2)
             #expect(pacer.load(of: endpoint).inFlight == 0 && pacer.load(of: endpoint).queued == 0)
         }
