@@ -86,11 +86,21 @@ struct KVMIClient {
             let answer = try reply(seq: seq)
             update { $0.checks["event:\(name)"] = answer.err }
         }
-        seq += 1
         let control = Int32(KVMINames.commands(plan.abi)["VM_CONTROL_EVENTS"]!)
-        try send(KVMIWire.message(id: control, seq: seq, body: KVMIWire.controlEventsBody(event: 0, enable: true)))
-        let enabled = try reply(seq: seq)
-        update { $0.unhookEnabled = enabled.err }
+        // The kernel serves the socket from HOOK on, and QEMU allows commands and events with
+        // ioctls right after it: a tool that is quicker than QEMU's main thread gets -KVM_EPERM
+        // (-1) in that window. Retry the enable for up to 2 s, as a tool that needs the unhook
+        // event must (the checks above are recorded as answered).
+        var enabled: (err: Int32, payload: [UInt8])
+        var tries = 0
+        repeat {
+            if tries > 0 { usleep(10_000) }
+            tries += 1
+            seq += 1
+            try send(KVMIWire.message(id: control, seq: seq, body: KVMIWire.controlEventsBody(event: 0, enable: true)))
+            enabled = try reply(seq: seq)
+        } while enabled.err == -1 && tries < 200
+        update { [enabled] in $0.unhookEnabled = enabled.err }
         let closes = plan.closesOnUnhook
         // Now wait for the kernel to ask for the unhook; close as soon as it does (if the plan says so).
         while true {

@@ -48,8 +48,13 @@ private struct NeverClosingGuest {
         server = ChannelServer(configuration: configuration, logger: Logger(label: "virsh-broker"))
         let listener = try server.bind()
         serverTask = Task { [server] in await server.run(listener: listener) }
-        try defineEnrolledDomain(
-            name: name, uuid: uuid, channel: configuration.channelSocketPath, double: try kernelDouble(), firmware: try acpiPoweroffFirmware())
+        do {
+            try defineEnrolledDomain(
+                name: name, uuid: uuid, channel: configuration.channelSocketPath, double: try kernelDouble(), firmware: try acpiPoweroffFirmware())
+        } catch {
+            tearDown()
+            throw error
+        }
     }
 
     /// Removes the domain and its log, stops the broker and the introspector.
@@ -76,8 +81,13 @@ private struct NeverClosingGuest {
         try virsh(["domstate", "--reason", name]).1.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
+    /// Polls `virsh domstate` (one process per look, so ten looks a second at most).
     func waitForState(_ expected: String) -> Bool {
-        eventually { (try? state()) == expected }
+        eventually {
+            if (try? state()) == expected { return true }
+            usleep(100_000)
+            return false
+        }
     }
 
     /// The broker's view of the guest (what `kvmi-broker status` prints).
