@@ -7,13 +7,18 @@ import KVMIBrokerCore
 
 /// What the test introspector does after the handshake in KVMI client mode, as a real tool
 /// does first: GET_VERSION (already queued behind the reply), check commands and events,
-/// enable the unhook event, then wait; on KVMI_VM_EVENT_UNHOOK it closes its socket.
+/// enable the unhook event, then wait; on KVMI_VM_EVENT_UNHOOK it closes its socket (unless
+/// `closesOnUnhook` is off).
 public struct KVMIClientPlan: Sendable, Equatable {
     public var abi: ABIGeneration
     public var commands: [String]
     public var events: [String]
+    /// False plays a tool that never lets go: it takes the unhook event and keeps its socket
+    /// open until the other end is closed (QEMU's UNHOOK after its unhook-timeout), so that
+    /// QEMU's bound on the wait can be tested through libvirt.
+    public var closesOnUnhook: Bool
 
-    public init(abi: ABIGeneration, commands: [String], events: [String]) throws {
+    public init(abi: ABIGeneration, commands: [String], events: [String], closesOnUnhook: Bool = true) throws {
         for name in commands where KVMINames.commands(abi)[name] == nil {
             throw BrokerError(.invalidArgument, "ABI \(abi) has no command \(name)")
         }
@@ -23,6 +28,7 @@ public struct KVMIClientPlan: Sendable, Equatable {
         self.abi = abi
         self.commands = commands
         self.events = events
+        self.closesOnUnhook = closesOnUnhook
     }
 }
 
@@ -37,6 +43,9 @@ public struct KVMISessionRecord: Sendable, Equatable {
     public var unhookEventReceived = false
     /// Why the session ended, once it has.
     public var ended: String?
+    /// A tool that never lets go: the other end closed the socket after the unhook event (the
+    /// kernel's UNHOOK), not this tool.
+    public var closedByOtherEndAfterUnhook = false
 }
 
 struct KVMIClient {
@@ -77,20 +86,41 @@ struct KVMIClient {
             let answer = try reply(seq: seq)
             update { $0.checks["event:\(name)"] = answer.err }
         }
-        seq += 1
         let control = Int32(KVMINames.commands(plan.abi)["VM_CONTROL_EVENTS"]!)
-        try send(KVMIWire.message(id: control, seq: seq, body: KVMIWire.controlEventsBody(event: 0, enable: true)))
-        let enabled = try reply(seq: seq)
-        update { $0.unhookEnabled = enabled.err }
-        // Now wait for the kernel to ask for the unhook; close as soon as it does.
+        // The kernel serves the socket from HOOK on, and QEMU allows commands and events with
+        // ioctls right after it: a tool that is quicker than QEMU's main thread gets -KVM_EPERM
+        // (-1) in that window. Retry the enable for up to 2 s, as a tool that needs the unhook
+        // event must (the checks above are recorded as answered).
+        var enabled: (err: Int32, payload: [UInt8])
+        var tries = 0
+        repeat {
+            if tries > 0 { usleep(10_000) }
+            tries += 1
+            seq += 1
+            try send(KVMIWire.message(id: control, seq: seq, body: KVMIWire.controlEventsBody(event: 0, enable: true)))
+            enabled = try reply(seq: seq)
+        } while enabled.err == -1 && tries < 200
+        update { [enabled] in $0.unhookEnabled = enabled.err }
+        let closes = plan.closesOnUnhook
+        // Now wait for the kernel to ask for the unhook; close as soon as it does (if the plan says so).
         while true {
             let (header, body) = try readMessage(timeout: -1)
             if header.id == KVMIWire.eventCarrier(plan.abi), KVMIWire.eventNumber(plan.abi, body: body) == 0 {
                 update {
                     $0.unhookEventReceived = true
-                    $0.ended = "closed after KVMI_VM_EVENT_UNHOOK"
+                    if closes { $0.ended = "closed after KVMI_VM_EVENT_UNHOOK" }
                 }
-                return
+                if closes { return }
+                break
+            }
+        }
+        // A tool that never lets go: hold the socket, reading, until the other end closes it.
+        do {
+            while true { _ = try readMessage(timeout: -1) }
+        } catch let error as BrokerError where error.code == .peerClosed {
+            update {
+                $0.closedByOtherEndAfterUnhook = true
+                $0.ended = "kept open after KVMI_VM_EVENT_UNHOOK until the other end closed it"
             }
         }
     }

@@ -39,6 +39,9 @@ struct TestIntrospectorCommand: ParsableCommand {
     @Option(help: "KVMI client mode: events to check with VM_CHECK_EVENT (comma-separated names).")
     var checkEvents: String = ""
 
+    @Flag(help: "KVMI client mode: on KVMI_VM_EVENT_UNHOOK keep the socket open until the other end closes it (a tool that never lets go).")
+    var neverClose = false
+
     @Flag(
         help: """
             One guest at a time, as libkvmi: listen with a backlog of 0, and accept the next connection only after this one's \
@@ -62,10 +65,11 @@ struct TestIntrospectorCommand: ParsableCommand {
         }
         var plan: KVMIClientPlan?
         if serial, kvmi != nil { throw ValidationError("--serial and --kvmi cannot be combined") }
+        if neverClose, kvmi == nil { throw ValidationError("--never-close needs --kvmi") }
         if let kvmi {
             guard let abi = ABIGeneration(parsing: kvmi) else { throw ValidationError("--kvmi must be v7 or v12") }
             func names(_ text: String) -> [String] { text.split(separator: ",").map { String($0) } }
-            plan = try KVMIClientPlan(abi: abi, commands: names(checkCommands), events: names(checkEvents))
+            plan = try KVMIClientPlan(abi: abi, commands: names(checkCommands), events: names(checkEvents), closesOnUnhook: !neverClose)
         }
         let introspector = try TestIntrospector(
             .init(endpoint: endpoint, secret: secret, behaviour: behaviour, sendsFirstMessage: sendGetVersion, kvmiClient: plan, serial: serial))

@@ -35,6 +35,44 @@ func ensureLibvirtd() throws {
 
 func restartLibvirtd() throws { try libvirtdCI("restart") }
 
+/// `virsh define` of this XML.
+func defineDomain(_ xml: String) throws {
+    let path = "/tmp/kvmib-domain-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).xml"
+    _ = FileManager.default.createFile(atPath: path, contents: Data(xml.utf8))
+    defer { unlink(path) }
+    let (status, _, err) = try virsh(["define", path])
+    guard status == 0 else { throw BrokerError(.io, "virsh define failed: \(err)") }
+}
+
+/// Destroys and undefines a test domain, whatever state it is in.
+func removeDomain(_ name: String) {
+    _ = try? virsh(["destroy", name])
+    _ = try? virsh(["undefine", name])
+}
+
+/// A plain domain, enrolled with `kvmi-broker enroll` (metadata, chardev, object, emulator),
+/// then given the kernel double with `<qemu:env>` (test equipment only). `firmware` replaces
+/// SeaBIOS (`<loader type='rom'>`, QEMU's -bios).
+func defineEnrolledDomain(name: String, uuid: GuestUUID, channel: String, double: String, firmware: String? = nil) throws {
+    let loader = firmware.map { "<loader type='rom'>\($0)</loader>" } ?? ""
+    try defineDomain(
+        """
+        <domain type='kvm'>
+          <name>\(name)</name><uuid>\(uuid)</uuid>
+          <memory unit='MiB'>64</memory><vcpu>1</vcpu>
+          <os><type arch='x86_64' machine='pc'>hvm</type>\(loader)</os>
+          <features><acpi/></features>
+          <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>
+        </domain>
+        """)
+    let (enrolled, out, err) = try runProcess(
+        productsDirectory().appendingPathComponent("kvmi-broker"), ["enroll", name, "--qemu", try patchedQEMU(), "--channel-socket", channel])
+    guard enrolled == 0 else { throw BrokerError(.io, "kvmi-broker enroll failed: \(out) \(err)") }
+    let (_, xml, _) = try virsh(["dumpxml", "--inactive", name])
+    guard let close = xml.range(of: "</qemu:commandline>") else { throw BrokerError(.io, "enroll added no <qemu:commandline>: \(xml)") }
+    try defineDomain(xml.replacingCharacters(in: close, with: "<qemu:env name='LD_PRELOAD' value='\(double)'/></qemu:commandline>"))
+}
+
 extension OSLayerTests {
     /// A real libvirtd starting the real patched QEMU (with the KERNEL DOUBLE preloaded through
     /// `<qemu:env>`, the one stand-in), the broker with libvirt as its identity source, the policy,
@@ -63,40 +101,6 @@ extension OSLayerTests {
             """
         }
 
-        func define(_ xml: String) throws {
-            let path = "/tmp/kvmib-domain-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).xml"
-            _ = FileManager.default.createFile(atPath: path, contents: Data(xml.utf8))
-            defer { unlink(path) }
-            let (status, _, err) = try virsh(["define", path])
-            guard status == 0 else { throw BrokerError(.io, "virsh define failed: \(err)") }
-        }
-
-        func remove(_ name: String) {
-            _ = try? virsh(["destroy", name])
-            _ = try? virsh(["undefine", name])
-        }
-
-        /// A plain domain, enrolled with `kvmi-broker enroll` (metadata, chardev, object, emulator),
-        /// then given the kernel double with `<qemu:env>` (test equipment only).
-        func defineEnrolled(name: String, uuid: GuestUUID, channel: String, double: String) throws {
-            try define(
-                """
-                <domain type='kvm'>
-                  <name>\(name)</name><uuid>\(uuid)</uuid>
-                  <memory unit='MiB'>64</memory><vcpu>1</vcpu>
-                  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-                  <features><acpi/></features>
-                  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>
-                </domain>
-                """)
-            let (enrolled, out, err) = try runProcess(
-                productsDirectory().appendingPathComponent("kvmi-broker"), ["enroll", name, "--qemu", try patchedQEMU(), "--channel-socket", channel])
-            guard enrolled == 0 else { throw BrokerError(.io, "kvmi-broker enroll failed: \(out) \(err)") }
-            let (_, xml, _) = try virsh(["dumpxml", "--inactive", name])
-            guard let close = xml.range(of: "</qemu:commandline>") else { throw BrokerError(.io, "enroll added no <qemu:commandline>: \(xml)") }
-            try define(xml.replacingCharacters(in: close, with: "<qemu:env name='LD_PRELOAD' value='\(double)'/></qemu:commandline>"))
-        }
-
         @Test("an enrolled guest started by libvirt is hooked; libvirtd restarts; a guest outside the policy is left alone")
         func enrolledGuest() async throws {
             try ensureLibvirtd()
@@ -123,11 +127,11 @@ extension OSLayerTests {
             let task = Task { await server.run(listener: listener) }
             defer { task.cancel() }
             let double = try kernelDouble()
-            try defineEnrolled(name: "kvmib-it-enrolled", uuid: enrolled, channel: configuration.channelSocketPath, double: double)
-            try define(try domainXML(name: "kvmib-it-outsider", uuid: outsider, channel: configuration.channelSocketPath, double: double))
+            try defineEnrolledDomain(name: "kvmib-it-enrolled", uuid: enrolled, channel: configuration.channelSocketPath, double: double)
+            try defineDomain(try domainXML(name: "kvmib-it-outsider", uuid: outsider, channel: configuration.channelSocketPath, double: double))
             defer {
-                remove("kvmib-it-enrolled")
-                remove("kvmib-it-outsider")
+                removeDomain("kvmib-it-enrolled")
+                removeDomain("kvmib-it-outsider")
             }
 
             let (started, _, startErr) = try virsh(["start", "kvmib-it-enrolled"])
@@ -178,8 +182,9 @@ extension OSLayerTests {
                 try? restartLibvirtd()
             }
             try restartLibvirtd()  // libvirt reads hooks when it starts
-            try define(try domainXML(name: "kvmib-it-required", uuid: requiredGuest, channel: "/tmp/kvmib-none.sock", double: try kernelDouble()))
-            defer { remove("kvmib-it-required") }
+            try defineDomain(
+                try domainXML(name: "kvmib-it-required", uuid: requiredGuest, channel: "/tmp/kvmib-none.sock", double: try kernelDouble()))
+            defer { removeDomain("kvmib-it-required") }
             let (status, _, err) = try virsh(["start", "kvmib-it-required"])
             #expect(status != 0)
             #expect(err.contains("requires introspection by tool") && err.contains("unreachable"), "virsh said: \(err)")

@@ -64,3 +64,25 @@ extension QEMUProcess {
             objectOptions: objectOptions)
     }
 }
+
+/// The firmware image that powers the guest off on the ACPI power button (test equipment,
+/// Fixtures/acpi-poweroff-firmware.S), assembled with binutils into .build/test-firmware.
+func acpiPoweroffFirmware() throws -> String {
+    try buildOnce("acpi-poweroff-firmware") {
+        let source = projectRoot.appendingPathComponent("Tests/KVMIBrokerOSTests/Fixtures/acpi-poweroff-firmware.S").path
+        let directory = projectRoot.appendingPathComponent(".build/test-firmware").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let object = directory + "/acpi-poweroff.o"
+        let image = directory + "/acpi-poweroff.bin"
+        for (tool, arguments) in [
+            ("/usr/bin/as", ["--32", "-o", object, source]),
+            ("/usr/bin/ld", ["-m", "elf_i386", "-Ttext", "0", "-e", "0", "--oformat", "binary", "-o", image, object]),
+        ] {
+            let (status, _, err) = try runProcess(URL(fileURLWithPath: tool), arguments)
+            guard status == 0 else { throw BrokerError(.io, "\(tool) failed building the test firmware: \(err)") }
+        }
+        let size = (try FileManager.default.attributesOfItem(atPath: image)[.size] as? NSNumber)?.intValue
+        guard size == 65_536 else { throw BrokerError(.io, "the test firmware is \(size ?? 0) bytes, not 64 KiB", at: image) }
+        return image
+    }
+}
