@@ -89,8 +89,8 @@ struct KVMIClient {
         let control = Int32(KVMINames.commands(plan.abi)["VM_CONTROL_EVENTS"]!)
         // The kernel serves the socket from HOOK on, and QEMU allows commands and events with
         // ioctls right after it: a tool that is quicker than QEMU's main thread gets -KVM_EPERM
-        // (-1) in that window. Retry the enable for up to 2 s, as a tool that needs the unhook
-        // event must (the checks above are recorded as answered).
+        // (-1) in that window. Retry the enable (every 10 ms, bounded by the tests' 60 s), as a
+        // tool that needs the unhook event must (the checks above are recorded as answered).
         var enabled: (err: Int32, payload: [UInt8])
         var tries = 0
         repeat {
@@ -99,7 +99,7 @@ struct KVMIClient {
             seq += 1
             try send(KVMIWire.message(id: control, seq: seq, body: KVMIWire.controlEventsBody(event: 0, enable: true)))
             enabled = try reply(seq: seq)
-        } while enabled.err == -1 && tries < 200
+        } while enabled.err == -1 && tries < 6000
         update { [enabled] in $0.unhookEnabled = enabled.err }
         let closes = plan.closesOnUnhook
         // Now wait for the kernel to ask for the unhook; close as soon as it does (if the plan says so).
