@@ -195,6 +195,7 @@ final class SessionDriver: Sendable {
                 machine: GuestSessionMachine(allowLists: .kernelDefaults(.v12)),
                 request: HandshakeRequest(uuid: hello.uuid, name: hello.name, startTime: hello.startTime, maxGPA: hello.maxGPA), plan: nil,
                 logLimit: RateLimitedLog(linesPerWindow: configuration.sessionLogLines, window: .seconds(10)), facts: facts)
+            state.channelVersion = Channel.negotiatedVersion(hello.version)
             await loop(hello: hello, name: name, metadata: metadata, token: token, inputs: inputs, state: &state, logger: logger)
             // Teardown, structured: nothing the session started outlives it.
             inputs.finish()
@@ -226,7 +227,18 @@ final class SessionDriver: Sendable {
             }
         }
         await registry.registerInjector(hello.uuid) { input in await inputs.send(input) }
-        let first = state.machine.handle(.helloAccepted(hello, introspect: plan != nil))
+        let first = state.machine.handle(
+            .helloAccepted(hello, introspect: plan != nil, introspectorID: plan?.introspectorID, failsClosed: state.failClosed))
+        if let reconciliation = state.machine.reconciliation {
+            // A restart found the guest hooked: what QEMU said, what is done, and the deciding rule (audit).
+            logger.notice(
+                "restart reconciliation: \(reconciliation)",
+                metadata: [
+                    "policy.rule": "\(decision.rule ?? "-")",
+                    "qemu.applied": "\(escapedForLog(hello.applied.map { "\($0)" } ?? "unknown", limit: 128))",
+                    "channel.version": "\(state.channelVersion)",
+                ])
+        }
         if await perform(first, &state, inputs, logger) == false { return }
         await publish(state, hello.uuid, token)
         let session = SessionContext(hello: hello, name: name, metadata: metadata, token: token, inputs: inputs, reload: reload, logger: logger)
@@ -397,6 +409,8 @@ final class SessionDriver: Sendable {
         var hookRequestedAt: ContinuousClock.Instant?
         var lastHookRequest: Duration?
         var hooks = 0
+        /// The version WELCOME answered: 2 adds the `Applied` tail to HOOK and SET_ALLOWED.
+        var channelVersion: UInt16 = 1
         /// This session's log lines are rate-limited (a QEMU streaming events cannot flood the log).
         let logLimit: RateLimitedLog
         /// The checked process image, compared again right before each HOOK.
@@ -408,6 +422,11 @@ final class SessionDriver: Sendable {
             self.plan = plan
             self.logLimit = logLimit
             self.facts = facts
+        }
+
+        /// What HOOK and SET_ALLOWED tell QEMU to echo after a restart (version 2 only).
+        func applied(_ lists: Channel.AllowLists) -> Channel.Applied? {
+            channelVersion >= 2 ? plan?.applied(lists) : nil
         }
 
         mutating func nextSeq() -> UInt32 {
@@ -456,7 +475,7 @@ final class SessionDriver: Sendable {
             do {
                 switch action {
                 case .sendWelcome:
-                    try await send(.welcome, Channel.welcome(version: Channel.version), &state)
+                    try await send(.welcome, Channel.welcome(version: state.channelVersion), &state)
                 case .startHandshake:
                     guard let plan = state.plan else { continue }
                     if state.triggeredAt == nil { state.triggeredAt = .now }
@@ -493,7 +512,7 @@ final class SessionDriver: Sendable {
                         }
                     }
                     state.hookRequestedAt = .now
-                    try await sendRequest(.hook, lists.encoded(), &state, inputs, passing: outcome.descriptor)
+                    try await sendRequest(.hook, lists.encoded(applied: state.applied(lists)), &state, inputs, passing: outcome.descriptor)
                 case .dropHandshake:
                     state.pendingOutcome?.descriptor.close()
                     state.pendingOutcome = nil
@@ -521,7 +540,7 @@ final class SessionDriver: Sendable {
                     state.retryTask = nil
                     state.retryTimer = nil
                 case .sendSetAllowed(let lists):
-                    try await sendRequest(.setAllowed, lists.encoded(), &state, inputs)
+                    try await sendRequest(.setAllowed, lists.encoded(applied: state.applied(lists)), &state, inputs)
                 case .sendPreunhook:
                     try await sendRequest(.preunhook, [], &state, inputs)
                 case .sendUnhook:
