@@ -138,6 +138,11 @@ public struct GuestSessionMachine: Sendable {
     private var handOver = false
     /// After a restart's unhook of a guest no longer introspected: RELEASE it.
     private var releaseAfterUnhook = false
+    /// The lists of the SET_ALLOWED in flight (what QEMU applies if it succeeds).
+    private var sentLists: Channel.AllowLists?
+    /// A reload that arrived while SET_ALLOWED was in flight: whether it introspects, and
+    /// whether every reload since kept the introspector.
+    private var changeWhileUpdating: (introspect: Bool, sameIntrospector: Bool)?
     public private(set) var introspect = false
     /// Consecutive failures since the last successful hook; drives the back-off.
     public private(set) var failures = 0
@@ -186,12 +191,23 @@ public struct GuestSessionMachine: Sendable {
 
         case .result(let result) where result.requestType == Channel.MessageType.setAllowed.rawValue:
             guard case .updating = state else { return [] }
-            if result.error == 0 && result.hooked {
-                state = .hooked(allowLists.abi)
-                return [.log(.notice, "allow-lists changed in place (SET_ALLOWED)")]
+            // A reload while the request was in flight is decided now, against what QEMU applied.
+            let change = changeWhileUpdating
+            let wanted = allowLists
+            changeWhileUpdating = nil
+            func thenTheReload() -> [Action] {
+                guard let change else { return [] }
+                return policyChanged(introspect: change.introspect, lists: wanted, sameIntrospector: change.sameIntrospector)
             }
+            if result.error == 0 && result.hooked {
+                allowLists = sentLists ?? allowLists
+                sentLists = nil
+                state = .hooked(allowLists.abi)
+                return [.log(.notice, "allow-lists changed in place (SET_ALLOWED)")] + thenTheReload()
+            }
+            sentLists = nil
             guard result.hooked else {
-                return fail("SET_ALLOWED failed at \(result.step): \(errnoName(result.error)); QEMU unhooked the guest")
+                return fail("SET_ALLOWED failed at \(result.step): \(errnoName(result.error)); QEMU unhooked the guest") + thenTheReload()
             }
             // QEMU refused the request but is still hooked with lists the policy no longer wants:
             // a new HOOK would only meet EEXIST. Let the tool go and hook again with the new lists.
@@ -203,7 +219,7 @@ public struct GuestSessionMachine: Sendable {
                     "SET_ALLOWED failed at \(result.step): \(errnoName(result.error)) and QEMU kept the old allow-lists; unhooking to hook again with the new ones"
                 ),
                 .sendPreunhook,
-            ]
+            ] + thenTheReload()
 
         case .result(let result) where result.requestType == Channel.MessageType.preunhook.rawValue:
             guard case .unhooking = state else { return [] }
@@ -279,9 +295,17 @@ public struct GuestSessionMachine: Sendable {
             }
             guard lists != allowLists else { return [] }
             allowLists = lists
+            sentLists = lists
+            changeWhileUpdating = nil
             state = .updating
             return [.log(.notice, "the policy changed the allow-lists: SET_ALLOWED"), .sendSetAllowed(lists)]
-        case .unhooking, .updating, .ended:
+        case .updating:
+            // Decided again when QEMU answers the SET_ALLOWED in flight (never lost behind it);
+            // meanwhile any other path (a failure, a re-hook) uses the newest lists.
+            allowLists = lists
+            changeWhileUpdating = (newIntrospect, sameIntrospector && (changeWhileUpdating?.sameIntrospector ?? true))
+            return []
+        case .unhooking, .ended:
             allowLists = lists
             handOver = newIntrospect
             return []
@@ -335,6 +359,8 @@ public struct GuestSessionMachine: Sendable {
             return [.log(.warning, "QEMU reports the guest is already hooked (ABI \(abi)); \(said): \(decision)")]
         case .setAllowed:
             state = .updating
+            sentLists = allowLists
+            changeWhileUpdating = nil
             return [line, .sendSetAllowed(allowLists)]
         case .handOver, .unknownRehook, .unhookAndRelease:
             state = .unhooking

@@ -287,6 +287,34 @@ struct GuestSessionMachineTests {
         #expect(actions.contains(.adoptNewIntrospector) && actions.contains(.startHandshake))
     }
 
+    @Test("a reload while SET_ALLOWED is in flight is applied when QEMU answers, never lost behind it")
+    func reloadDuringUpdate() throws {
+        let second = try Channel.AllowLists(abi: .v12, commands: [12], events: [0])
+        let third = try Channel.AllowLists(abi: .v12, commands: [10], events: [0])
+        let ok = Channel.Result(requestType: 0x11, step: .none, hooked: true, error: 0, failedID: -1)
+        var machine = GuestSessionMachine(allowLists: lists)
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true, introspectorID: toolID))
+        #expect(machine.handle(.policyChanged(introspect: true, allowLists: second, sameIntrospector: true)).contains(.sendSetAllowed(second)))
+        #expect(machine.handle(.policyChanged(introspect: true, allowLists: third, sameIntrospector: true)) == [])
+        #expect(machine.handle(.result(ok)).contains(.sendSetAllowed(third)))
+        #expect(machine.state == .updating)
+        _ = machine.handle(.result(ok))
+        #expect(machine.state == .hooked(.v12) && machine.allowLists == third)
+
+        // Back to what is in flight: nothing more to send.
+        #expect(machine.handle(.policyChanged(introspect: true, allowLists: second, sameIntrospector: true)).contains(.sendSetAllowed(second)))
+        _ = machine.handle(.policyChanged(introspect: true, allowLists: lists, sameIntrospector: true))
+        _ = machine.handle(.policyChanged(introspect: true, allowLists: second, sameIntrospector: true))
+        #expect(!machine.handle(.result(ok)).contains(.sendSetAllowed(second)))
+        #expect(machine.state == .hooked(.v12))
+
+        // Withdrawn, or another introspector, meanwhile: unhooked once QEMU answers.
+        #expect(machine.handle(.policyChanged(introspect: true, allowLists: third, sameIntrospector: true)).contains(.sendSetAllowed(third)))
+        _ = machine.handle(.policyChanged(introspect: true, allowLists: third, sameIntrospector: false))
+        #expect(machine.handle(.result(ok)).contains(.sendPreunhook))
+        #expect(machine.state == .unhooking)
+    }
+
     @Test("PREUNHOOK refused (the tool never enabled the unhook event): UNHOOK at once")
     func preunhookRefused() {
         var machine = GuestSessionMachine(allowLists: lists)
