@@ -1,6 +1,8 @@
 /*
  * fake_qemu.c - QEMU's side of the broker <-> QEMU channel, version 1
- * (Documentation/channel-protocol.md), one process per guest as QEMU is, for
+ * (Documentation/channel-protocol.md; the broker speaks 2 and still accepts 1,
+ * and a guest that never says "hooked" in HELLO needs nothing of version 2),
+ * one process per guest as QEMU is, for
  * the boot-storm benchmark (kvmi-bench scale). TEST EQUIPMENT: there is no VM
  * here and no KVM. After HOOK it keeps the introspector's descriptor and
  * answers the VM-level KVMI messages a tool sends first, the way the kernel

@@ -1,7 +1,13 @@
-/// The broker <-> QEMU channel, version 1 (Documentation/channel-protocol.md): framing and
-/// every message, encoded and decoded without I/O. All integers are little-endian.
+/// The broker <-> QEMU channel, versions 1 and 2 (Documentation/channel-protocol.md): framing
+/// and every message, encoded and decoded without I/O. All integers are little-endian.
 public enum Channel {
-    public static let version: UInt16 = 1
+    /// The highest version the broker speaks.
+    public static let version: UInt16 = 2
+    /// The oldest version still understood (QEMU patches older than version 2 speak it).
+    public static let minimumVersion: UInt16 = 1
+
+    /// The version WELCOME answers a HELLO announcing `peer`: the lower of the two.
+    public static func negotiatedVersion(_ peer: UInt16) -> UInt16 { min(peer, version) }
     public static let magic: UInt32 = 0x494D_564B
     public static let headerSize = 16
     public static let maximumPayload = 4096
@@ -20,10 +26,10 @@ public enum Channel {
         case event = 0x0040
         case result = 0x0080
 
-        /// Smallest payload the message may have.
+        /// Smallest payload the message may have (version 1's; version 2 grows HELLO by a tail).
         public var minimumPayload: Int {
             switch self {
-            case .hello: return 120
+            case .hello: return Hello.sizeV1
             case .welcome: return 8
             case .refuse: return 4
             case .hook, .setAllowed: return 8
@@ -134,6 +140,46 @@ public enum Channel {
 
     // MARK: - Messages
 
+    /// Version 2: what the broker told QEMU it applied with HOOK or SET_ALLOWED, which QEMU
+    /// stores while hooked and echoes in HELLO, so that a restarted broker can compare it
+    /// with its current decision. Opaque to QEMU; fixed-size so it needs no length checks.
+    public struct Applied: Sendable, Equatable, CustomStringConvertible {
+        /// Each field: a SHA-256.
+        public static let fieldSize = 32
+        /// Both fields, as they travel after HELLO's version 1 fields and after the ids of HOOK and SET_ALLOWED.
+        public static let size = 2 * fieldSize
+
+        /// Identifies the introspector (name, endpoint, ABI, allowed peers), not its secret.
+        public let introspector: [UInt8]
+        /// Digest of the allow-lists (`AllowLists.digest`).
+        public let lists: [UInt8]
+
+        public init?(introspector: [UInt8], lists: [UInt8]) {
+            guard introspector.count == Self.fieldSize, lists.count == Self.fieldSize else { return nil }
+            self.introspector = introspector
+            self.lists = lists
+        }
+
+        /// Nil for all zeros: QEMU holds no record (not hooked, or hooked by a version 1 broker).
+        /// A record with only one field set is treated the same way: it is not one QEMU stores.
+        public init?(decoding bytes: some Collection<UInt8>) {
+            let bytes = Array(bytes)
+            guard bytes.count >= Self.size else { return nil }
+            let introspector = Array(bytes[0..<Self.fieldSize])
+            let lists = Array(bytes[Self.fieldSize..<Self.size])
+            guard introspector.contains(where: { $0 != 0 }), lists.contains(where: { $0 != 0 }) else { return nil }
+            self.introspector = introspector
+            self.lists = lists
+        }
+
+        public func encoded() -> [UInt8] { introspector + lists }
+
+        /// Hex only (safe in any log), shortened: enough to tell records apart.
+        public var description: String {
+            "introspector \(introspector.prefix(8).hexString), lists \(lists.prefix(8).hexString)"
+        }
+    }
+
     /// QEMU's introduction on every connection.
     public struct Hello: Sendable, Equatable {
         public struct Flags: OptionSet, Sendable, Equatable {
@@ -144,6 +190,10 @@ public enum Channel {
             public static let held = Flags(rawValue: 1 << 2)
             public static let running = Flags(rawValue: 1 << 3)
         }
+
+        /// Version 1's payload; version 2 appends `Applied`.
+        public static let sizeV1 = 120
+        public static let sizeV2 = sizeV1 + Applied.size
 
         public var version: UInt16
         public var flags: Flags
@@ -158,10 +208,13 @@ public enum Channel {
         /// -1 absent, 0 off, 1 on.
         public var introspectionParameter: Int32
         public var name: String
+        /// Version 2: what QEMU says it was hooked with; nil when it does not know (version 1,
+        /// not hooked, or hooked by a version 1 broker).
+        public var applied: Applied?
 
         public init(
             version: UInt16 = Channel.version, flags: Flags, pid: UInt32, uuid: GuestUUID, startTime: Int64, maxGPA: UInt64,
-            hookedABI: ABIGeneration?, capV12: Int32, capV7: Int32, introspectionParameter: Int32, name: String
+            hookedABI: ABIGeneration?, capV12: Int32, capV7: Int32, introspectionParameter: Int32, name: String, applied: Applied? = nil
         ) {
             self.version = version
             self.flags = flags
@@ -174,8 +227,10 @@ public enum Channel {
             self.capV7 = capV7
             self.introspectionParameter = introspectionParameter
             self.name = name
+            self.applied = applied
         }
 
+        /// Version 2 and later carry the `Applied` tail (zeros when there is none).
         public func encoded() -> [UInt8] {
             var bytes: [UInt8] = []
             bytes.append(version, order: .little)
@@ -190,6 +245,7 @@ public enum Channel {
             bytes.append(capV7, order: .little)
             bytes.append(introspectionParameter, order: .little)
             bytes += HandshakeRequest.nameField(name)
+            if version >= 2 { bytes += applied?.encoded() ?? [UInt8](repeating: 0, count: Applied.size) }
             return bytes
         }
 
@@ -198,6 +254,11 @@ public enum Channel {
                 throw BrokerError(.protocolViolation, "HELLO payload is \(payload.count) bytes, below 120")
             }
             version = payload.read(UInt16.self, at: 0, order: .little)
+            if version >= 2 {
+                guard payload.count >= Self.sizeV2 else {
+                    throw BrokerError(.protocolViolation, "a version \(version) HELLO is \(payload.count) bytes, below \(Self.sizeV2)")
+                }
+            }
             flags = Flags(rawValue: payload.read(UInt16.self, at: 2, order: .little))
             pid = payload.read(UInt32.self, at: 4, order: .little)
             uuid = GuestUUID(bytes: Array(payload[8..<24]))!
@@ -218,6 +279,11 @@ public enum Channel {
             var nameBytes = Array(payload[56..<120])
             nameBytes[63] = 0
             name = String(decoding: nameBytes.prefix { $0 != 0 }, as: UTF8.self)
+            applied = version >= 2 ? Applied(decoding: payload[Self.sizeV1..<Self.sizeV2]) : nil
+            // QEMU clears its record whenever it unhooks: a record without HOOKED is not QEMU's.
+            if applied != nil && !flags.contains(.hooked) {
+                throw BrokerError(.protocolViolation, "HELLO names what the guest was hooked with, but says it is not hooked")
+            }
         }
     }
 
@@ -263,13 +329,27 @@ public enum Channel {
             self.events = []
         }
 
-        public func encoded() -> [UInt8] {
+        /// Version 2 appends `applied` after the ids (QEMU stores and echoes it).
+        public func encoded(applied: Applied? = nil) -> [UInt8] {
             var bytes: [UInt8] = [abi.channelCode, 0]
             bytes.append(UInt16(commands.count), order: .little)
             bytes.append(UInt16(events.count), order: .little)
             bytes.append(UInt16(0), order: .little)
             for id in commands + events { bytes.append(id, order: .little) }
+            if let applied { bytes += applied.encoded() }
             return bytes
+        }
+
+        /// SHA-256 over the encoded lists (ABI included) behind a domain label: what the
+        /// broker gives QEMU to echo, compared after a restart with the current decision's.
+        public var digest: [UInt8] { sha256(Array("kvmi-broker allow-lists\0".utf8) + encoded()) }
+
+        /// Version 2's `Applied` in a HOOK or SET_ALLOWED payload, nil when absent (version 1).
+        public static func applied(inPayload payload: [UInt8]) -> Applied? {
+            guard payload.count >= 8 else { return nil }
+            let end = 8 + 4 * (Int(payload.read(UInt16.self, at: 2, order: .little)) + Int(payload.read(UInt16.self, at: 4, order: .little)))
+            guard payload.count >= end + Applied.size else { return nil }
+            return Applied(decoding: payload[end..<end + Applied.size])
         }
 
         public init(decoding payload: [UInt8]) throws(BrokerError) {

@@ -39,3 +39,17 @@ public struct CookieHash: Sendable, Hashable, CustomStringConvertible {
         bytes.hexString
     }
 }
+
+/// SHA-256 with GLib's GChecksum (the implementation already used for the cookie).
+public func sha256(_ bytes: [UInt8]) -> [UInt8] {
+    guard let checksum = g_checksum_new(G_CHECKSUM_SHA256) else { fatalError("g_checksum_new(SHA256) failed") }
+    defer { g_checksum_free(checksum) }
+    bytes.withUnsafeBufferPointer { buffer in
+        if let base = buffer.baseAddress { g_checksum_update(checksum, base, gssize(buffer.count)) }
+    }
+    var digest = [UInt8](repeating: 0, count: 32)
+    var length = gsize(32)
+    g_checksum_get_digest(checksum, &digest, &length)
+    precondition(length == 32)
+    return digest
+}

@@ -55,8 +55,11 @@ public struct GuestSessionMachine: Sendable {
     }
 
     public enum Input: Sendable {
-        /// QEMU's HELLO passed the identity checks; `introspect` is the policy's decision.
-        case helloAccepted(Channel.Hello, introspect: Bool)
+        /// QEMU's HELLO passed the identity checks; `introspect` is the policy's decision and
+        /// `introspectorID` the decision's `Channel.Applied.introspector` (nil: not introspected),
+        /// compared with what a hooked QEMU says it was hooked with. `failsClosed`: the policy
+        /// requires the guest but cannot serve it (a hooked guest is then not unhooked).
+        case helloAccepted(Channel.Hello, introspect: Bool, introspectorID: [UInt8]? = nil, failsClosed: Bool = false)
         case handshakeSucceeded
         case handshakeFailed(BrokerError)
         case result(Channel.Result)
@@ -96,18 +99,58 @@ public struct GuestSessionMachine: Sendable {
         case debug, info, notice, warning, error
     }
 
+    /// How a HELLO that says "hooked" (a broker restart) was reconciled with the current decision.
+    public enum Reconciliation: Sendable, Equatable, CustomStringConvertible {
+        /// Same introspector, same lists: nothing to do.
+        case unchanged
+        /// Same introspector, other lists: SET_ALLOWED.
+        case setAllowed
+        /// Another introspector (or ABI): PREUNHOOK, UNHOOK, then a handshake with the decided one.
+        case handOver
+        /// QEMU cannot say what it was hooked with (version 1): treated as unknown, so unhooked
+        /// and hooked again per the current decision.
+        case unknownRehook
+        /// No longer introspected: PREUNHOOK, UNHOOK, then RELEASE.
+        case unhookAndRelease
+        /// Required by the policy, which cannot serve it (conflicting rules, an unknown
+        /// introspector): left hooked as it is rather than run unmonitored.
+        case keptRequiredButUnservable
+
+        public var description: String {
+            switch self {
+            case .unchanged: return "hooked with the decided introspector and lists; nothing to do"
+            case .setAllowed: return "hooked with the decided introspector but other lists; SET_ALLOWED"
+            case .handOver: return "hooked with another introspector; PREUNHOOK, UNHOOK, then a handshake with the decided one"
+            case .unknownRehook:
+                return "hooked, but QEMU cannot say with which introspector and lists; PREUNHOOK, UNHOOK, then hooked again per the decision"
+            case .unhookAndRelease: return "hooked, but no longer introspected; PREUNHOOK, UNHOOK, then RELEASE"
+            case .keptRequiredButUnservable:
+                return "hooked; the policy requires the guest but cannot serve it, so it stays hooked as it is rather than run unmonitored"
+            }
+        }
+    }
+
     public private(set) var allowLists: Channel.AllowLists
     public private(set) var state: State = .notIntrospected
     /// Whether QEMU last said the VM runs (HELLO, events).
     public private(set) var vmRunning = false
     /// After a policy-driven unhook: start over with the new introspector.
     private var handOver = false
+    /// After a restart's unhook of a guest no longer introspected: RELEASE it.
+    private var releaseAfterUnhook = false
+    /// The lists of the SET_ALLOWED in flight (what QEMU applies if it succeeds).
+    private var sentLists: Channel.AllowLists?
+    /// A reload that arrived while SET_ALLOWED was in flight: whether it introspects, and
+    /// whether every reload since kept the introspector.
+    private var changeWhileUpdating: (introspect: Bool, sameIntrospector: Bool)?
     public private(set) var introspect = false
     /// Consecutive failures since the last successful hook; drives the back-off.
     public private(set) var failures = 0
     /// The last failure's reason, so a repeated failure is logged once at warning level.
     public private(set) var lastFailure: String?
     private var held = false
+    /// Set by a HELLO that says "hooked", for the driver's audit line.
+    public private(set) var reconciliation: Reconciliation?
 
     public init(allowLists: Channel.AllowLists) {
         self.allowLists = allowLists
@@ -115,21 +158,14 @@ public struct GuestSessionMachine: Sendable {
 
     public mutating func handle(_ input: Input) -> [Action] {
         switch input {
-        case .helloAccepted(let hello, let introspect):
+        case .helloAccepted(let hello, let introspect, let introspectorID, let failsClosed):
             self.introspect = introspect
             held = hello.flags.contains(.held)
             vmRunning = hello.flags.contains(.running)
             var actions: [Action] = [.sendWelcome]
             if hello.flags.contains(.hooked), let abi = hello.hookedABI {
                 state = .hooked(abi)
-                actions.append(.log(.notice, "QEMU reports the guest is already hooked (ABI \(abi)); nothing to do"))
-                if !introspect {
-                    actions.append(.log(.warning, "the guest is hooked but policy does not introspect it; it stays hooked until unhooked"))
-                }
-                if abi != allowLists.abi {
-                    actions.append(.log(.warning, "the guest is hooked with ABI \(abi) but the broker is configured for \(allowLists.abi)"))
-                }
-                return actions
+                return actions + reconcile(hello, abi: abi, introspectorID: introspectorID, failsClosed: failsClosed)
             }
             if !introspect {
                 state = .notIntrospected
@@ -155,12 +191,23 @@ public struct GuestSessionMachine: Sendable {
 
         case .result(let result) where result.requestType == Channel.MessageType.setAllowed.rawValue:
             guard case .updating = state else { return [] }
-            if result.error == 0 && result.hooked {
-                state = .hooked(allowLists.abi)
-                return [.log(.notice, "allow-lists changed in place (SET_ALLOWED)")]
+            // A reload while the request was in flight is decided now, against what QEMU applied.
+            let change = changeWhileUpdating
+            let wanted = allowLists
+            changeWhileUpdating = nil
+            func thenTheReload() -> [Action] {
+                guard let change else { return [] }
+                return policyChanged(introspect: change.introspect, lists: wanted, sameIntrospector: change.sameIntrospector)
             }
+            if result.error == 0 && result.hooked {
+                allowLists = sentLists ?? allowLists
+                sentLists = nil
+                state = .hooked(allowLists.abi)
+                return [.log(.notice, "allow-lists changed in place (SET_ALLOWED)")] + thenTheReload()
+            }
+            sentLists = nil
             guard result.hooked else {
-                return fail("SET_ALLOWED failed at \(result.step): \(errnoName(result.error)); QEMU unhooked the guest")
+                return fail("SET_ALLOWED failed at \(result.step): \(errnoName(result.error)); QEMU unhooked the guest") + thenTheReload()
             }
             // QEMU refused the request but is still hooked with lists the policy no longer wants:
             // a new HOOK would only meet EEXIST. Let the tool go and hook again with the new lists.
@@ -172,7 +219,7 @@ public struct GuestSessionMachine: Sendable {
                     "SET_ALLOWED failed at \(result.step): \(errnoName(result.error)) and QEMU kept the old allow-lists; unhooking to hook again with the new ones"
                 ),
                 .sendPreunhook,
-            ]
+            ] + thenTheReload()
 
         case .result(let result) where result.requestType == Channel.MessageType.preunhook.rawValue:
             guard case .unhooking = state else { return [] }
@@ -248,9 +295,17 @@ public struct GuestSessionMachine: Sendable {
             }
             guard lists != allowLists else { return [] }
             allowLists = lists
+            sentLists = lists
+            changeWhileUpdating = nil
             state = .updating
             return [.log(.notice, "the policy changed the allow-lists: SET_ALLOWED"), .sendSetAllowed(lists)]
-        case .unhooking, .updating, .ended:
+        case .updating:
+            // Decided again when QEMU answers the SET_ALLOWED in flight (never lost behind it);
+            // meanwhile any other path (a failure, a re-hook) uses the newest lists.
+            allowLists = lists
+            changeWhileUpdating = (newIntrospect, sameIntrospector && (changeWhileUpdating?.sameIntrospector ?? true))
+            return []
+        case .unhooking, .ended:
             allowLists = lists
             handOver = newIntrospect
             return []
@@ -278,9 +333,48 @@ public struct GuestSessionMachine: Sendable {
         }
     }
 
+    /// A restart: QEMU says the guest is hooked. Converge on the current decision through the
+    /// same paths a live policy change takes (`.updating`, `.unhooking`, `finishUnhook`).
+    private mutating func reconcile(_ hello: Channel.Hello, abi: ABIGeneration, introspectorID: [UInt8]?, failsClosed: Bool) -> [Action] {
+        let said = hello.applied.map { "QEMU says \($0)" } ?? "QEMU cannot say with which introspector and lists (channel version \(hello.version))"
+        let decision: Reconciliation
+        if !introspect {
+            decision = failsClosed ? .keptRequiredButUnservable : .unhookAndRelease
+        } else if let applied = hello.applied {
+            if applied.introspector != introspectorID || abi != allowLists.abi {
+                decision = .handOver
+            } else {
+                decision = applied.lists == allowLists.digest ? .unchanged : .setAllowed
+            }
+        } else {
+            // Unknown is not "the same": the socket QEMU holds may reach any tool with any lists.
+            decision = .unknownRehook
+        }
+        reconciliation = decision
+        let line = Action.log(.notice, "QEMU reports the guest is already hooked (ABI \(abi)); \(said): \(decision)")
+        switch decision {
+        case .unchanged:
+            return [line]
+        case .keptRequiredButUnservable:
+            return [.log(.warning, "QEMU reports the guest is already hooked (ABI \(abi)); \(said): \(decision)")]
+        case .setAllowed:
+            state = .updating
+            sentLists = allowLists
+            changeWhileUpdating = nil
+            return [line, .sendSetAllowed(allowLists)]
+        case .handOver, .unknownRehook, .unhookAndRelease:
+            state = .unhooking
+            handOver = introspect
+            releaseAfterUnhook = !introspect
+            return [line, .sendPreunhook]
+        }
+    }
+
     /// QEMU has unhooked after a policy change: hand over to the new introspector, or stop.
     private mutating func finishUnhook() -> [Action] {
         var actions: [Action] = [.log(.notice, "guest unhooked for the policy change")]
+        let release = releaseAfterUnhook && !introspect
+        releaseAfterUnhook = false
         if introspect && handOver {
             handOver = false
             failures = 0
@@ -293,6 +387,8 @@ public struct GuestSessionMachine: Sendable {
         }
         handOver = false
         state = .notIntrospected
+        // "This VM is not introspected": a no-op for QEMU unless it holds vCPUs.
+        if release { actions.append(.sendRelease) }
         return actions
     }
 

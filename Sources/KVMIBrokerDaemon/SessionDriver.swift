@@ -229,6 +229,7 @@ final class SessionDriver: Sendable {
                 machine: GuestSessionMachine(allowLists: .kernelDefaults(.v12)),
                 request: HandshakeRequest(uuid: hello.uuid, name: hello.name, startTime: hello.startTime, maxGPA: hello.maxGPA), plan: nil,
                 logLimit: RateLimitedLog(linesPerWindow: configuration.sessionLogLines, window: .seconds(10)), facts: admitted.facts)
+            state.channelVersion = Channel.negotiatedVersion(hello.version)
             let session = SessionContext(
                 hello: hello, name: admitted.name, metadata: admitted.metadata, token: admitted.token, inputs: inputs, reload: admitted.reload,
                 logger: admitted.logger)
@@ -276,7 +277,19 @@ final class SessionDriver: Sendable {
         logger.notice("policy decision: \(reason)", metadata: ["policy.rule": "\(decision.rule ?? "-")"])
         state.plan = plan
         state.machine = GuestSessionMachine(allowLists: plan?.allowLists ?? .kernelDefaults(.v12))
-        return state.machine.handle(.helloAccepted(hello, introspect: plan != nil))
+        let first = state.machine.handle(
+            .helloAccepted(hello, introspect: plan != nil, introspectorID: plan?.introspectorID, failsClosed: state.failClosed))
+        if let reconciliation = state.machine.reconciliation {
+            // A restart found the guest hooked: what QEMU said, what is done, and the deciding rule (audit).
+            logger.notice(
+                "restart reconciliation: \(reconciliation)",
+                metadata: [
+                    "policy.rule": "\(decision.rule ?? "-")",
+                    "qemu.applied": "\(escapedForLog(hello.applied.map { "\($0)" } ?? "unknown", limit: 128))",
+                    "channel.version": "\(state.channelVersion)",
+                ])
+        }
+        return first
     }
 
     /// What one session's input handling needs besides its state.
@@ -447,6 +460,8 @@ final class SessionDriver: Sendable {
         var hookRequestedAt: ContinuousClock.Instant?
         var lastHookRequest: Duration?
         var hooks = 0
+        /// The version WELCOME answered: 2 adds the `Applied` tail to HOOK and SET_ALLOWED.
+        var channelVersion: UInt16 = 1
         /// What the status view was last told.
         var published: Published?
         /// This session's log lines are rate-limited (a QEMU streaming events cannot flood the log).
@@ -460,6 +475,11 @@ final class SessionDriver: Sendable {
             self.plan = plan
             self.logLimit = logLimit
             self.facts = facts
+        }
+
+        /// What HOOK and SET_ALLOWED tell QEMU to echo after a restart (version 2 only).
+        func applied(_ lists: Channel.AllowLists) -> Channel.Applied? {
+            channelVersion >= 2 ? plan?.applied(lists) : nil
         }
 
         mutating func nextSeq() -> UInt32 {
@@ -540,7 +560,7 @@ final class SessionDriver: Sendable {
                 case .close:
                     return false
                 case .welcome:
-                    try await send(.welcome, Channel.welcome(version: Channel.version), &state)
+                    try await send(.welcome, Channel.welcome(version: state.channelVersion), &state)
                 case .request(let type, let payload):
                     try await sendRequest(type, payload, &state, inputs)
                 case .hook(let lists):
@@ -622,7 +642,7 @@ final class SessionDriver: Sendable {
             state.retryTask = nil
             state.retryTimer = nil
         case .sendSetAllowed(let lists):
-            return .request(.setAllowed, lists.encoded())
+            return .request(.setAllowed, lists.encoded(applied: state.applied(lists)))
         case .sendPreunhook:
             return .request(.preunhook, [])
         case .sendUnhook:
@@ -672,7 +692,7 @@ final class SessionDriver: Sendable {
         }
         state.hookRequestedAt = .now
         do {
-            try await sendRequest(.hook, lists.encoded(), &state, inputs, passing: descriptor)
+            try await sendRequest(.hook, lists.encoded(applied: state.applied(lists)), &state, inputs, passing: descriptor)
             return true
         } catch {
             logger.warning("channel failed while sending HOOK: \(error)")

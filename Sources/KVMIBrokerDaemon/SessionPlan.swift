@@ -43,6 +43,26 @@ public struct SessionPlan: Sendable, Equatable {
         introspectorName == other.introspectorName && endpoint == other.endpoint && cookie == other.cookie
             && allowLists.abi == other.allowLists.abi && allowedPeers == other.allowedPeers
     }
+
+    /// What QEMU stores and echoes after a broker restart (channel version 2) to say which
+    /// introspector it was hooked with: SHA-256 over what `sameIntrospector` compares except
+    /// the secret (QEMU is not given anything derived from it, not even a hash; a secret changed
+    /// while the broker was down is therefore not detected at a restart, only by a reload).
+    public var introspectorID: [UInt8] {
+        var bytes = Array("kvmi-broker introspector\0".utf8)
+        // Each field length-prefixed: no choice of names can make two introspectors collide.
+        let fields = [introspectorName, "\(endpoint)", "\(allowLists.abi)", cookie == nil ? "no secret" : "secret"] + allowedPeers.map { "\($0)" }
+        for field in fields {
+            bytes.append(UInt32(field.utf8.count), order: .little)
+            bytes += Array(field.utf8)
+        }
+        return sha256(bytes)
+    }
+
+    /// Channel version 2's tail for HOOK and SET_ALLOWED with these lists.
+    public func applied(_ lists: Channel.AllowLists) -> Channel.Applied {
+        Channel.Applied(introspector: introspectorID, lists: lists.digest)!
+    }
 }
 
 /// One decision for a guest, with what "not introspected" means made explicit.

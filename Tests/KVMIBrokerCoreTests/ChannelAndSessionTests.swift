@@ -5,7 +5,7 @@ import Testing
 @Suite("Broker <-> QEMU channel codec")
 struct ChannelCodecTests {
     static let hello = Channel.Hello(
-        flags: [.required, .held], pid: 4242, uuid: GuestUUID("6695eb01-f6a4-8304-79aa-97f2502e193f")!, startTime: 1_700_000_000,
+        version: 1, flags: [.required, .held], pid: 4242, uuid: GuestUUID("6695eb01-f6a4-8304-79aa-97f2502e193f")!, startTime: 1_700_000_000,
         maxGPA: 0x1_2000_0000, hookedABI: nil, capV12: 1, capV7: 0, introspectionParameter: -1, name: "win10")
 
     @Test("a frame is a 16-byte little-endian header and its payload")
@@ -14,7 +14,7 @@ struct ChannelCodecTests {
         #expect(bytes == [0x4B, 0x56, 0x4D, 0x49, 0x13, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0xAA])
     }
 
-    @Test("HELLO has the documented offsets and round-trips")
+    @Test("HELLO version 1 has the documented offsets and round-trips")
     func helloLayout() throws {
         let payload = Self.hello.encoded()
         #expect(payload.count == 120)
@@ -30,6 +30,64 @@ struct ChannelCodecTests {
         #expect(try Channel.Hello(decoding: payload) == Self.hello)
         // A longer payload from a later version decodes; its tail is ignored.
         #expect(try Channel.Hello(decoding: payload + [1, 2, 3]) == Self.hello)
+        // Version 1 has no record of what was applied, whatever follows its 120 bytes.
+        #expect(try Channel.Hello(decoding: payload + [UInt8](repeating: 9, count: 64)).applied == nil)
+    }
+
+    @Test("HELLO version 2: the applied record follows the 120 bytes of version 1; zeros mean none; it is validated")
+    func helloVersion2() throws {
+        let applied = try #require(Channel.Applied(introspector: [UInt8](repeating: 0xA1, count: 32), lists: [UInt8](repeating: 0xB2, count: 32)))
+        var hello = Self.hello
+        hello.version = 2
+        hello.flags = [.hooked, .running]
+        hello.hookedABI = .v12
+        hello.applied = applied
+        let payload = hello.encoded()
+        #expect(payload.count == 184)
+        #expect(payload.read(UInt16.self, at: 0, order: .little) == 2)
+        #expect(Array(payload[120..<152]) == applied.introspector && Array(payload[152..<184]) == applied.lists)
+        #expect(try Channel.Hello(decoding: payload) == hello)
+        #expect(try Channel.Hello(decoding: payload + [1, 2, 3]) == hello)
+        // Not hooked: zeros, decoded as no record.
+        var idle = Self.hello
+        idle.version = 2
+        #expect(idle.encoded().count == 184 && idle.encoded()[120...].allSatisfy { $0 == 0 })
+        #expect(try Channel.Hello(decoding: idle.encoded()).applied == nil)
+        // A version 2 HELLO without its tail, or with a record but not hooked, is malformed.
+        #expect(throws: BrokerError.self) { try Channel.Hello(decoding: Array(payload.prefix(120))) }
+        var notHooked = Array(payload)
+        notHooked[2] = 0
+        #expect(throws: BrokerError.self) { try Channel.Hello(decoding: notHooked) }
+        // One field set is not a record QEMU keeps: unknown.
+        var half = Array(payload)
+        for index in 152..<184 { half[index] = 0 }
+        #expect(try Channel.Hello(decoding: half).applied == nil)
+        // Peer bytes reach a log as hex only.
+        #expect("\(applied)" == "introspector a1a1a1a1a1a1a1a1, lists b2b2b2b2b2b2b2b2")
+        #expect(Channel.Applied(introspector: [1], lists: applied.lists) == nil)
+    }
+
+    @Test("versions: WELCOME answers the lower of QEMU's and the broker's")
+    func negotiation() {
+        #expect(Channel.negotiatedVersion(1) == 1)
+        #expect(Channel.negotiatedVersion(2) == 2)
+        #expect(Channel.negotiatedVersion(7) == Channel.version)
+    }
+
+    @Test("HOOK and SET_ALLOWED version 2: the applied record follows the ids; the lists' digest covers ABI and ids")
+    func allowListsApplied() throws {
+        let lists = try Channel.AllowLists(abi: .v12, commands: [12, 10], events: [0])
+        let applied = try #require(Channel.Applied(introspector: [UInt8](repeating: 3, count: 32), lists: lists.digest))
+        let bytes = lists.encoded(applied: applied)
+        #expect(bytes.count == 8 + 12 + 64)
+        #expect(Array(bytes[20...]) == applied.encoded())
+        #expect(try Channel.AllowLists(decoding: bytes) == lists)
+        #expect(Channel.AllowLists.applied(inPayload: bytes) == applied)
+        #expect(Channel.AllowLists.applied(inPayload: lists.encoded()) == nil)
+        #expect(lists.digest.count == 32 && lists.digest == lists.digest)
+        #expect(lists.digest != (try Channel.AllowLists(abi: .v12, commands: [12], events: [0])).digest)
+        #expect(lists.digest != (try Channel.AllowLists(abi: .v7, commands: [12, 10], events: [0])).digest)
+        #expect(lists.digest != (try Channel.AllowLists(abi: .v12, commands: [12], events: [10, 0])).digest)
     }
 
     @Test("HOOK allow-lists: abi, counts, then ids")
@@ -85,9 +143,14 @@ struct GuestSessionMachineTests {
         lists = try Channel.AllowLists(abi: .v12, commands: [-1], events: [-1])
     }
 
-    func hello(_ flags: Channel.Hello.Flags = [.running], abi: ABIGeneration? = nil) -> Channel.Hello {
+    /// The decided introspector's id, as the driver computes it from the plan.
+    let toolID = [UInt8](repeating: 7, count: 32)
+
+    /// A hooked HELLO says (version 2) it was hooked with `toolID` and `lists` unless told otherwise.
+    func hello(_ flags: Channel.Hello.Flags = [.running], abi: ABIGeneration? = nil, applied: Channel.Applied? = nil) -> Channel.Hello {
         Channel.Hello(
-            flags: flags, pid: 1, uuid: .zero, startTime: 1, maxGPA: 0, hookedABI: abi, capV12: 0, capV7: 0, introspectionParameter: -1, name: "g")
+            flags: flags, pid: 1, uuid: .zero, startTime: 1, maxGPA: 0, hookedABI: abi, capV12: 0, capV7: 0, introspectionParameter: -1, name: "g",
+            applied: applied ?? (flags.contains(.hooked) ? Channel.Applied(introspector: toolID, lists: lists.digest) : nil))
     }
 
     func event(_ kind: Channel.Event.Kind, running: Bool = true) -> Channel.Event {
@@ -116,7 +179,7 @@ struct GuestSessionMachineTests {
     @Test("a QEMU that is already hooked is not hooked twice")
     func alreadyHooked() {
         var machine = GuestSessionMachine(allowLists: lists)
-        let actions = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        let actions = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true, introspectorID: toolID))
         #expect(!actions.contains(.startHandshake))
         #expect(machine.state == .hooked(.v12))
     }
@@ -155,7 +218,7 @@ struct GuestSessionMachineTests {
     @Test("a tool hang-up reconnects after the back-off, never at once")
     func hangup() {
         var machine = GuestSessionMachine(allowLists: lists)
-        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true, introspectorID: toolID))
         let actions = machine.handle(.event(event(.toolHangup)))
         #expect(actions.contains(.scheduleRetry(afterFailures: 1)) && !actions.contains(.startHandshake))
     }
@@ -181,7 +244,7 @@ struct GuestSessionMachineTests {
     @Test("QEMU's hooked flag is the truth: a stop it did not intercept leaves the session hooked")
     func uninterceptedStop() {
         var machine = GuestSessionMachine(allowLists: lists)
-        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true, introspectorID: toolID))
         _ = machine.handle(.event(Channel.Event(kind: .paused, error: 0, startTime: 1, hooked: true, running: false)))
         #expect(machine.state == .hooked(.v12))
         #expect(
@@ -192,7 +255,7 @@ struct GuestSessionMachineTests {
     @Test("an outgoing migration suspends even though the VM still runs; a failed one re-handshakes")
     func migration() {
         var machine = GuestSessionMachine(allowLists: lists)
-        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true, introspectorID: toolID))
         #expect(!machine.handle(.event(event(.migrationOut, running: true))).contains(.startHandshake))
         #expect(machine.state == .suspended(.migrationOut))
         #expect(machine.handle(.event(event(.migrationFailed))).contains(.startHandshake))
@@ -202,7 +265,7 @@ struct GuestSessionMachineTests {
     func policyChanges() throws {
         let other = try Channel.AllowLists(abi: .v12, commands: [12], events: [0])
         var machine = GuestSessionMachine(allowLists: lists)
-        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true, introspectorID: toolID))
         #expect(machine.handle(.policyChanged(introspect: true, allowLists: lists, sameIntrospector: true)) == [])
         #expect(machine.handle(.policyChanged(introspect: true, allowLists: other, sameIntrospector: true)).contains(.sendSetAllowed(other)))
         _ = machine.handle(.result(Channel.Result(requestType: 0x11, step: .none, hooked: true, error: 0, failedID: -1)))
@@ -217,19 +280,136 @@ struct GuestSessionMachineTests {
         #expect(machine.state == .notIntrospected)
 
         var handOver = GuestSessionMachine(allowLists: lists)
-        _ = handOver.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        _ = handOver.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true, introspectorID: toolID))
         #expect(handOver.handle(.policyChanged(introspect: true, allowLists: other, sameIntrospector: false)).contains(.sendPreunhook))
         // The tool lets go: QEMU's TOOL_HANGUP says unhooked; the new introspector takes over at once.
         let actions = handOver.handle(.event(Channel.Event(kind: .toolHangup, error: 0, startTime: 1, hooked: false, running: true)))
         #expect(actions.contains(.adoptNewIntrospector) && actions.contains(.startHandshake))
     }
 
+    @Test("a reload while SET_ALLOWED is in flight is applied when QEMU answers, never lost behind it")
+    func reloadDuringUpdate() throws {
+        let second = try Channel.AllowLists(abi: .v12, commands: [12], events: [0])
+        let third = try Channel.AllowLists(abi: .v12, commands: [10], events: [0])
+        let ok = Channel.Result(requestType: 0x11, step: .none, hooked: true, error: 0, failedID: -1)
+        var machine = GuestSessionMachine(allowLists: lists)
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true, introspectorID: toolID))
+        #expect(machine.handle(.policyChanged(introspect: true, allowLists: second, sameIntrospector: true)).contains(.sendSetAllowed(second)))
+        #expect(machine.handle(.policyChanged(introspect: true, allowLists: third, sameIntrospector: true)) == [])
+        #expect(machine.handle(.result(ok)).contains(.sendSetAllowed(third)))
+        #expect(machine.state == .updating)
+        _ = machine.handle(.result(ok))
+        #expect(machine.state == .hooked(.v12) && machine.allowLists == third)
+
+        // Back to what is in flight: nothing more to send.
+        #expect(machine.handle(.policyChanged(introspect: true, allowLists: second, sameIntrospector: true)).contains(.sendSetAllowed(second)))
+        _ = machine.handle(.policyChanged(introspect: true, allowLists: lists, sameIntrospector: true))
+        _ = machine.handle(.policyChanged(introspect: true, allowLists: second, sameIntrospector: true))
+        #expect(!machine.handle(.result(ok)).contains(.sendSetAllowed(second)))
+        #expect(machine.state == .hooked(.v12))
+
+        // Withdrawn, or another introspector, meanwhile: unhooked once QEMU answers.
+        #expect(machine.handle(.policyChanged(introspect: true, allowLists: third, sameIntrospector: true)).contains(.sendSetAllowed(third)))
+        _ = machine.handle(.policyChanged(introspect: true, allowLists: third, sameIntrospector: false))
+        #expect(machine.handle(.result(ok)).contains(.sendPreunhook))
+        #expect(machine.state == .unhooking)
+    }
+
     @Test("PREUNHOOK refused (the tool never enabled the unhook event): UNHOOK at once")
     func preunhookRefused() {
         var machine = GuestSessionMachine(allowLists: lists)
-        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true))
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true, introspectorID: toolID))
         _ = machine.handle(.policyChanged(introspect: false, allowLists: lists, sameIntrospector: true))
         #expect(
             machine.handle(.result(Channel.Result(requestType: 0x12, step: .preunhook, hooked: true, error: 2, failedID: -1))).contains(.sendUnhook))
+    }
+
+    // MARK: - A restart reconciles (QEMU's HELLO says hooked)
+
+    func result(_ type: Channel.MessageType, hooked: Bool, error: Int32 = 0) -> GuestSessionMachine.Input {
+        .result(Channel.Result(requestType: type.rawValue, step: error == 0 ? .none : .state, hooked: hooked, error: error, failedID: -1))
+    }
+
+    @Test("restart, same introspector and lists: nothing is sent but WELCOME")
+    func reconcileUnchanged() {
+        var machine = GuestSessionMachine(allowLists: lists)
+        let actions = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true, introspectorID: toolID))
+        #expect(actions.filter { if case .log = $0 { return false } else { return true } } == [.sendWelcome])
+        #expect(machine.state == .hooked(.v12) && machine.reconciliation == .unchanged)
+    }
+
+    @Test("restart, same introspector, other lists: SET_ALLOWED with the decided lists, through the live-change path")
+    func reconcileOtherLists() throws {
+        let applied = Channel.Applied(introspector: toolID, lists: try Channel.AllowLists(abi: .v12, commands: [12], events: [0]).digest)
+        var machine = GuestSessionMachine(allowLists: lists)
+        let actions = machine.handle(
+            .helloAccepted(hello([.hooked, .running], abi: .v12, applied: applied), introspect: true, introspectorID: toolID))
+        #expect(actions.first == .sendWelcome && actions.last == .sendSetAllowed(lists) && !actions.contains(.sendPreunhook))
+        #expect(machine.state == .updating && machine.reconciliation == .setAllowed)
+        _ = machine.handle(result(.setAllowed, hooked: true))
+        #expect(machine.state == .hooked(.v12))
+    }
+
+    @Test("restart, another introspector: PREUNHOOK, and once QEMU has let go a handshake with the decided one")
+    func reconcileOtherIntrospector() {
+        var machine = GuestSessionMachine(allowLists: lists)
+        let other = [UInt8](repeating: 8, count: 32)
+        let actions = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: true, introspectorID: other))
+        #expect(actions.last == .sendPreunhook && !actions.contains(.startHandshake))
+        #expect(machine.state == .unhooking && machine.reconciliation == .handOver)
+        #expect(machine.handle(result(.preunhook, hooked: true)) == [.scheduleUnhookDeadline])
+        let after = machine.handle(.event(Channel.Event(kind: .toolHangup, error: 0, startTime: 1, hooked: false, running: true)))
+        #expect(after.contains(.adoptNewIntrospector) && after.contains(.startHandshake) && !after.contains(.sendRelease))
+        #expect(machine.handle(.handshakeSucceeded) == [.sendHook(lists)])
+    }
+
+    @Test("restart, hooked with another ABI generation than decided: handed over")
+    func reconcileOtherABI() throws {
+        var machine = GuestSessionMachine(allowLists: lists)
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v7), introspect: true, introspectorID: toolID))
+        #expect(machine.reconciliation == .handOver && machine.state == .unhooking)
+    }
+
+    @Test("restart, no longer introspected: PREUNHOOK, UNHOOK at the deadline, then RELEASE")
+    func reconcileWithdrawn() {
+        var machine = GuestSessionMachine(allowLists: lists)
+        let actions = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: false, introspectorID: nil))
+        #expect(actions.last == .sendPreunhook && machine.reconciliation == .unhookAndRelease)
+        #expect(machine.handle(result(.preunhook, hooked: true)) == [.scheduleUnhookDeadline])
+        #expect(machine.handle(.unhookDeadline).contains(.sendUnhook))
+        let done = machine.handle(result(.unhook, hooked: false))
+        #expect(done.last == .sendRelease && !done.contains(.startHandshake))
+        #expect(machine.state == .notIntrospected)
+    }
+
+    @Test("restart, required by a policy that cannot serve it: left hooked, never unhooked to run unmonitored")
+    func reconcileUnservable() {
+        var machine = GuestSessionMachine(allowLists: lists)
+        let actions = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: false, failsClosed: true))
+        #expect(!actions.contains(.sendPreunhook) && !actions.contains(.sendRelease) && !actions.contains(.sendUnhook))
+        #expect(machine.state == .hooked(.v12) && machine.reconciliation == .keptRequiredButUnservable)
+    }
+
+    @Test("restart, a version 1 QEMU says hooked but not with what: unknown, so unhooked and hooked again per the decision")
+    func reconcileUnknown() {
+        var machine = GuestSessionMachine(allowLists: lists)
+        var old = hello([.hooked, .running], abi: .v12)
+        old.version = 1
+        old.applied = nil
+        let actions = machine.handle(.helloAccepted(old, introspect: true, introspectorID: toolID))
+        #expect(actions.last == .sendPreunhook && machine.reconciliation == .unknownRehook)
+        // The tool never enabled the unhook event: UNHOOK at once, then a new handshake.
+        #expect(machine.handle(result(.preunhook, hooked: true, error: 2)).contains(.sendUnhook))
+        let after = machine.handle(result(.unhook, hooked: false))
+        #expect(after.contains(.startHandshake) && !after.contains(.sendRelease))
+    }
+
+    @Test("restart reconciliation meets a reload: the reload's decision wins once QEMU has let go")
+    func reconcileThenReload() {
+        var machine = GuestSessionMachine(allowLists: lists)
+        _ = machine.handle(.helloAccepted(hello([.hooked, .running], abi: .v12), introspect: false, introspectorID: nil))
+        #expect(machine.handle(.policyChanged(introspect: true, allowLists: lists, sameIntrospector: false)) == [])
+        let after = machine.handle(.event(Channel.Event(kind: .toolHangup, error: 0, startTime: 1, hooked: false, running: true)))
+        #expect(after.contains(.startHandshake) && !after.contains(.sendRelease))
     }
 }

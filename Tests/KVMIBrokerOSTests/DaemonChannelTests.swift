@@ -125,7 +125,7 @@ extension OSLayerTests {
                 qemu.send(hello(uuid: uuid))
                 let welcome = try #require(qemu.receive())
                 #expect(welcome.0.knownType == .welcome)
-                #expect(welcome.0.payload.read(UInt16.self, at: 0, order: .little) == 1)
+                #expect(welcome.0.payload.read(UInt16.self, at: 0, order: .little) == Channel.version)
 
                 // First HOOK: one descriptor, the allow-lists, and the tool's socket with its first message unread.
                 let (hook, fds) = try #require(qemu.receive())

@@ -131,7 +131,9 @@ class Channel:
                        cap_v12=struct.unpack('<i', p[44:48])[0],
                        cap_v7=struct.unpack('<i', p[48:52])[0],
                        param=struct.unpack('<i', p[52:56])[0],
-                       name=p[56:120].split(b'\0')[0].decode())
+                       name=p[56:120].split(b'\0')[0].decode(),
+                       size=len(p),
+                       applied=p[120:184] if ver >= 2 else None)
         log('<-', {k: v for k, v in msg.items() if k != 'payload'})
         return msg
 
@@ -300,11 +302,19 @@ class Env:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def handshake(env, p=None, timeout=10.0):
+def handshake(env, p=None, timeout=10.0, version=1):
     ch = env.accept(timeout)
     h = ch.expect(HELLO)
-    ch.send(WELCOME, struct.pack('<HHI', 1, 0, 0), seq=0)
+    ch.send(WELCOME, struct.pack('<HHI', version, 0, 0), seq=0)
     return ch, h
+
+
+NO_APPLIED = bytes(64)
+
+
+def applied(tool_id, digest):
+    """Version 2's tail of HOOK and SET_ALLOWED: 32-byte id, 32-byte digest"""
+    return bytes([tool_id]) * 32 + bytes([digest]) * 32
 
 
 def tool_pair():
@@ -319,7 +329,9 @@ def t_hello(env):
     env.listen()
     p, qmp = env.start()
     ch, h = handshake(env)
-    check(h['version'] == 1, 'version')
+    check(h['version'] == 2, 'version')
+    check(h['size'] == 184, 'version 2 HELLO is 184 bytes')
+    check(h['applied'] == NO_APPLIED, 'nothing applied yet')
     check(h['pid'] == p.pid, 'pid %d != %d' % (h['pid'], p.pid))
     check(h['uuid'] == p.uid, 'uuid')
     check(h['name'] == 'demo', 'name')
@@ -856,6 +868,96 @@ def t_d_hello_hooked(env):
     env.stop(p)
 
 
+def t_d_applied(env):
+    """version 2: HELLO echoes the id and digest of HOOK/SET_ALLOWED"""
+    env.listen()
+    p, qmp = env.start(stopped=False, double=True)
+    ch, h = handshake(env, version=2)
+    check(h['applied'] == NO_APPLIED, 'not hooked: zeros')
+    a, tool = tool_pair()
+    r = ch.request(HOOK, lists(12, [-1], [0]) + applied(0xA1, 0xD1),
+                   fds=[a.fileno()])
+    check(r['hooked'] == 1, 'HOOK with the tail: %s' % r)
+    a.close()
+    # A restarted broker is told what QEMU was hooked with
+    ch.close()
+    ch, h = handshake(env, version=2)
+    check(h['flags'] & 1, 'hooked')
+    check(h['applied'] == applied(0xA1, 0xD1), 'HOOK id and digest echoed')
+    r = ch.request(SET_ALLOWED, lists(12, [2, 4], []) + applied(0xA1, 0xD2))
+    check(r['error'] == 0 and r['hooked'] == 1, 'SET_ALLOWED: %s' % r)
+    ch.close()
+    ch, h = handshake(env, version=2)
+    check(h['applied'] == applied(0xA1, 0xD2), 'SET_ALLOWED digest echoed')
+    # Without the tail (a version 1 request) the record is unknown: zeros
+    r = ch.request(SET_ALLOWED, lists(12, [2], []))
+    check(r['error'] == 0, 'SET_ALLOWED without the tail: %s' % r)
+    ch.close()
+    ch, h = handshake(env, version=2)
+    check(h['flags'] & 1 and h['applied'] == NO_APPLIED,
+          'version 1 SET_ALLOWED leaves no record')
+    # A refused SET_ALLOWED keeps the old record (still hooked)
+    r = ch.request(SET_ALLOWED, lists(12, [2], []) + applied(0xA1, 0xD3))
+    r = ch.request(SET_ALLOWED, lists(7, [2], []) + applied(0xB1, 0xD4))
+    check(r['step'] == 'REQUEST' and r['hooked'] == 1, 'abi mismatch')
+    ch.close()
+    ch, h = handshake(env, version=2)
+    check(h['applied'] == applied(0xA1, 0xD3), 'refused request: old record')
+    # Every unhook clears it: the tool hanging up ...
+    tool.close()
+    ev = ch.event('TOOL_HANGUP')
+    check(ev['hooked'] == 0, 'unhooked')
+    ch.close()
+    ch, h = handshake(env, version=2)
+    check(not h['flags'] & 1 and h['applied'] == NO_APPLIED,
+          'hang-up clears the record')
+    # ... UNHOOK ...
+    a, tool = tool_pair()
+    ch.request(HOOK, lists() + applied(0xA2, 0xD5), fds=[a.fileno()])
+    ch.request(UNHOOK)
+    ch.close()
+    ch, h = handshake(env, version=2)
+    check(h['applied'] == NO_APPLIED, 'UNHOOK clears the record')
+    # ... and a failed SET_ALLOWED (QEMU unhooks)
+    ch.request(HOOK, lists() + applied(0xA3, 0xD6), fds=[a.fileno()])
+    r = ch.request(SET_ALLOWED, lists(12, [99], []) + applied(0xA3, 0xD7))
+    check(r['hooked'] == 0, 'failed SET_ALLOWED unhooks: %s' % r)
+    ch.close()
+    ch, h = handshake(env, version=2)
+    check(not h['flags'] & 1 and h['applied'] == NO_APPLIED,
+          'failed SET_ALLOWED clears the record')
+    ch.close()
+    env.stop(p)
+
+
+def t_d_version1(env):
+    """a version 1 broker: WELCOME 1 and HOOK without a tail still work"""
+    env.listen()
+    p, qmp = env.start(stopped=False, double=True)
+    ch, h = handshake(env, version=1)
+    a, tool = tool_pair()
+    r = ch.request(HOOK, lists(12, [-1], [0]), fds=[a.fileno()])
+    check(r['hooked'] == 1, 'HOOK without the tail: %s' % r)
+    ch.close()
+    ch, h = handshake(env, version=1)
+    check(h['flags'] & 1 and h['hooked_abi'] == 12, 'HELLO hooked v12')
+    check(h['applied'] == NO_APPLIED, 'no record without the tail')
+    r = ch.request(SET_ALLOWED, lists(12, [2], []))
+    check(r['error'] == 0 and r['hooked'] == 1, 'SET_ALLOWED: %s' % r)
+    ch.close()
+    # A WELCOME for a version QEMU does not speak closes the channel
+    for bad in (0, 3):
+        ch = env.accept()
+        ch.expect(HELLO)
+        ch.send(WELCOME, struct.pack('<HHI', bad, 0, 0), seq=0)
+        ch.assert_closed()
+    check('unsupported channel version' in env.stderr(p), 'logged')
+    ch, h = handshake(env, version=2)
+    check(h['flags'] & 1, 'still hooked after the refused versions')
+    ch.close()
+    env.stop(p)
+
+
 def t_d_hangup(env):
     """the tool closing its socket gives TOOL_HANGUP and an UNHOOK"""
     p, qmp, ch, tool = hooked(env)
@@ -1133,7 +1235,7 @@ def t_d_required(env):
 BASE = [t_hello, t_config_errors, t_hook_real_kernel, t_stop_cont_reset, t_reconnect,
         t_required_cont, t_required_no_s, t_migration, t_savevm, t_shutdown,
         t_welcome_timeout, t_slow_broker, t_stuck_broker, t_object_del]
-DOUBLE = [t_d_hello_hooked, t_d_hangup, t_d_stop_waits, t_d_unhook_timeout,
+DOUBLE = [t_d_hello_hooked, t_d_applied, t_d_version1, t_d_hangup, t_d_stop_waits, t_d_unhook_timeout,
           t_d_tool_never_closes, t_d_shutdown_bound,
           t_d_hmp_stop, t_d_preunhook_enoent, t_d_migration,
           t_d_migration_cancel, t_d_reset, t_d_shutdown, t_d_savevm,

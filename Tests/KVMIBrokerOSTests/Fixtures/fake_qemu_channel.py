@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Test equipment: QEMU's side of the broker channel, as a separate process whose real
 /proc/PID/cmdline carries `-uuid UUID` (so the broker's identity checks see a real peer).
+It speaks channel version 1 on purpose: the broker (version 2) must still accept it, and it
+never says "hooked", so version 2's applied record would add nothing.
 
 Usage: fake_qemu_channel.py SOCKET -uuid UUID MODE
   hello  HELLO, then print WELCOME or REFUSE <errno> and exit 0 (3 on end of stream)
