@@ -45,7 +45,8 @@ extension OSLayerTests {
                 [
                     "run", "--channel-socket", channel, "--introspector", "unix:\(tool)", "--secret-file", secret, "--abi", "v12",
                     "--commands", commands, "--events", "0", "--status-file", status, "--backoff-initial", "0.2", "--backoff-max", "1",
-                    "--log-level", "debug", "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--control-socket", "",
+                    "--log-level", "debug", "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--emulator", try patchedQEMU(),
+                    "--control-socket", "",
                 ] + guests.flatMap { ["--guest", $0] })
         }
 
