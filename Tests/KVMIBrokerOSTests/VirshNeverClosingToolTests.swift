@@ -11,123 +11,6 @@ import Testing
     import Glibc
 #endif
 
-/// One enrolled guest on the real libvirtd and the real patched QEMU (kernel double preloaded),
-/// hooked through the broker to a test introspector that never lets go: it takes the unhook
-/// event and keeps its socket open, so every interception QEMU makes runs into its timeout.
-/// The guest's firmware powers off on the ACPI power button (Fixtures/acpi-poweroff-firmware.S).
-private struct NeverClosingGuest {
-    let name: String
-    let uuid: GuestUUID
-    let introspector: TestIntrospector
-    let tree: PolicyTree
-    let server: ChannelServer
-    let serverTask: Task<Void, Never>
-    let identity: LibvirtIdentity
-    let watcherTask: Task<Void, Never>
-    /// Where QEMU's stderr goes (through virtlogd); read from the offset of each step.
-    let qemuLogPath: String
-
-    init(name: String, uuid: GuestUUID) throws {
-        try ensureLibvirtd()
-        self.name = name
-        self.uuid = uuid
-        qemuLogPath = "/var/log/libvirt/qemu/\(name).log"
-        removeDomain(name)  // a leftover of an interrupted run
-        introspector = try TestIntrospector(
-            .init(
-                endpoint: .unix(path: temporarySocketPath("never-closing-tool")), secret: testSecret,
-                kvmiClient: try KVMIClientPlan(abi: .v12, commands: ["VM_READ_PHYSICAL"], events: ["UNHOOK"], closesOnUnhook: false)))
-        tree = try PolicyTree(toolSocket: "\(introspector.endpoint)".replacingOccurrences(of: "unix:", with: ""))
-        tree.write(
-            "guests.d/50-virsh.conf",
-            "[guest virsh]\nMatchUUID=\(uuid)\nIntrospector=tool\nCommands=VM_READ_PHYSICAL;VM_CONTROL_EVENTS\nEvents=UNHOOK\n")
-        var configuration = BrokerConfiguration(
-            channelSocketPath: temporarySocketPath("virsh-channel"), policy: try PolicyStore(sources: tree.sources))
-        (identity, watcherTask) = LibvirtIdentity.start(uri: "qemu:///system", logger: Logger(label: "virsh-libvirt"))
-        configuration.identity = identity
-        server = ChannelServer(configuration: configuration, logger: Logger(label: "virsh-broker"))
-        let listener = try server.bind()
-        serverTask = Task { [server] in await server.run(listener: listener) }
-        do {
-            try defineEnrolledDomain(
-                name: name, uuid: uuid, channel: configuration.channelSocketPath, double: try kernelDouble(), firmware: try acpiPoweroffFirmware())
-        } catch {
-            tearDown()
-            throw error
-        }
-    }
-
-    /// Removes the domain and its log, stops the broker and the introspector.
-    func tearDown() {
-        removeDomain(name)
-        unlink(qemuLogPath)
-        serverTask.cancel()
-        watcherTask.cancel()
-        identity.watcher.stop()
-        introspector.stop()
-        tree.cleanUp()
-    }
-
-    /// `virsh ARGS` with its wall time printed (documentation, never asserted).
-    func timedVirsh(_ arguments: [String]) throws -> (Int32, String) {
-        let start = ContinuousClock.now
-        let (status, out, err) = try virsh(arguments)
-        print("virsh \(arguments.joined(separator: " ")) against a tool that never closes: \(ContinuousClock.now - start), status \(status)")
-        return (status, out + err)
-    }
-
-    /// `virsh domstate --reason`, e.g. "paused (user)".
-    func state() throws -> String {
-        try virsh(["domstate", "--reason", name]).1.trimmingCharacters(in: .whitespacesAndNewlines)
-    }
-
-    /// Polls `virsh domstate` (one process per look, so ten looks a second at most).
-    func waitForState(_ expected: String) -> Bool {
-        eventually {
-            if (try? state()) == expected { return true }
-            usleep(100_000)
-            return false
-        }
-    }
-
-    /// The broker's view of the guest (what `kvmi-broker status` prints).
-    func session() async -> SessionStatus? {
-        await server.registry.snapshot().first { $0.uuid == "\(uuid)" }
-    }
-
-    /// Waits until a KVMI session of connection `first` or later has enabled the unhook event
-    /// (so that QEMU's PREUNHOOK reaches the tool) and the broker reports the guest hooked.
-    /// Returns that connection's index.
-    func waitForHook(from first: Int) async -> Int? {
-        let hooked = await eventuallyAsync {
-            let index = introspector.records.lastIndex { $0.kvmi?.unhookEnabled == 0 && $0.kvmi?.ended == nil }
-            guard let index, index >= first else { return false }
-            return await session()?.hooked == true
-        }
-        return hooked ? introspector.records.lastIndex { $0.kvmi?.unhookEnabled == 0 && $0.kvmi?.ended == nil } : nil
-    }
-
-    /// The tool of connection `index` got the unhook event, held on, and the other end closed its socket.
-    func heldOnUntilUnhooked(_ index: Int) -> Bool {
-        eventually {
-            let kvmi = introspector.records[index].kvmi
-            return kvmi?.unhookEventReceived == true && kvmi?.closedByOtherEndAfterUnhook == true
-        }
-    }
-
-    func logSize() -> Int {
-        ((try? FileManager.default.attributesOfItem(atPath: qemuLogPath)[.size]) as? NSNumber)?.intValue ?? 0
-    }
-
-    /// QEMU's log since `offset` once it contains `text` (virtlogd writes it asynchronously).
-    func qemuLog(since offset: Int, contains text: String) -> Bool {
-        eventually {
-            guard let data = FileManager.default.contents(atPath: qemuLogPath), data.count > offset else { return false }
-            return String(decoding: data.dropFirst(offset), as: UTF8.self).contains(text)
-        }
-    }
-}
-
 /// QEMU's line when its unhook-timeout (5 s by default) ran out with the tool still holding on.
 private let unhookedAnyway = "the introspection tool did not close its socket within 5 s; unhooking anyway"
 
@@ -140,7 +23,7 @@ extension OSLayerTests {
     struct VirshNeverClosingToolTests {
         @Test("virsh suspend succeeds, the domain paused and unhooked after QEMU's unhook-timeout; virsh resume hooks it again")
         func suspendAndResume() async throws {
-            let guest = try NeverClosingGuest(name: "kvmib-virsh-suspend", uuid: GuestUUID("d0d0d0d0-5555-4555-8555-000000000001")!)
+            let guest = try EnrolledLibvirtGuest(name: "kvmib-virsh-suspend", uuid: GuestUUID("d0d0d0d0-5555-4555-8555-000000000001")!)
             defer { guest.tearDown() }
             #expect(try virsh(["start", guest.name]).0 == 0)
             let first = try #require(await guest.waitForHook(from: 0), "\(guest.introspector.records)")
@@ -164,7 +47,7 @@ extension OSLayerTests {
 
         @Test("virsh save succeeds while the tool holds on; virsh restore brings the guest back, hooked again")
         func saveAndRestore() async throws {
-            let guest = try NeverClosingGuest(name: "kvmib-virsh-save", uuid: GuestUUID("d0d0d0d0-5555-4555-8555-000000000002")!)
+            let guest = try EnrolledLibvirtGuest(name: "kvmib-virsh-save", uuid: GuestUUID("d0d0d0d0-5555-4555-8555-000000000002")!)
             defer { guest.tearDown() }
             let image = "\(privateSocketDirectory)/kvmib-virsh-save-\(UInt32.random(in: 0...UInt32.max)).img"
             defer { unlink(image) }
@@ -198,7 +81,7 @@ extension OSLayerTests {
         /// after its wait, so its success shows that QEMU exited on SIGTERM alone.
         @Test("virsh shutdown (ACPI) and virsh destroy --graceful (SIGTERM) end the domain while the tool holds on, without SIGKILL")
         func shutdownAndGracefulDestroy() async throws {
-            let guest = try NeverClosingGuest(name: "kvmib-virsh-shutdown", uuid: GuestUUID("d0d0d0d0-5555-4555-8555-000000000003")!)
+            let guest = try EnrolledLibvirtGuest(name: "kvmib-virsh-shutdown", uuid: GuestUUID("d0d0d0d0-5555-4555-8555-000000000003")!)
             defer { guest.tearDown() }
             #expect(try virsh(["start", guest.name]).0 == 0)
             let first = try #require(await guest.waitForHook(from: 0), "\(guest.introspector.records)")
