@@ -51,11 +51,16 @@ let package = Package(
                 "KVMIBrokerCore", "CLibvirt",
                 .product(name: "Logging", package: "swift-log"),
             ]),
-        // Daemon layer: the QEMU channel server, sessions, identity checks.
+        // libsystemd through pkg-config: sd_notify, the reference implementation of systemd's
+        // service notification protocol (Type=notify: READY, RELOADING, STOPPING, STATUS).
+        .systemLibrary(
+            name: "CSystemd", pkgConfig: "libsystemd",
+            providers: [.apt(["libsystemd-dev"])]),
+        // Daemon layer: the QEMU channel server, sessions, identity checks, service notification.
         .target(
             name: "KVMIBrokerDaemon",
             dependencies: [
-                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerPolicy", "KVMIBrokerLibvirt", "CKVMIBroker",
+                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerPolicy", "KVMIBrokerLibvirt", "CKVMIBroker", "CSystemd",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
             ]),

@@ -34,6 +34,8 @@ public struct BrokerConfiguration: Sendable {
     public var sessionLogLines = 30
     /// Handshakes in flight to one introspector at once; the rest queue in arrival order.
     public var handshakesPerIntrospector = 8
+    /// Tells systemd the session counts and reload outcomes (STATUS=); nil outside `kvmi-broker run`.
+    public var notifier: ServiceNotifier?
 
     /// The source of session decisions in force.
     public var plans: any PlanSource { policy ?? self }

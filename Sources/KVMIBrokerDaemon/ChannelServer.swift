@@ -20,7 +20,7 @@ public final class ChannelServer: Sendable {
 
     public init(configuration: BrokerConfiguration, logger: Logger, io: AsyncSocketIO = AsyncSocketIO(), admission: ConnectionAdmission? = nil) {
         self.configuration = configuration
-        self.registry = SessionRegistry(statusFile: configuration.statusFile, logger: logger)
+        self.registry = SessionRegistry(statusFile: configuration.statusFile, logger: logger, notifier: configuration.notifier)
         self.logger = logger
         self.io = io
         self.connector = IntrospectorConnector(io: io, pacer: HandshakePacer(limit: configuration.handshakesPerIntrospector))
@@ -51,11 +51,13 @@ public final class ChannelServer: Sendable {
             for warning in warnings { logger.warning("policy: \(warning)") }
             logger.notice(
                 "policy reloaded", metadata: ["policy.generation": "\(snapshot.generation)", "policy.rules": "\(snapshot.policy.rules.count)"])
+            configuration.notifier?.reloaded(generation: snapshot.generation, failed: false)
             await registry.broadcastPolicyChange()
             return true
         case .failure(let error):
             for diagnostic in error.diagnostics { logger.error("policy: \(diagnostic)") }
             logger.error("policy reload failed; the previous policy stays in force", metadata: ["policy.generation": "\(store.snapshot.generation)"])
+            configuration.notifier?.reloaded(generation: store.snapshot.generation, failed: true)
             return false
         }
     }

@@ -44,11 +44,39 @@ public actor SessionRegistry {
     private let statusInterval: Duration
     private var writeScheduled = false
     private let writer: StatusFileWriter?
+    /// The sessions by what they wait for, kept up to date on every change (the service status).
+    private var counts = SessionCounts()
+    private let notifier: ServiceNotifier?
 
-    public init(statusFile: String?, statusInterval: Duration = .milliseconds(100), logger: Logger? = nil) {
+    public init(statusFile: String?, statusInterval: Duration = .milliseconds(100), logger: Logger? = nil, notifier: ServiceNotifier? = nil) {
         self.statusFile = statusFile
         self.statusInterval = statusInterval
         self.writer = statusFile.map { StatusFileWriter(path: $0, logger: logger) }
+        self.notifier = notifier
+    }
+
+    /// The sessions by what they wait for.
+    public var sessionCounts: SessionCounts { counts }
+
+    /// Moves one session between the counts: `from` leaves (nil: a new session), `to` arrives
+    /// (nil: it ended). O(1); the notifier coalesces what it sends.
+    private func count(from old: SessionStatus?, to new: SessionStatus?) {
+        let before = counts
+        if let old { adjust(old, by: -1) }
+        if let new { adjust(new, by: 1) }
+        if counts != before { notifier?.sessionsChanged(counts) }
+    }
+
+    private static let notIntrospected = GuestSessionMachine.State.notIntrospected.description
+
+    private func adjust(_ status: SessionStatus, by delta: Int) {
+        if status.hooked {
+            counts.hooked += delta
+        } else if status.state == Self.notIntrospected {
+            counts.notIntrospected += delta
+        } else {
+            counts.waiting += delta
+        }
     }
 
     /// Why a claim was refused.
@@ -73,6 +101,7 @@ public actor SessionRegistry {
         let token = nextToken
         nextToken += 1
         sessions[uuid] = (token, status)
+        count(from: nil, to: status)
         listeners[token] = onPolicyChange
         injectors[uuid] = injector
         persist()
@@ -85,6 +114,7 @@ public actor SessionRegistry {
         change(&entry.status)
         guard entry.status != before else { return }
         sessions[uuid] = entry
+        count(from: before, to: entry.status)
         persist()
     }
 
@@ -102,8 +132,9 @@ public actor SessionRegistry {
 
     public func release(_ uuid: GuestUUID, token: UInt64) {
         listeners[token] = nil
-        guard sessions[uuid]?.token == token else { return }
+        guard let entry = sessions[uuid], entry.token == token else { return }
         sessions[uuid] = nil
+        count(from: entry.status, to: nil)
         injectors[uuid] = nil
         persist()
     }

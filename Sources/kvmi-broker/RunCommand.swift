@@ -186,6 +186,8 @@ struct RunCommand: AsyncParsableCommand {
             throw ExitCode(2)
         }
         signal(SIGPIPE, SIG_IGN)
+        let notifier = ServiceNotifier(generation: configuration.policy?.snapshot.generation, logger: logger)
+        configuration.notifier = notifier
         var libvirtTask: Task<Void, Never>?
         if libvirtUri.isEmpty {
             logger.warning(
@@ -224,11 +226,21 @@ struct RunCommand: AsyncParsableCommand {
                 }
             }
         }
+        // SIGHUP: one reload at a time, between RELOADING=1 and READY=1; hangups that arrive
+        // during a reload are coalesced into one more.
+        let (hangups, hangup) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let reloads = Task {
+            for await _ in hangups {
+                notifier.reloading()
+                await server.reloadPolicy()
+                notifier.ready()
+            }
+        }
         signal(SIGHUP, SIG_IGN)
         let reloader = DispatchSource.makeSignalSource(signal: SIGHUP)
         reloader.setEventHandler {
             logger.notice("SIGHUP: reloading the policy")
-            Task { await server.reloadPolicy() }
+            hangup.yield()
         }
         reloader.resume()
         let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
@@ -236,14 +248,43 @@ struct RunCommand: AsyncParsableCommand {
             let source = DispatchSource.makeSignalSource(signal: number)
             source.setEventHandler {
                 logger.notice("stopping on signal \(number)")
+                notifier.stopping()
                 task.cancel()
             }
             source.resume()
             return source
         }
+        awaitSignalHandlers([SIGHUP, SIGTERM, SIGINT], logger: logger)
+        // The sockets listen (connections wait in the backlog until accepted), discovery has
+        // started, and a SIGHUP or SIGTERM from now on is handled, not ignored.
+        notifier.ready()
+        logger.notice("ready: the sockets listen; SIGHUP reloads the policy, SIGTERM stops")
         await task.value
         signals.forEach { $0.cancel() }
         reloader.cancel()
+        hangup.finish()
+        await reloads.value
+    }
+
+    /// Waits until libdispatch has installed its handler for each of `signals`: it registers a
+    /// signal source on its manager thread after `resume()` returns, and until then the signal
+    /// is still ignored (SIG_IGN) and would be lost. READY=1 is sent only after this, so a
+    /// reload or stop requested right after start is not dropped.
+    private func awaitSignalHandlers(_ signals: [Int32], logger: Logger) {
+        let ignored = unsafeBitCast(SIG_IGN, to: Int.self)
+        func installed(_ number: Int32) -> Bool {
+            var current = sigaction()
+            guard sigaction(number, nil, &current) == 0 else { return true }
+            return unsafeBitCast(current.__sigaction_handler.sa_handler, to: Int.self) != ignored
+        }
+        let deadline = ContinuousClock.now.advanced(by: .seconds(10))
+        while !signals.allSatisfy(installed) {
+            guard ContinuousClock.now < deadline else {
+                logger.warning("the signal handlers are not installed after 10 s; a SIGHUP or SIGTERM may be ignored until they are")
+                return
+            }
+            usleep(1000)
+        }
     }
 
     private func makeConfiguration() throws -> BrokerConfiguration {
