@@ -92,6 +92,13 @@ public struct GuestSessionMachine: Sendable {
         /// The new decision's introspector takes over: reload the connection parameters.
         case adoptNewIntrospector
         case log(LogLevel, String)
+        /// An attempt failed for this reason (a back-off retry follows). The driver logs it when
+        /// the failure starts or its reason changes and summarises repeats (`FailureStreak`),
+        /// never a line per attempt.
+        case failing(String)
+        /// The guest is hooked: the driver logs this line once, with the failed attempts before
+        /// it, if any.
+        case succeeded(String)
         case closeChannel
     }
 
@@ -262,7 +269,7 @@ public struct GuestSessionMachine: Sendable {
                 failures = 0
                 lastFailure = nil
                 held = false
-                return [.log(.notice, "guest hooked (ABI \(allowLists.abi))")]
+                return [.succeeded("guest hooked (ABI \(allowLists.abi))")]
             }
             return fail(Self.explain(result, abi: allowLists.abi))
 
@@ -468,12 +475,8 @@ public struct GuestSessionMachine: Sendable {
     private mutating func fail(_ reason: String) -> [Action] {
         failures += 1
         state = .backingOff(nextAttempt: failures + 1)
-        let repeated = reason == lastFailure
         lastFailure = reason
-        return [
-            .log(repeated ? .info : .warning, repeated ? "\(reason) (again, attempt \(failures))" : reason),
-            .scheduleRetry(afterFailures: failures),
-        ]
+        return [.failing(reason), .scheduleRetry(afterFailures: failures)]
     }
 
     /// A sentence for a failed HOOK, naming the likely cause.

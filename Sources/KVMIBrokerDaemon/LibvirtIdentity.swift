@@ -30,14 +30,15 @@ public struct LibvirtIdentity: IdentitySource {
         }
     }
 
-    /// Starts the watcher and logs its events (discovery, disconnects, resyncs) until cancelled.
+    /// Starts the watcher and logs its events (discovery, resyncs; the watcher itself logs
+    /// connects, disconnects and connect failures) until cancelled.
     /// (Tests point `locator` at a run directory of their own, with the test driver.)
     public static func start(uri: String, locator: QEMUProcessLocator = .system, logger: Logger) -> (LibvirtIdentity, Task<Void, Never>) {
         let watcher = LibvirtWatcher(configuration: .init(uri: uri, locator: locator), logger: logger)
         watcher.start()
         let task = Task {
             for await event in watcher.events {
-                logger.info("libvirt: \(event)")
+                if let line = event.logLine { logger.info("\(line)") }
             }
         }
         return (LibvirtIdentity(watcher: watcher), task)

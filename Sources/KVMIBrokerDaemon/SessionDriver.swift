@@ -346,7 +346,6 @@ final class SessionDriver: Sendable {
                     state.lastHookRequest = state.hookRequestedAt.map { $0.duration(to: .now) }
                     state.hooks += 1
                     state.triggeredAt = nil
-                    logger.info("hooked \(format(state.lastHook ?? .zero)) after the trigger")
                 }
             case .event:
                 guard let event = try? Channel.Event(decoding: frame.payload) else { return nil }
@@ -466,6 +465,9 @@ final class SessionDriver: Sendable {
         var published: Published?
         /// This session's log lines are rate-limited (a QEMU streaming events cannot flood the log).
         let logLimit: RateLimitedLog
+        /// The failed attempts in a row, for the log: once when they start or change, then
+        /// summaries, then once with the hook that ends them.
+        var streak = FailureStreak()
         /// The checked process image, compared again right before each HOOK.
         let facts: ProcessFacts?
 
@@ -632,7 +634,7 @@ final class SessionDriver: Sendable {
         case .scheduleRetry(let failures):
             var generator = SystemRandomNumberGenerator()
             let delay = (state.plan?.backoff ?? configuration.backoff).delay(afterFailures: failures, using: &generator)
-            logger.debug("retrying in \(format(delay))")
+            logger.debug("attempt \(failures) failed; retrying in \(format(delay))")
             let id = state.newID()
             state.retryTask?.cancel()
             state.retryTimer = id
@@ -669,6 +671,17 @@ final class SessionDriver: Sendable {
                 if suppressed > 0 { logger.notice("\(suppressed) log lines of this session were suppressed (rate limit)") }
                 logger.log(level: level.swiftLog, "\(message)", metadata: ["session.state": "\(state.machine.state)"])
             }
+        case .failing(let reason):
+            if let report = state.streak.failed(reason, at: .now) {
+                RepeatingFailureLog.log(report, "introspecting the guest", logger, ["session.state": "\(state.machine.state)"])
+            }
+        case .succeeded(let line):
+            var text = line
+            if let lastHook = state.lastHook { text += " \(format(lastHook)) after the trigger" }
+            if case .recovered(let attempts, let over) = state.streak.succeeded(at: .now) {
+                text += ", after \(attempts) failed attempt\(attempts == 1 ? "" : "s") over \(format(over))"
+            }
+            logger.notice("\(text)", metadata: ["session.state": "\(state.machine.state)"])
         case .closeChannel:
             return .close
         }

@@ -1,5 +1,6 @@
 import Foundation
 import KVMIBrokerCore
+import KVMIBrokerOS
 import Logging
 
 #if canImport(Glibc)
@@ -28,6 +29,43 @@ public struct SessionStatus: Sendable, Codable, Equatable {
     public var identity: String?
 }
 
+/// The broker that wrote a status file: `kvmi-broker status` checks that it still runs.
+public struct BrokerStatus: Sendable, Codable, Equatable {
+    public var pid: Int32
+    /// Field 22 of /proc/PID/stat: tells a pid reused by another process from the broker.
+    public var startTime: UInt64?
+    public var version: String
+
+    public init(pid: Int32, startTime: UInt64?, version: String) {
+        self.pid = pid
+        self.startTime = startTime
+        self.version = version
+    }
+
+    /// This process.
+    public static var current: BrokerStatus {
+        let pid = getpid()
+        return BrokerStatus(pid: pid, startTime: processStartTime(pid), version: BrokerVersion.string)
+    }
+
+    /// The start time of process `pid` (nil if it does not exist or /proc cannot say).
+    public static func processStartTime(_ pid: Int32, procRoot: String = "/proc") -> UInt64? {
+        guard let data = FileManager.default.contents(atPath: "\(procRoot)/\(pid)/stat") else { return nil }
+        return PeerVerifier.startTime(stat: Array(data))
+    }
+}
+
+/// The status file: the broker that writes it and its sessions.
+public struct StatusDocument: Sendable, Codable, Equatable {
+    public var broker: BrokerStatus
+    public var sessions: [SessionStatus]
+
+    public init(broker: BrokerStatus, sessions: [SessionStatus]) {
+        self.broker = broker
+        self.sessions = sessions
+    }
+}
+
 /// Sessions keyed by guest UUID: at most one live channel per guest, and the status view.
 ///
 /// Every operation costs O(1) in the number of guests: the status file is written at most
@@ -48,11 +86,17 @@ public actor SessionRegistry {
     private var counts = SessionCounts()
     private let notifier: ServiceNotifier?
 
-    public init(statusFile: String?, statusInterval: Duration = .milliseconds(100), logger: Logger? = nil, notifier: ServiceNotifier? = nil) {
+    /// Writes the status file at once (no sessions yet), so that `kvmi-broker status` works
+    /// and a status file that cannot be written is reported at start.
+    public init(
+        statusFile: String?, statusInterval: Duration = .milliseconds(100), logger: Logger? = nil, broker: BrokerStatus = .current,
+        notifier: ServiceNotifier? = nil
+    ) {
         self.statusFile = statusFile
         self.statusInterval = statusInterval
-        self.writer = statusFile.map { StatusFileWriter(path: $0, logger: logger) }
+        self.writer = statusFile.map { StatusFileWriter(path: $0, logger: logger, broker: broker) }
         self.notifier = notifier
+        writer?.enqueue([])
     }
 
     /// The sessions by what they wait for.
@@ -175,20 +219,23 @@ public actor SessionRegistry {
 }
 
 /// Encodes and writes the status file on its own serial queue, atomically (a temporary file,
-/// then rename), and says once when writing fails and once when it works again.
+/// then rename), and says when writing starts failing (or fails differently), how long it goes
+/// on failing, and when it works again (`RepeatingFailureLog`), never a line per write.
 final class StatusFileWriter: @unchecked Sendable {
     private let path: String
     private let logger: Logger?
+    private let broker: BrokerStatus
     private let queue = DispatchQueue(label: "kvmi-broker.status-writer")
-    /// Confined to `queue`.
-    private var lastError: String?
+    private let failures: RepeatingFailureLog
     /// Each session's JSON object as last written, by UUID (confined to `queue`): only the
     /// sessions that changed are encoded again.
     private var encoded: [String: (status: SessionStatus, object: [UInt8])] = [:]
 
-    init(path: String, logger: Logger?) {
+    init(path: String, logger: Logger?, broker: BrokerStatus = .current) {
         self.path = path
         self.logger = logger
+        self.broker = broker
+        self.failures = RepeatingFailureLog(activity: "writing the status file \(escapedForLog(path))")
     }
 
     func enqueue(_ sessions: [SessionStatus]) {
@@ -221,28 +268,27 @@ final class StatusFileWriter: @unchecked Sendable {
             next[session.uuid] = (session, object)
         }
         encoded = next
-        let data = StatusJSON.array(objects)
+        let data = StatusJSON.document(broker: broker, sessions: objects)
         let temporary = path + ".tmp"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o640)
         if fd < 0 {
-            problem = "cannot create \(temporary): \(String(cString: strerror(errno)))"
+            problem = "cannot create \(escapedForLog(temporary)): \(String(cString: strerror(errno)))"
         } else {
             let written = data.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-            let writeErrno = errno
+            let writeErrno = written < 0 ? errno : ENOSPC
             close(fd)
             if written != data.count {
-                problem = "cannot write \(temporary): \(String(cString: strerror(writeErrno)))"
+                problem = "cannot write \(escapedForLog(temporary)): \(String(cString: strerror(writeErrno)))"
+                unlink(temporary)
             } else if rename(temporary, path) != 0 {
-                problem = "cannot rename \(temporary) to \(path): \(String(cString: strerror(errno)))"
+                problem = "cannot rename \(escapedForLog(temporary)) to \(escapedForLog(path)): \(String(cString: strerror(errno)))"
+                unlink(temporary)
             }
         }
-        if problem != lastError {
-            if let problem {
-                logger?.error("the status file cannot be written; `kvmi-broker status` shows stale data", metadata: ["reason": "\(problem)"])
-            } else {
-                logger?.notice("the status file is written again", metadata: ["path": "\(path)"])
-            }
-            lastError = problem
+        if let problem {
+            failures.failed("\(problem) (`kvmi-broker status` shows stale data until it works)", logger)
+        } else {
+            failures.succeeded(logger)
         }
     }
 }

@@ -2,29 +2,35 @@
     import Glibc
 #endif
 
-/// The status file's JSON, written by hand: the same document `JSONEncoder` makes with
+/// The status file's JSON (a `StatusDocument`), written by hand: the same document `JSONEncoder` makes with
 /// `.prettyPrinted`, `.sortedKeys` and `.iso8601` dates (a test compares them byte for
 /// byte), at a fraction of the cost. During a boot storm the writer re-encodes every session
 /// every 100 ms; through `Codable` that was about a fifth of the broker's CPU.
 enum StatusJSON {
-    static func encode(_ sessions: [SessionStatus]) -> [UInt8] {
-        array(sessions.map(object))
+    static func encode(_ document: StatusDocument) -> [UInt8] {
+        self.document(broker: document.broker, sessions: document.sessions.map(object))
     }
 
-    /// The document from objects made by `object` (the writer keeps those of unchanged sessions).
-    static func array(_ objects: [[UInt8]]) -> [UInt8] {
+    /// The document from the broker's facts and session objects made by `object` (the writer
+    /// keeps those of unchanged sessions).
+    static func document(broker: BrokerStatus, sessions objects: [[UInt8]]) -> [UInt8] {
         var out: [UInt8] = []
-        if objects.isEmpty {
-            out.append(contentsOf: "[\n\n]".utf8)
-            return out
+        out.reserveCapacity(160 + objects.reduce(0) { $0 + $1.count + 2 })
+        out.append(contentsOf: "{\n  \"broker\" : {\n    \"pid\" : ".utf8)
+        out.append(contentsOf: String(broker.pid).utf8)
+        if let startTime = broker.startTime {
+            out.append(contentsOf: ",\n    \"startTime\" : ".utf8)
+            out.append(contentsOf: String(startTime).utf8)
         }
-        out.reserveCapacity(4 + objects.reduce(0) { $0 + $1.count + 2 })
-        out.append(contentsOf: "[\n".utf8)
+        out.append(contentsOf: ",\n    \"version\" : ".utf8)
+        string(broker.version, to: &out)
+        out.append(contentsOf: "\n  },\n  \"sessions\" : [\n".utf8)
+        if objects.isEmpty { out.append(contentsOf: "\n".utf8) }
         for (index, object) in objects.enumerated() {
             if index > 0 { out.append(contentsOf: ",\n".utf8) }
             out.append(contentsOf: object)
         }
-        out.append(contentsOf: "\n]".utf8)
+        out.append(contentsOf: (objects.isEmpty ? "  ]\n}" : "\n  ]\n}").utf8)
         return out
     }
 
@@ -37,12 +43,12 @@ enum StatusJSON {
     }
 
     private static func append(_ session: SessionStatus, to out: inout [UInt8]) {
-        out.append(contentsOf: "  {\n".utf8)
+        out.append(contentsOf: "    {\n".utf8)
         var first = true
         func key(_ name: String) {
             if !first { out.append(contentsOf: ",\n".utf8) }
             first = false
-            out.append(contentsOf: "    \"".utf8)
+            out.append(contentsOf: "      \"".utf8)
             out.append(contentsOf: name.utf8)
             out.append(contentsOf: "\" : ".utf8)
         }
@@ -80,7 +86,7 @@ enum StatusJSON {
         string(session.state, to: &out)
         key("uuid")
         string(session.uuid, to: &out)
-        out.append(contentsOf: "\n  }".utf8)
+        out.append(contentsOf: "\n    }".utf8)
     }
 
     /// A JSON string with `JSONEncoder`'s escapes (including `\/`).

@@ -67,6 +67,23 @@ public enum LibvirtEvent: Sendable, Equatable {
     case connectFailed(attempt: Int, error: BrokerError, retryIn: Duration)
 }
 
+extension LibvirtEvent {
+    /// One line for the log, or nil for the events the watcher logs itself (connects,
+    /// disconnects and connect failures, which it summarises while they repeat).
+    public var logLine: String? {
+        switch self {
+        case .connected, .disconnected, .connectFailed:
+            return nil
+        case .resynced(let domains):
+            return "libvirt runs \(domains.count) domain\(domains.count == 1 ? "" : "s")"
+        case .lifecycle(let event):
+            return "libvirt: domain \(escapedForLog(event.name, limit: 64)) (\(event.uuid)) \(event.kind)"
+        case .metadataChanged(let domain):
+            return "libvirt: the introspection metadata of domain \(escapedForLog(domain.name, limit: 64)) (\(domain.uuid)) changed"
+        }
+    }
+}
+
 /// The answer to "is this QEMU the domain it claims to be?"
 public enum IdentityVerdict: Sendable, Equatable {
     /// libvirt runs a domain with that UUID and its QEMU is the peer.
@@ -126,6 +143,9 @@ public final class LibvirtWatcher: @unchecked Sendable {
     private var closeCallbackRegistered = false
     private var generation: UInt64 = 0
     private var failures = 0
+    /// The connect failures in a row, for the log: once when they start or change, then
+    /// summaries, then once when it connects (never a line per retry).
+    private var connectStreak = FailureStreak()
     private var started = false
     private var stopped = false
     private var random = SystemRandomNumberGenerator()
@@ -230,7 +250,7 @@ public final class LibvirtWatcher: @unchecked Sendable {
                 }
             }
             DispatchQueue.global().asyncAfter(deadline: .now() + timeout.secondsDouble) {
-                once.resume(.failure(BrokerError(.timedOut, "libvirt did not answer within \(timeout)", at: place)))
+                once.resume(.failure(BrokerError(.timedOut, "libvirt did not answer within \(timeout.humanReadable)", at: place)))
             }
         }
     }
@@ -246,18 +266,33 @@ public final class LibvirtWatcher: @unchecked Sendable {
             connection = opened
             try register(opened, generation: current)
             failures = 0
-            logger.info("connected to libvirt", metadata: ["uri": "\(configuration.uri)"])
+            if let report = connectStreak.succeeded(at: .now) {
+                logger.notice("\(report.sentence(connectingActivity))")
+            } else {
+                logger.info("connected to libvirt", metadata: ["uri": "\(escapedForLog(configuration.uri))"])
+            }
             continuation.yield(.connected(uri: configuration.uri))
             resync()
         } catch {
             tearDown()
             failures += 1
             let delay = configuration.backoff.delay(afterFailures: failures, using: &random)
-            logger.warning("cannot connect to libvirt", metadata: ["uri": "\(configuration.uri)", "error": "\(error)", "retry-in": "\(delay)"])
+            if let report = connectStreak.failed(escapedForLog(error.message, limit: 512), at: .now) {
+                logger.warning(
+                    "\(report.sentence(connectingActivity))",
+                    metadata: [
+                        "attempt": "\(failures)", "retry-in": "\(delay.humanReadable)",
+                        "backoff-max": "\(configuration.backoff.maximum.humanReadable)",
+                    ])
+            } else {
+                logger.debug("\(connectingActivity): attempt \(failures) failed the same way; next in \(delay.humanReadable)")
+            }
             continuation.yield(.connectFailed(attempt: failures, error: error, retryIn: delay))
             scheduleConnect(after: delay)
         }
     }
+
+    private var connectingActivity: String { "connecting to libvirt (\(escapedForLog(configuration.uri)))" }
 
     private func scheduleConnect(after delay: Duration) {
         queue.asyncAfter(deadline: .now() + delay.secondsDouble) { [self] in connect() }
@@ -336,7 +371,7 @@ public final class LibvirtWatcher: @unchecked Sendable {
     func connectionClosed(reason: CloseReason, generation: UInt64) {
         dispatchPrecondition(condition: .onQueue(queue))
         guard !stopped, generation == self.generation, connection != nil else { return }
-        logger.warning("libvirt connection closed", metadata: ["uri": "\(configuration.uri)", "reason": "\(reason.rawValue)"])
+        logger.warning("libvirt connection closed", metadata: ["uri": "\(escapedForLog(configuration.uri))", "reason": "\(reason.rawValue)"])
         tearDown()
         continuation.yield(.disconnected(reason: reason))
         failures = 0

@@ -354,19 +354,22 @@ public struct RetryingConnector: Sendable {
     ) async throws -> HandshakeOutcome {
         var generator = SystemRandomNumberGenerator()
         var failures = 0
+        // A failure that repeats is logged when it starts or changes, then summarised.
+        var streak = FailureStreak()
+        let activity = "the introspector handshake with \(endpoint)"
         while true {
             do {
-                return try await connector.connectAndHandshake(to: endpoint, parameters)
+                let outcome = try await connector.connectAndHandshake(to: endpoint, parameters)
+                if let report = streak.succeeded(at: .now) { RepeatingFailureLog.log(report, activity, logger) }
+                return outcome
             } catch let error as BrokerError {
                 failures += 1
                 let exhausted = maximumAttempts.map { failures >= $0 } ?? false
                 let delay = exhausted ? nil : backoff.delay(afterFailures: failures, using: &generator)
-                logger.warning(
-                    "introspector handshake failed",
-                    metadata: [
-                        "tool.endpoint": "\(endpoint)", "attempt": "\(failures)", "error.code": "\(error.code.rawValue)",
-                        "reason": "\(error.message)", "retry.in": "\(delay.map { format($0) } ?? "no retry")",
-                    ])
+                if let report = streak.failed("\(error.code.rawValue): \(error.message)", at: .now) {
+                    RepeatingFailureLog.log(
+                        report, activity, logger, ["attempt": "\(failures)", "retry.in": "\(delay.map { format($0) } ?? "no retry")"])
+                }
                 onFailure(failures, error, delay)
                 guard let delay else { throw error }
                 do {
@@ -379,11 +382,7 @@ public struct RetryingConnector: Sendable {
     }
 }
 
-/// Durations as people read them: "10 s", "250 ms", "0.31 ms".
+/// Durations as people read them: "10 s", "250 ms", "0.31 ms", "1 min 3 s".
 public func format(_ duration: Duration) -> String {
-    let seconds = duration.secondsDouble
-    if seconds >= 1 { return seconds == seconds.rounded() ? "\(Int(seconds)) s" : String(format: "%.2f s", seconds) }
-    let milliseconds = seconds * 1000
-    if milliseconds >= 10 { return "\(Int(milliseconds.rounded())) ms" }
-    return String(format: "%.3f ms", milliseconds)
+    duration.humanReadable
 }

@@ -13,6 +13,7 @@ struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kvmi-bench",
         abstract: "kvmi-broker benchmarks.",
+        version: BrokerVersion.string,
         subcommands: [HandshakeBench.self, HookBench.self, PolicyBench.self, ScaleBench.self])
 }
 

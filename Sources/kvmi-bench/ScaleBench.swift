@@ -113,7 +113,7 @@ struct ScaleBench: ParsableCommand {
         print(
             "servers started with RLIMIT_NOFILE soft \(serverSoft), hard \(serverHard)\(wrapper.isEmpty ? "" : " (prlimit)"); "
                 + "launcher and test introspector \(limit.rlim_cur)")
-        print("fake QEMU \(fakeQEMU); broker \(broker)")
+        print("kvmi-broker \(BrokerVersion.string): fake QEMU \(fakeQEMU); broker \(broker)")
         let storm = Storm(
             guests: guests, work: work, fakeQEMU: fakeQEMU, testIntrospector: testIntrospector, serial: serial, secretPath: secretPath,
             timeout: .milliseconds(Int64(timeout * 1000)), wrapper: wrapper)

@@ -64,7 +64,8 @@ struct HookCommand: ParsableCommand {
             return try unreadable("the domain XML on stdin is larger than \(Self.maximumInput >> 20) MiB", prefix, mayVeto: mayVeto)
         case .timedOut(let prefix):
             return try unreadable(
-                "the domain XML on stdin did not end within the --timeout of \(timeout) s (\(prefix.count) bytes read)", prefix, mayVeto: mayVeto)
+                "the domain XML on stdin did not end within the --timeout of \(Duration.humanReadable(seconds: timeout)) (\(prefix.count) bytes read)",
+                prefix, mayVeto: mayVeto)
         case .failed(let error, let prefix):
             return try unreadable("cannot read the domain XML on stdin (\(errnoName(error)))", prefix, mayVeto: mayVeto)
         }
@@ -214,7 +215,8 @@ struct HookCommand: ParsableCommand {
             let milliseconds = Int32(clamping: (remaining.components.seconds * 1000) + remaining.components.attoseconds / 1_000_000_000_000_000 + 1)
             return poll(&pollFD, 1, milliseconds) > 0
         }
-        let timedOut = BrokerError(.timedOut, "no answer within the hook's --timeout of \(timeout) s", at: controlSocket)
+        let timedOut = BrokerError(
+            .timedOut, "no answer within the hook's --timeout of \(Duration.humanReadable(seconds: timeout))", at: controlSocket)
         guard let body = try? JSONEncoder().encode(request) else { return .failure(BrokerError(.io, "cannot encode the request")) }
         var bytes = Array(body) + [10]
         while !bytes.isEmpty {
@@ -245,27 +247,60 @@ struct HookCommand: ParsableCommand {
 /// `kvmi-broker install-hook`: installs the libvirt hook (libvirt reads hooks when it starts).
 struct InstallHookCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "install-hook", abstract: "Install the libvirt hook as /etc/libvirt/hooks/qemu.d/50-kvmi-broker (restart libvirtd afterwards).")
+        commandName: "install-hook",
+        abstract: "Install the libvirt hook as /etc/libvirt/hooks/qemu.d/50-kvmi-broker (restart libvirtd afterwards).",
+        discussion: """
+            Writes a two-line shell script that runs `BROKER-PATH hook HOOK-ARGUMENTS -- "$@"`. BROKER-PATH is the \
+            installed broker (--broker-path, default /usr/bin/kvmi-broker), not the binary that runs this command \
+            (which may be a build directory); it must be an executable file. Prints the path it wrote and the \
+            command the hook runs.
+            """)
 
     @Option(help: "libvirt's qemu hook directory.")
     var hooksDirectory = "/etc/libvirt/hooks/qemu.d"
 
+    @Option(help: "The installed kvmi-broker the hook runs (an absolute path to an executable file).")
+    var brokerPath = "/usr/bin/kvmi-broker"
+
     @Option(help: "Extra arguments for `kvmi-broker hook` (e.g. --control-socket PATH).")
     var hookArguments: String = ""
 
+    func validate() throws {
+        guard brokerPath.hasPrefix("/") else {
+            throw ValidationError(
+                "--broker-path '\(escapedForLog(brokerPath))' is not an absolute path (libvirt runs hooks with another working directory)")
+        }
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: brokerPath, isDirectory: &isDirectory) else {
+            throw ValidationError(
+                "--broker-path '\(escapedForLog(brokerPath))' does not exist: install kvmi-broker there first or give the installed path with --broker-path"
+            )
+        }
+        guard !isDirectory.boolValue, FileManager.default.isExecutableFile(atPath: brokerPath) else {
+            throw ValidationError("--broker-path '\(escapedForLog(brokerPath))' is not an executable file")
+        }
+        // The script is run by /bin/sh: the path is written unquoted, so it must not need quoting.
+        guard brokerPath.unicodeScalars.allSatisfy({ $0.isASCII && !" \t\n\"'\\$`;&|<>(){}[]*?!#~".unicodeScalars.contains($0) && $0.value >= 0x20 })
+        else {
+            throw ValidationError("--broker-path '\(escapedForLog(brokerPath))' holds characters a shell script would have to quote")
+        }
+    }
+
     func run() throws {
-        let executable = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
         try FileManager.default.createDirectory(atPath: hooksDirectory, withIntermediateDirectories: true)
         let path = hooksDirectory + "/50-kvmi-broker"
+        let command = "\(brokerPath) hook \(hookArguments)\(hookArguments.isEmpty ? "" : " ")-- \"$@\""
         let script = """
             #!/bin/sh
             # kvmi-broker's libvirt hook, installed by `kvmi-broker install-hook`. It only talks to the broker.
-            exec \(executable) hook \(hookArguments) -- "$@"
+            exec \(command)
 
             """
         guard FileManager.default.createFile(atPath: path, contents: Data(script.utf8), attributes: [.posixPermissions: 0o755]) else {
-            throw ValidationError("cannot write \(path)")
+            FileHandle.standardError.write(Data("kvmi-broker install-hook: cannot write \(escapedForLog(path))\n".utf8))
+            throw ExitCode(1)
         }
-        print("installed \(path); restart libvirtd for it to take effect")
+        print("installed \(path), which runs: \(command)")
+        print("restart libvirtd for it to take effect")
     }
 }

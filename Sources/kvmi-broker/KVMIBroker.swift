@@ -1,4 +1,5 @@
 import ArgumentParser
+import KVMIBrokerCore
 
 /// kvmi-broker: connects introspected guests to their introspection tools.
 @main
@@ -6,6 +7,13 @@ struct KVMIBroker: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kvmi-broker",
         abstract: "Connects KVM guests to VM-introspection tools: policy, handshake, and the hand-over to KVM through QEMU.",
+        discussion: """
+            On a host: write the allow-policy (/etc/kvmi-broker, see `kvmi-broker policy check`), enroll each \
+            domain (`kvmi-broker enroll`), install the libvirt hook (`kvmi-broker install-hook`), start the daemon \
+            (`kvmi-broker run`) and watch it (`kvmi-broker status`). Introspector vendors test their endpoint with \
+            `kvmi-broker probe`.
+            """,
+        version: BrokerVersion.string,
         subcommands: [
             RunCommand.self, StatusCommand.self, ProbeCommand.self, PolicyCommand.self, EnrollCommand.self, UnenrollCommand.self, HookCommand.self,
             InstallHookCommand.self,

@@ -14,7 +14,8 @@ struct ProbeCommand: AsyncParsableCommand {
         abstract: "Perform one QEMU-side handshake with an introspector endpoint and report what happened.",
         discussion: """
             ENDPOINT is unix:/path, vsock:CID:PORT or tcp:ADDRESS:PORT (IPv6 in brackets). The identity is made up \
-            unless --uuid and --name are given. Exit status 0 means the handshake completed and the cookie was accepted.
+            unless --uuid and --name are given. Exit status 0 means the handshake completed (and, with \
+            --secret-file, the tool's cookie hash matched the secret); 1 that it did not, with the reason on stderr.
             """)
 
     @Argument(help: "The introspector endpoint.")
@@ -38,7 +39,7 @@ struct ProbeCommand: AsyncParsableCommand {
     func validate() throws {
         guard ABIGeneration(parsing: abi) != nil else { throw ValidationError("--abi must be v7 or v12, not '\(abi)'") }
         if let uuid, GuestUUID(uuid) == nil { throw ValidationError("--uuid '\(uuid)' is not a UUID like 6695eb01-f6a4-8304-79aa-97f2502e193f") }
-        guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be between 0 and 3600 seconds") }
+        guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be more than 0 and at most 3600 seconds") }
     }
 
     func run() async throws {

@@ -17,16 +17,27 @@ struct RunCommand: AsyncParsableCommand {
         commandName: "run",
         abstract: "Run the broker: accept QEMU's channel, handshake with the introspector and have QEMU hook the guest.",
         discussion: """
-            Policy mode (the default): the allow-policy under --policy-root decides every guest. Static mode \
-            (--introspector, for tests and bring-up): one introspector for every guest (or the --guest list) with \
-            numeric allow-lists; --commands and --events must be given (there is no allow-all default). Options of \
-            one mode are refused in the other.
+            Policy mode (the default): the allow-policy under the --policy-root roots (default /usr/lib/kvmi-broker, \
+            then /etc/kvmi-broker) decides every guest; SIGHUP reloads it (a policy with errors is refused and the \
+            loaded one stays). Static mode (--introspector, for tests and bring-up): one introspector for every guest \
+            (or the --guest list) with numeric allow-lists; --commands and --events must be given (there is no \
+            allow-all default). Options of one mode are refused in the other.
+
+            A QEMU's HELLO is accepted only if libvirt (--libvirt-uri) runs that domain with that QEMU pid and \
+            emulator. The broker logs to stderr; a failure that repeats (libvirt unreachable, an introspector \
+            unreachable, the status file unwritable) is logged when it starts or changes, summarised while it \
+            lasts, and logged once when it recovers. The status file (`kvmi-broker status`) is written at start and \
+            within 100 ms of every change. SIGTERM or SIGINT stops the broker; hooked guests stay hooked, and QEMU \
+            reconnects to the next broker, which reconciles them with its policy without hooking them twice.
             """)
 
     @Option(help: "The channel socket QEMU connects to.")
     var channelSocket = "/run/kvmi-broker/qemu.sock"
 
-    @Option(help: "libvirt URI: a HELLO is accepted only if libvirt runs that domain with that QEMU pid; empty disables the check.")
+    @Option(
+        help:
+            "libvirt URI: a HELLO is accepted only if libvirt runs that domain with that QEMU pid; empty disables the check (with --insecure-no-libvirt-identity)."
+    )
     var libvirtUri = "qemu:///system"
 
     @Flag(
@@ -67,7 +78,7 @@ struct RunCommand: AsyncParsableCommand {
     @Option(name: .customLong("guest"), help: "Static mode: introspect only this guest UUID (repeatable); default every guest that connects.")
     var guests: [String] = []
 
-    @Option(help: "Write the per-session status as JSON here.")
+    @Option(help: "Write the broker's pid and version and each session's state here as JSON (for `kvmi-broker status`); empty disables it.")
     var statusFile = "/run/kvmi-broker/status.json"
 
     @Option(help: "Static mode: first retry delay, seconds (default 0.5; the policy sets BackoffInitial= per introspector).")
@@ -337,30 +348,48 @@ struct RunCommand: AsyncParsableCommand {
 
 /// `kvmi-broker status`: the sessions the running broker holds.
 struct StatusCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "status", abstract: "Show the status of every guest session.")
+    static let configuration = CommandConfiguration(
+        commandName: "status", abstract: "Show the running broker and the state of every guest session, from its status file.",
+        discussion: """
+            Reads the status file `kvmi-broker run` writes (at start and within 100 ms of a change), and checks that the \
+            broker that wrote it still runs. Exit status: 0 the broker runs; 1 the file is stale (its broker is not \
+            running); 3 there is no status file (the broker is not running); 4 the file cannot be read or understood.
+            """)
 
-    @Option(help: "The status file the broker writes.")
+    @Option(help: "The status file the broker writes (its --status-file).")
     var statusFile = "/run/kvmi-broker/status.json"
 
-    @Flag(help: "Print the raw JSON.")
+    @Flag(help: "Print the status file's JSON as it is.")
     var json = false
 
     func run() throws {
-        guard let data = FileManager.default.contents(atPath: statusFile) else {
-            throw ValidationError("no status at \(statusFile): is the broker running?")
+        let data: Data
+        let document: StatusDocument
+        switch StatusReader.read(statusFile) {
+        case .success(let read): (data, document) = read
+        case .failure(let problem): throw fail(problem)
         }
+        if let stale = StatusReader.staleness(of: document, path: statusFile) { throw fail(stale) }
         if json {
             print(String(decoding: data, as: UTF8.self))
             return
         }
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .iso8601
-        let sessions = try decoder.decode([SessionStatus].self, from: data)
-        if sessions.isEmpty { print("no guest sessions") }
+        let sessions = document.sessions
+        print(
+            "kvmi-broker \(escapedForLog(document.broker.version, limit: 32)) running as pid \(document.broker.pid): \(sessions.isEmpty ? "no" : "\(sessions.count)") guest session\(sessions.count == 1 ? "" : "s")"
+        )
         for session in sessions {
-            print("\(session.name) \(session.uuid) qemu pid \(session.qemuPID): \(session.state)")
-            if let identity = session.identity, identity != "libvirt" { print("    identity: \(identity)") }
-            if let failure = session.lastFailure { print("    last failure (\(session.failures) in a row): \(failure)") }
+            print(
+                "\(escapedForLog(session.name, limit: 64)) \(escapedForLog(session.uuid, limit: 40)) qemu pid \(session.qemuPID): \(escapedForLog(session.state, limit: 128))"
+            )
+            if let identity = session.identity, identity != "libvirt" { print("    identity: \(escapedForLog(identity, limit: 64))") }
+            if let failure = session.lastFailure { print("    last failure (\(session.failures) in a row): \(escapedForLog(failure, limit: 512))") }
         }
+    }
+
+    /// One line on stderr, no usage text, the problem's exit code.
+    private func fail(_ problem: StatusReader.Problem) -> ExitCode {
+        FileHandle.standardError.write(Data("kvmi-broker status: \(problem)\n".utf8))
+        return ExitCode(problem.exitCode)
     }
 }

@@ -67,7 +67,7 @@ extension OSLayerTests {
             guard let data = FileManager.default.contents(atPath: path) else { return [] }
             let decoder = JSONDecoder()
             decoder.dateDecodingStrategy = .iso8601
-            return (try? decoder.decode([SessionStatus].self, from: data)) ?? []
+            return (try? decoder.decode(StatusDocument.self, from: data))?.sessions ?? []
         }
 
         @Test("the tool is killed: QEMU unhooks; the broker reconnects with back-off once the tool is back")

@@ -173,9 +173,10 @@ extension OSLayerTests {
             let task = Task { await control.run(listener: listener) }
             defer { task.cancel() }
             let hooks = "/etc/libvirt/hooks/qemu.d"
+            let broker = productsDirectory().appendingPathComponent("kvmi-broker")
             let (installed, _, installErr) = try runProcess(
-                productsDirectory().appendingPathComponent("kvmi-broker"),
-                ["install-hook", "--hooks-directory", hooks, "--hook-arguments=--control-socket \(controlPath)"])
+                broker,
+                ["install-hook", "--hooks-directory", hooks, "--broker-path", broker.path, "--hook-arguments=--control-socket \(controlPath)"])
             #expect(installed == 0, "\(installErr)")
             defer {
                 unlink(hooks + "/50-kvmi-broker")

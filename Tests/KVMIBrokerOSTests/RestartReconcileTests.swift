@@ -54,7 +54,7 @@ extension OSLayerTests {
             guard let data = FileManager.default.contents(atPath: path) else { return nil }
             let decoder = JSONDecoder()
             decoder.dateDecodingStrategy = .iso8601
-            return (try? decoder.decode([SessionStatus].self, from: data))?.first
+            return (try? decoder.decode(StatusDocument.self, from: data))?.sessions.first
         }
 
         /// The tool's connections (the test introspector prints one line per connection).

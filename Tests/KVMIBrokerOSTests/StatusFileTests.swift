@@ -22,32 +22,47 @@ struct StatusFileTests {
             hooks: 0, identity: nil),
     ]
 
-    static func foundationEncoding(_ sessions: [SessionStatus]) throws -> [UInt8] {
+    static let broker = BrokerStatus(pid: 31337, startTime: 98_765, version: "0.9.0")
+
+    static func foundationEncoding(_ document: StatusDocument) throws -> [UInt8] {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         encoder.dateEncodingStrategy = .iso8601
-        return Array(try encoder.encode(sessions))
+        return Array(try encoder.encode(document))
     }
 
-    @Test("is byte for byte what JSONEncoder writes (pretty, sorted keys, ISO 8601 dates)")
+    static func foundationEncoding(_ sessions: [SessionStatus], broker: BrokerStatus = broker) throws -> [UInt8] {
+        try foundationEncoding(StatusDocument(broker: broker, sessions: sessions))
+    }
+
+    @Test("is byte for byte what JSONEncoder writes (pretty, sorted keys, ISO 8601 dates), with and without sessions and start time")
     func sameAsJSONEncoder() throws {
-        for sessions in [Self.sessions, [], [Self.sessions[1]]] {
-            let ours = StatusJSON.encode(sessions)
-            let theirs = try Self.foundationEncoding(sessions)
-            #expect(String(decoding: ours, as: UTF8.self) == String(decoding: theirs, as: UTF8.self))
+        let brokers = [Self.broker, BrokerStatus(pid: 1, startTime: nil, version: "0.10.0-\"rc\"/1")]
+        for broker in brokers {
+            for sessions in [Self.sessions, [], [Self.sessions[1]]] {
+                let document = StatusDocument(broker: broker, sessions: sessions)
+                let ours = StatusJSON.encode(document)
+                let theirs = try Self.foundationEncoding(document)
+                #expect(String(decoding: ours, as: UTF8.self) == String(decoding: theirs, as: UTF8.self))
+            }
         }
     }
 
-    @Test("reads back with the decoder `kvmi-broker status` uses")
+    @Test("reads back with the reader `kvmi-broker status` uses")
     func decodes() throws {
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .iso8601
-        let decoded = try decoder.decode([SessionStatus].self, from: Data(StatusJSON.encode(Self.sessions)))
-        #expect(decoded.count == 2)
-        #expect(decoded[1].name == Self.sessions[1].name)
-        #expect(decoded[0].lastHookMicroseconds == 812)
-        #expect(decoded[1].lastFailure == Self.sessions[1].lastFailure)
-        #expect(decoded[0].since == Date(timeIntervalSince1970: 1_796_339_114))
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("kvmib-status-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).json")
+            .path
+        defer { unlink(path) }
+        #expect(
+            FileManager.default.createFile(
+                atPath: path, contents: Data(StatusJSON.encode(StatusDocument(broker: Self.broker, sessions: Self.sessions)))))
+        let decoded = try StatusReader.read(path).get().document
+        #expect(decoded.broker == Self.broker)
+        #expect(decoded.sessions.count == 2)
+        #expect(decoded.sessions[1].name == Self.sessions[1].name)
+        #expect(decoded.sessions[0].lastHookMicroseconds == 812)
+        #expect(decoded.sessions[1].lastFailure == Self.sessions[1].lastFailure)
+        #expect(decoded.sessions[0].since == Date(timeIntervalSince1970: 1_796_339_114))
     }
 
     @Test("the writer encodes again exactly the sessions that changed, and drops the ones that left")
@@ -55,7 +70,7 @@ struct StatusFileTests {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("kvmib-status-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).json")
             .path
         defer { unlink(path) }
-        let writer = StatusFileWriter(path: path, logger: nil)
+        let writer = StatusFileWriter(path: path, logger: nil, broker: Self.broker)
         var sessions = Self.sessions
         await writer.write(sessions)
         #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == Data(try Self.foundationEncoding(SessionRegistry.sorted(sessions))))
