@@ -357,7 +357,7 @@ extension OSLayerTests {
                 #expect(process.terminationStatus == expected)
                 let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
                 #expect(
-                    text.contains("the domain XML on stdin did not end within the --timeout of 1.0 s (\(document.utf8.count) bytes read)"), "\(text)")
+                    text.contains("the domain XML on stdin did not end within the --timeout of 1 s (\(document.utf8.count) bytes read)"), "\(text)")
             }
         }
 
