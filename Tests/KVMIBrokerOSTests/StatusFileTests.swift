@@ -14,12 +14,17 @@ struct StatusFileTests {
         SessionStatus(
             uuid: "6b1e5d2a-0000-4000-8000-000000000001", name: "web-01", qemuPID: 4242, state: "hooked (ABI v12)", hooked: true,
             failures: 0, lastFailure: nil, startTime: 1_234_567, since: Date(timeIntervalSince1970: 1_796_339_114.987),
-            lastHookMicroseconds: 812, lastHookRequestMicroseconds: 301, hooks: 3, identity: "libvirt"),
+            lastHookMicroseconds: 812, lastHookRequestMicroseconds: 301, hooks: 3, identity: "libvirt", introspector: "acme/\"edr\"",
+            commands: [12, 10, -1], events: [0], hookedSince: Date(timeIntervalSince1970: 1_796_339_000.25)),
         SessionStatus(
             uuid: "6b1e5d2a-0000-4000-8000-000000000002", name: "a \"quoted\" \\ name/with\tcontrol\u{01}\u{1f}\n\r\u{08}\u{0c} and ünïcode ✓",
             qemuPID: 7, state: "waiting", hooked: false, failures: 12, lastFailure: "connect: ECONNREFUSED (unix:/run/acme/x.sock)",
             startTime: -1, since: Date(timeIntervalSince1970: 86_400 * 365 + 0.5), lastHookMicroseconds: nil, lastHookRequestMicroseconds: nil,
             hooks: 0, identity: nil),
+        SessionStatus(
+            uuid: "6b1e5d2a-0000-4000-8000-000000000003", name: "defaults", qemuPID: 8, state: "connecting to the introspector (attempt 1)",
+            hooked: false, failures: 0, lastFailure: nil, startTime: 5, since: Date(timeIntervalSince1970: 0), introspector: "acme",
+            commands: [], events: []),
     ]
 
     static let broker = BrokerStatus(pid: 31337, startTime: 98_765, version: "0.9.0")
@@ -58,7 +63,10 @@ struct StatusFileTests {
                 atPath: path, contents: Data(StatusJSON.encode(StatusDocument(broker: Self.broker, sessions: Self.sessions)))))
         let decoded = try StatusReader.read(path).get().document
         #expect(decoded.broker == Self.broker)
-        #expect(decoded.sessions.count == 2)
+        #expect(decoded.sessions.count == 3)
+        #expect(decoded.sessions[0].commands == [12, 10, -1] && decoded.sessions[0].events == [0])
+        #expect(decoded.sessions[0].hookedSince == Date(timeIntervalSince1970: 1_796_339_000))
+        #expect(decoded.sessions[2].commands == [] && decoded.sessions[2].introspector == "acme")
         #expect(decoded.sessions[1].name == Self.sessions[1].name)
         #expect(decoded.sessions[0].lastHookMicroseconds == 812)
         #expect(decoded.sessions[1].lastFailure == Self.sessions[1].lastFailure)
