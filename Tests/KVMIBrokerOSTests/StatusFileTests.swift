@@ -90,3 +90,35 @@ struct StatusFileTests {
         #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == Data(try Self.foundationEncoding([sessions[1]])))
     }
 }
+
+@Suite("The live status's text")
+struct LiveStatusTextTests {
+    @Test("policy mode: the header names generation, files, libvirt and identity checks; peer text is escaped, one line per guest")
+    func policyHeaderAndEscaping() {
+        let broker = LiveStatus.Broker(
+            pid: 812, version: "0.9.0", startedAt: Date(timeIntervalSince1970: 0), uptimeSeconds: 3723, mode: "policy", policyGeneration: 4,
+            policyFiles: ["/etc/kvmi-broker/guests.d/10-\u{1b}[31mweb.conf"], lastReloadFailed: true, staticIntrospector: nil,
+            identityCheck: true, libvirtURI: "qemu:///system", libvirtConnected: false, controlGroup: "kvmi-status", sessions: 2, hooked: 1,
+            waiting: 1, notIntrospected: 0)
+        let now = Date(timeIntervalSince1970: 1_000_000)
+        var guests = StatusFileTests.sessions
+        guests[0].hookedSince = now.addingTimeInterval(-65)
+        guests[0].commands = [-1]
+        guests[0].events = []
+        guests[1].name = "evil\u{1b}]0;title\u{07}\nsecond line"
+        let status = LiveStatus(format: 1, broker: broker, guests: Array(guests.prefix(2)))
+        let text = status.text(now: now)
+        let lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        #expect(lines[0] == "kvmi-broker 0.9.0 running as pid 812, up 1 h 2 min", "\(text)")
+        #expect(lines[1] == "policy: generation 4 from 1 file (the last reload failed: see the log)", "\(text)")
+        #expect(lines[2] == #"    /etc/kvmi-broker/guests.d/10-\x1b[31mweb.conf"#, "\(text)")
+        #expect(lines.contains("libvirt: qemu:///system NOT connected (HELLOs are refused until it is)"), "\(text)")
+        #expect(lines.contains("identity checks: on (libvirt's pid-to-domain check)"), "\(text)")
+        #expect(
+            lines.contains {
+                $0.hasPrefix("web-01 ") && $0.hasSuffix("introspector acme/\"edr\", commands all, events kernel defaults; hooked for 1 min 5 s")
+            }, "\(text)")
+        #expect(!text.contains("\u{1b}") && !text.contains("\u{07}"), "no terminal escapes reach the output: \(text)")
+        #expect(!lines.contains("second line"), "a name cannot start a line of its own: \(text)")
+    }
+}
