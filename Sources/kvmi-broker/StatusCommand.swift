@@ -156,7 +156,7 @@ struct StatusCommand: ParsableCommand {
                 code: 3)
         case ECONNREFUSED:
             return Failure(
-                message: "nothing listens on \(shownSocket): the broker is not running (the socket was left by a broker that did not stop cleanly)",
+                message: "nothing listens on \(shownSocket): the broker is not running (the socket is left from an earlier one)",
                 code: 3)
         case EACCES, EPERM:
             return Failure(message: "cannot connect to \(shownSocket): permission denied (\(whoMayRead()))", code: 4)
