@@ -55,6 +55,22 @@ int kvmib_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid)
     return 0;
 }
 
+int kvmib_peer_in_group(int fd, gid_t gid)
+{
+    gid_t groups[1024];
+    socklen_t len = sizeof(groups);
+
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) < 0) {
+        return -1;
+    }
+    for (socklen_t i = 0; i < len / sizeof(gid_t); i++) {
+        if (groups[i] == gid) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* SO_PEERPIDFD arrived in Linux 6.5; Debian 12's headers predate it. */
 #ifndef SO_PEERPIDFD
 #define SO_PEERPIDFD 77

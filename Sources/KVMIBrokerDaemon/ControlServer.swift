@@ -4,15 +4,62 @@ import KVMIBrokerCore
 import KVMIBrokerOS
 import KVMIBrokerPolicy
 import Logging
+import Synchronization
 
 #if canImport(Glibc)
     import Glibc
 #endif
 
-/// The control protocol between the libvirt hook (`kvmi-broker hook`) and the broker: one
-/// JSON request line, one JSON answer line, on a root-only unix socket.
+/// The control protocol between the libvirt hook (`kvmi-broker hook`), `kvmi-broker status`
+/// and the broker: one JSON request line, one JSON answer line, on a unix socket. The hook's
+/// operations are root's; `status` is also open to the `run --control-group` group.
 public enum ControlProtocol {
+    /// The longest request, and the longest answer to the hook.
     public static let maximumLine = 64 * 1024
+    /// The longest status answer (a thousand guests take about 600 KiB).
+    public static let maximumStatusAnswer = 64 << 20
+
+    /// What every request has: the operation.
+    struct Envelope: Decodable {
+        var operation: String
+    }
+
+    /// `kvmi-broker status [GUEST]`: read-only.
+    public struct StatusRequest: Codable, Sendable, Equatable {
+        public var operation = "status"
+        /// A guest's UUID or name; nil for every guest.
+        public var guest: String?
+
+        public init(guest: String?) { self.guest = guest }
+    }
+
+    /// The answer to `status`: the document, or an error and its code (`unknown-guest`,
+    /// `permission-denied`, `busy`, `bad-request`).
+    public struct StatusAnswer: Codable, Sendable, Equatable {
+        public var status: LiveStatus?
+        public var error: String?
+        public var code: String?
+
+        public init(status: LiveStatus?, error: String?, code: String?) {
+            self.status = status
+            self.error = error
+            self.code = code
+        }
+    }
+
+    /// The refusal of a peer that may not ask what it asked: both the hook (`allow`, `reason`)
+    /// and `status` (`error`, `code`) read it.
+    struct Refusal: Encodable {
+        var allow = false
+        var reason: String
+        var error: String
+        var code = "permission-denied"
+
+        init(_ why: String) {
+            reason = why
+            error = why
+        }
+    }
 
     public struct Request: Codable, Sendable, Equatable {
         /// The libvirt hook operation: prepare, start, started, stopped, release, ...
@@ -54,6 +101,12 @@ public enum ControlProtocol {
 /// `start` it vetoes a guest the policy requires to be introspected when its introspector
 /// cannot be reached; everything else is allowed and logged. It never calls libvirt (libvirt
 /// is waiting for the hook).
+///
+/// Serves `status` too, to root and to members of `readers` (the socket is then mode 0660 in
+/// that group; membership is checked again from SO_PEERCRED's gid and SO_PEERGROUPS). The
+/// status is built only when asked (O(guests)), at most `maximumStatusAnswers` at once, and
+/// written without blocking: a reader that does not read within `statusWriteTimeout` is
+/// dropped.
 public final class ControlServer: Sendable {
     let path: String
     let plans: any PlanSource
@@ -63,20 +116,56 @@ public final class ControlServer: Sendable {
     let probeTimeout: Duration
     /// Peers allowed besides root (tests run the hook as the same user).
     let allowedUID: UInt32
+    /// The live status; nil: `status` is answered with an error.
+    let status: LiveStatusSource?
+    /// The group whose members may read the status (nil: root only).
+    let readers: (gid: gid_t, name: String)?
+    let maximumStatusAnswers = 4
+    let statusWriteTimeout: Duration
+    private let statusAnswers = Atomic<Int>(0)
 
-    public init(path: String, plans: any PlanSource, logger: Logger, probeTimeout: Duration = .seconds(2), io: AsyncSocketIO = AsyncSocketIO()) {
+    public init(
+        path: String, plans: any PlanSource, logger: Logger, probeTimeout: Duration = .seconds(2), io: AsyncSocketIO = AsyncSocketIO(),
+        status: LiveStatusSource? = nil, readers: (gid: gid_t, name: String)? = nil, statusWriteTimeout: Duration = .seconds(10)
+    ) {
         self.path = path
         self.plans = plans
         self.logger = logger
         self.io = io
         self.probeTimeout = probeTimeout
         self.allowedUID = getuid()
+        self.status = status
+        self.readers = readers
+        self.statusWriteTimeout = statusWriteTimeout
     }
 
-    /// Binds the control socket, mode 0600 (root only), as `ServerSocket.bind` does: one broker
-    /// per socket, a checked directory, no window with a wider mode.
+    /// Binds the control socket, mode 0600 (root only) or 0660 in the readers' group, as
+    /// `ServerSocket.bind` does: one broker per socket, a checked directory, no window with a
+    /// wider mode.
     public func bind() throws -> Descriptor {
-        try ServerSocket.bind(path: path, mode: 0o600, what: "control socket")
+        try ServerSocket.bind(path: path, mode: readers == nil ? 0o600 : 0o660, group: readers?.gid, what: "control socket")
+    }
+
+    /// Who the peer is to this socket.
+    enum Peer: Equatable {
+        /// Root (or the broker's own user): every operation.
+        case administrator
+        /// A member of the readers' group: `status` only.
+        case reader
+        case nobody
+    }
+
+    func classify(_ connection: Int32, uid: uid_t, gid: gid_t) -> Peer {
+        if uid == 0 || uid == allowedUID { return .administrator }
+        guard let readers else { return .nobody }
+        if gid == readers.gid || kvmib_peer_in_group(connection, readers.gid) == 1 { return .reader }
+        return .nobody
+    }
+
+    /// Who may read the status, for messages.
+    var whoMayRead: String {
+        readers.map { "root and members of group \(escapedForLog($0.name, limit: 64)) may" }
+            ?? "only root may (the broker runs without --control-group)"
     }
 
     public func run(listener: Descriptor) async {
@@ -88,26 +177,89 @@ public final class ControlServer: Sendable {
         var pid: pid_t = 0
         var uid: uid_t = 0
         var gid: gid_t = 0
-        guard kvmib_peer_credentials(connection.raw, &pid, &uid, &gid) == 0, uid == 0 || uid == allowedUID else {
-            logger.warning("control socket: refusing a client that is not root", metadata: ["peer.pid": "\(pid)", "peer.uid": "\(uid)"])
+        guard kvmib_peer_credentials(connection.raw, &pid, &uid, &gid) == 0 else {
+            logger.warning("control socket: cannot tell who the client is (SO_PEERCRED failed); closing")
             return
         }
+        let peer = classify(connection.raw, uid: uid, gid: gid)
         let deadline = ContinuousClock.now.advanced(by: .seconds(5))
         do {
             var line: [UInt8] = []
             while !line.contains(10) {
                 guard line.count < ControlProtocol.maximumLine else { throw BrokerError(.protocolViolation, "request line too long") }
                 let chunk = try await io.readSome(from: connection.raw, limit: 4096, until: deadline)
-                if chunk.isEmpty { throw BrokerError(.peerClosed, "the hook closed before its request") }
+                if chunk.isEmpty { throw BrokerError(.peerClosed, "the client closed before its request") }
                 line += chunk
             }
-            let request = try JSONDecoder().decode(ControlProtocol.Request.self, from: Data(line.prefix { $0 != 10 }))
+            let body = Data(line.prefix { $0 != 10 })
+            let operation = try JSONDecoder().decode(ControlProtocol.Envelope.self, from: body).operation
+            let isStatus = operation == "status"
+            guard peer == .administrator || (peer == .reader && isStatus) else {
+                let why =
+                    isStatus
+                    ? "kvmi-broker: uid \(uid) may not read the status: \(whoMayRead)"
+                    : "kvmi-broker: the hook's operations are root's; uid \(uid) may only read the status"
+                logger.warning(
+                    "control socket: refusing '\(escapedForLog(operation, limit: 32))' to uid \(uid)",
+                    metadata: ["peer.pid": "\(pid)", "peer.uid": "\(uid)"])
+                try await write(ControlProtocol.Refusal(why), to: connection, until: deadline)
+                return
+            }
+            if isStatus {
+                let request = try JSONDecoder().decode(ControlProtocol.StatusRequest.self, from: body)
+                try await answerStatus(request, to: connection)
+                return
+            }
+            let request = try JSONDecoder().decode(ControlProtocol.Request.self, from: body)
             let response = await answer(request)
-            var bytes = Array(try JSONEncoder().encode(response))
-            bytes.append(10)
-            try await io.writeAll(bytes, to: connection.raw, until: deadline)
+            try await write(response, to: connection, until: deadline)
         } catch {
             logger.warning("control socket: \(escapedForLog("\(error)", limit: 512))", metadata: ["peer.pid": "\(pid)"])
+        }
+    }
+
+    private func write(
+        _ value: some Encodable, to connection: Descriptor, until deadline: ContinuousClock.Instant, encoder: JSONEncoder = JSONEncoder()
+    ) async throws {
+        var bytes = Array(try encoder.encode(value))
+        bytes.append(10)
+        try await io.writeAll(bytes, to: connection.raw, until: deadline)
+    }
+
+    /// The status (or why not) as one line, written within `statusWriteTimeout` through the
+    /// reactor: a slow reader holds one task and its buffer, never a thread.
+    private func answerStatus(_ request: ControlProtocol.StatusRequest, to connection: Descriptor) async throws {
+        let answer: ControlProtocol.StatusAnswer
+        if let status {
+            guard statusAnswers.add(1, ordering: .relaxed).newValue <= maximumStatusAnswers else {
+                statusAnswers.subtract(1, ordering: .relaxed)
+                let busy = ControlProtocol.StatusAnswer(
+                    status: nil, error: "the broker is answering \(maximumStatusAnswers) status requests already; try again", code: "busy")
+                try await write(busy, to: connection, until: .now.advanced(by: statusWriteTimeout), encoder: LiveStatus.encoder(pretty: false))
+                return
+            }
+            defer { statusAnswers.subtract(1, ordering: .relaxed) }
+            switch await status.status(guest: request.guest) {
+            case .success(let document):
+                answer = .init(status: document, error: nil, code: nil)
+            case .failure(let unknown):
+                answer = .init(
+                    status: nil,
+                    error:
+                        "no guest session named or with UUID '\(escapedForLog(unknown.guest, limit: 64))' (the broker holds \(unknown.sessions) session\(unknown.sessions == 1 ? "" : "s"))",
+                    code: "unknown-guest")
+            }
+            do {
+                try await write(answer, to: connection, until: .now.advanced(by: statusWriteTimeout), encoder: LiveStatus.encoder(pretty: false))
+            } catch let error as BrokerError where error.code == .timedOut {
+                throw BrokerError(
+                    .timedOut,
+                    "a status reader did not take its answer within \(Duration.humanReadable(seconds: Double(statusWriteTimeout.components.seconds))); dropped"
+                )
+            }
+        } else {
+            answer = .init(status: nil, error: "this broker serves no status on its control socket", code: "bad-request")
+            try await write(answer, to: connection, until: .now.advanced(by: statusWriteTimeout), encoder: LiveStatus.encoder(pretty: false))
         }
     }
 

@@ -162,7 +162,8 @@ final class SessionDriver: Sendable {
         let status = SessionStatus(
             uuid: "\(hello.uuid)", name: name, qemuPID: peer.pid, state: "connected", hooked: hello.flags.contains(.hooked), failures: 0,
             lastFailure: nil, startTime: hello.startTime, since: Date(),
-            identity: configuration.identity == nil ? "proc only (libvirt identity check OFF)" : "libvirt")
+            identity: configuration.identity == nil ? "proc only (libvirt identity check OFF)" : "libvirt",
+            hookedSince: hello.flags.contains(.hooked) ? Date() : nil)
         let token: UInt64
         let inputs = AsyncChannel<Input>()
         let reload = ReloadFlag()
@@ -505,6 +506,9 @@ final class SessionDriver: Sendable {
         var hooks: Int
         var lastHookMicroseconds: Int64?
         var lastHookRequestMicroseconds: Int64?
+        /// The decision's introspector and lists (nil: not introspected).
+        var introspector: String?
+        var lists: Channel.AllowLists?
 
         init(_ state: LoopState) {
             func microseconds(_ duration: Duration) -> Int64 {
@@ -518,6 +522,13 @@ final class SessionDriver: Sendable {
             hooks = state.hooks
             lastHookMicroseconds = state.lastHook.map(microseconds)
             lastHookRequestMicroseconds = state.lastHookRequest.map(microseconds)
+            if case .notIntrospected = state.machine.state {
+                introspector = nil
+                lists = nil
+            } else {
+                introspector = state.plan?.introspectorName
+                lists = state.plan == nil ? nil : state.machine.allowLists
+            }
         }
     }
 
@@ -529,7 +540,9 @@ final class SessionDriver: Sendable {
         guard published != state.published else { return }
         state.published = published
         await registry.update(uuid, token: token) { status in
-            if status.state != published.state { status.since = Date() }
+            let now = Date()
+            if status.state != published.state { status.since = now }
+            if published.hooked != status.hooked { status.hookedSince = published.hooked ? now : nil }
             status.state = published.state
             status.hooked = published.hooked
             status.failures = published.failures
@@ -537,6 +550,9 @@ final class SessionDriver: Sendable {
             status.hooks = published.hooks
             status.lastHookMicroseconds = published.lastHookMicroseconds
             status.lastHookRequestMicroseconds = published.lastHookRequestMicroseconds
+            status.introspector = published.introspector
+            status.commands = published.lists?.commands
+            status.events = published.lists?.events
         }
     }
 

@@ -143,6 +143,10 @@ public final class PolicyStore: PlanSource {
 
     private let sources: PolicySources
     private let current: Mutex<Snapshot>
+    private let reloadFailed = Atomic<Bool>(false)
+
+    /// The last reload was refused (the snapshot in force is older than the files on disk).
+    public var lastReloadFailed: Bool { reloadFailed.load(ordering: .relaxed) }
 
     /// Loads the policy; throws with every diagnostic (file:line) if it does not load.
     public init(sources: PolicySources) throws(PolicyLoadError) {
@@ -158,8 +162,10 @@ public final class PolicyStore: PlanSource {
         do {
             let (next, warnings) = try Self.load(sources, generation: generation)
             current.withLock { $0 = next }
+            reloadFailed.store(false, ordering: .relaxed)
             return .success((next, warnings))
         } catch {
+            reloadFailed.store(true, ordering: .relaxed)
             return .failure(error)
         }
     }

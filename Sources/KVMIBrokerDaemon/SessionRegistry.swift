@@ -27,6 +27,15 @@ public struct SessionStatus: Sendable, Codable, Equatable {
     /// How the QEMU's identity was established: "libvirt" (pid-to-domain), or "proc only"
     /// when the libvirt check is off.
     public var identity: String?
+    /// The introspector the decision names (nil: not introspected).
+    public var introspector: String?
+    /// The allow-lists of the decision (sent with HOOK or SET_ALLOWED): ids, `[-1]` for all,
+    /// `[]` for the kernel's defaults; nil when the guest is not introspected.
+    public var commands: [Int32]?
+    public var events: [Int32]?
+    /// When this broker hooked the guest, or found it hooked (a HELLO after a restart); nil
+    /// while it is not hooked.
+    public var hookedSince: Date?
 }
 
 /// The broker that wrote a status file: `kvmi-broker status` checks that it still runs.
@@ -187,6 +196,12 @@ public actor SessionRegistry {
 
     public func snapshot() -> [SessionStatus] {
         Self.sorted(sessions.values.map(\.status))
+    }
+
+    /// The sessions in no order: O(guests) inside the actor; the caller sorts outside it, so
+    /// a status request holds the sessions' updates up no longer than the copy.
+    public func unsortedSnapshot() -> [SessionStatus] {
+        sessions.values.map(\.status)
     }
 
     static func sorted(_ sessions: [SessionStatus]) -> [SessionStatus] {

@@ -52,15 +52,31 @@ enum StatusJSON {
             out.append(contentsOf: name.utf8)
             out.append(contentsOf: "\" : ".utf8)
         }
+        if let commands = session.commands {
+            key("commands")
+            ids(commands, to: &out)
+        }
+        if let events = session.events {
+            key("events")
+            ids(events, to: &out)
+        }
         key("failures")
         out.append(contentsOf: String(session.failures).utf8)
         key("hooked")
         out.append(contentsOf: (session.hooked ? "true" : "false").utf8)
+        if let hookedSince = session.hookedSince {
+            key("hookedSince")
+            date(hookedSince.timeIntervalSince1970, to: &out)
+        }
         key("hooks")
         out.append(contentsOf: String(session.hooks).utf8)
         if let identity = session.identity {
             key("identity")
             string(identity, to: &out)
+        }
+        if let introspector = session.introspector {
+            key("introspector")
+            string(introspector, to: &out)
         }
         if let lastFailure = session.lastFailure {
             key("lastFailure")
@@ -87,6 +103,18 @@ enum StatusJSON {
         key("uuid")
         string(session.uuid, to: &out)
         out.append(contentsOf: "\n    }".utf8)
+    }
+
+    /// An array of ids as `.prettyPrinted` writes it inside a session object.
+    private static func ids(_ ids: [Int32], to out: inout [UInt8]) {
+        out.append(contentsOf: "[\n".utf8)
+        if ids.isEmpty { out.append(contentsOf: "\n".utf8) }
+        for (index, id) in ids.enumerated() {
+            if index > 0 { out.append(contentsOf: ",\n".utf8) }
+            out.append(contentsOf: "        ".utf8)
+            out.append(contentsOf: String(id).utf8)
+        }
+        out.append(contentsOf: (ids.isEmpty ? "      ]" : "\n      ]").utf8)
     }
 
     /// A JSON string with `JSONEncoder`'s escapes (including `\/`).

@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import KVMIBrokerCore
 import Logging
+import Synchronization
 
 /// A lifecycle event (`VIR_DOMAIN_EVENT_ID_LIFECYCLE`).
 public enum LifecycleKind: String, Sendable, Equatable {
@@ -183,6 +184,11 @@ public final class LibvirtWatcher: @unchecked Sendable {
     /// Whether a connection is up now.
     public var isConnected: Bool { queue.sync { connection != nil } }
 
+    /// Whether a connection is open now, without waiting for the watcher's queue (which may be
+    /// in a libvirt call): for the live status, asked from Swift's cooperative pool.
+    public var connectedNow: Bool { connectedFlag.load(ordering: .relaxed) }
+    private let connectedFlag = Atomic<Bool>(false)
+
     // MARK: Identity and lookups
 
     /// The running domain with this UUID (nil if libvirt has none running), with its emulator and
@@ -264,6 +270,7 @@ public final class LibvirtWatcher: @unchecked Sendable {
         do {
             let opened = try opener(configuration.uri, configuration.readOnly)
             connection = opened
+            connectedFlag.store(true, ordering: .relaxed)
             try register(opened, generation: current)
             failures = 0
             if let report = connectStreak.succeeded(at: .now) {
@@ -359,6 +366,7 @@ public final class LibvirtWatcher: @unchecked Sendable {
         if closeCallbackRegistered { _ = virConnectUnregisterCloseCallback(connection.pointer, watcherCloseCallback) }
         closeCallbackRegistered = false
         self.connection = nil
+        connectedFlag.store(false, ordering: .relaxed)
     }
 
     // MARK: Callbacks (called on the event-loop thread; they only hop to `queue`)

@@ -26,8 +26,9 @@ struct RunCommand: AsyncParsableCommand {
             A QEMU's HELLO is accepted only if libvirt (--libvirt-uri) runs that domain with that QEMU pid and \
             emulator. The broker logs to stderr; a failure that repeats (libvirt unreachable, an introspector \
             unreachable, the status file unwritable) is logged when it starts or changes, summarised while it \
-            lasts, and logged once when it recovers. The status file (`kvmi-broker status`) is written at start and \
-            within 100 ms of every change. SIGTERM or SIGINT stops the broker; hooked guests stay hooked, and QEMU \
+            lasts, and logged once when it recovers. `kvmi-broker status` asks the broker over the control socket \
+            (root, and members of --control-group); a status file is written only with --status-file (at start and \
+            within 100 ms of every change). SIGTERM or SIGINT stops the broker; hooked guests stay hooked, and QEMU \
             reconnects to the next broker, which reconciles them with its policy without hooking them twice.
             """)
 
@@ -47,8 +48,14 @@ struct RunCommand: AsyncParsableCommand {
             """)
     var insecureNoLibvirtIdentity = false
 
-    @Option(help: "The control socket the libvirt hook talks to (root only); empty disables it.")
+    @Option(help: "The control socket the libvirt hook and `kvmi-broker status` talk to; empty disables it.")
     var controlSocket = "/run/kvmi-broker/control.sock"
+
+    @Option(
+        help:
+            "Group whose members may read the status on the control socket (mode 0660); default root only (0600). The hook's operations stay root's."
+    )
+    var controlGroup: String?
 
     @Option(help: "Group allowed to connect to the channel socket (mode 0660); default root only (0600).")
     var socketGroup: String?
@@ -78,8 +85,11 @@ struct RunCommand: AsyncParsableCommand {
     @Option(name: .customLong("guest"), help: "Static mode: introspect only this guest UUID (repeatable); default every guest that connects.")
     var guests: [String] = []
 
-    @Option(help: "Write the broker's pid and version and each session's state here as JSON (for `kvmi-broker status`); empty disables it.")
-    var statusFile = "/run/kvmi-broker/status.json"
+    @Option(
+        help:
+            "Also write the broker's pid and version and each session's state to this file as JSON (for monitoring that reads files, and to see after a crash what the broker held; `kvmi-broker status --status-file`); default none."
+    )
+    var statusFile = ""
 
     @Option(help: "Static mode: first retry delay, seconds (default 0.5; the policy sets BackoffInitial= per introspector).")
     var backoffInitial: Double?
@@ -120,6 +130,12 @@ struct RunCommand: AsyncParsableCommand {
 
     func validate() throws {
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level '\(escapedForLog(logLevel))' is not a level") }
+        if let controlGroup {
+            guard !controlSocket.isEmpty else {
+                throw ValidationError("--control-group applies to the control socket, which --control-socket '' disables")
+            }
+            guard getgrnam(controlGroup) != nil else { throw ValidationError("--control-group '\(escapedForLog(controlGroup))' is not a group") }
+        }
         if libvirtUri.isEmpty != insecureNoLibvirtIdentity {
             throw ValidationError(
                 insecureNoLibvirtIdentity
@@ -221,7 +237,24 @@ struct RunCommand: AsyncParsableCommand {
         }
         var control: (ControlServer, Descriptor)?
         if !controlSocket.isEmpty {
-            let controlServer = ControlServer(path: controlSocket, plans: configuration.plans, logger: logger)
+            var readers: (gid: gid_t, name: String)?
+            if let controlGroup {
+                guard let entry = getgrnam(controlGroup) else {
+                    FileHandle.standardError.write(Data("kvmi-broker run: --control-group '\(escapedForLog(controlGroup))' is not a group\n".utf8))
+                    throw ExitCode(2)
+                }
+                readers = (entry.pointee.gr_gid, controlGroup)
+            }
+            var connected: (@Sendable () -> Bool)?
+            if let watcher = (configuration.identity as? LibvirtIdentity)?.watcher {
+                connected = { watcher.connectedNow }
+            }
+            let staticIntrospector: String? = configuration.policy == nil ? "\(configuration.introspector)" : nil
+            let status = LiveStatusSource(
+                registry: server.registry, policy: configuration.policy, staticIntrospector: staticIntrospector,
+                libvirtURI: libvirtUri.isEmpty ? nil : libvirtUri, libvirtConnected: connected, controlGroup: controlGroup)
+            let controlServer = ControlServer(
+                path: controlSocket, plans: configuration.plans, logger: logger, status: status, readers: readers)
             do {
                 control = (controlServer, try controlServer.bind())
             } catch {
@@ -343,53 +376,5 @@ struct RunCommand: AsyncParsableCommand {
             }
             return result
         }
-    }
-}
-
-/// `kvmi-broker status`: the sessions the running broker holds.
-struct StatusCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "status", abstract: "Show the running broker and the state of every guest session, from its status file.",
-        discussion: """
-            Reads the status file `kvmi-broker run` writes (at start and within 100 ms of a change), and checks that the \
-            broker that wrote it still runs. Exit status: 0 the broker runs; 1 the file is stale (its broker is not \
-            running); 3 there is no status file (the broker is not running); 4 the file cannot be read or understood.
-            """)
-
-    @Option(help: "The status file the broker writes (its --status-file).")
-    var statusFile = "/run/kvmi-broker/status.json"
-
-    @Flag(help: "Print the status file's JSON as it is.")
-    var json = false
-
-    func run() throws {
-        let data: Data
-        let document: StatusDocument
-        switch StatusReader.read(statusFile) {
-        case .success(let read): (data, document) = read
-        case .failure(let problem): throw fail(problem)
-        }
-        if let stale = StatusReader.staleness(of: document, path: statusFile) { throw fail(stale) }
-        if json {
-            print(String(decoding: data, as: UTF8.self))
-            return
-        }
-        let sessions = document.sessions
-        print(
-            "kvmi-broker \(escapedForLog(document.broker.version, limit: 32)) running as pid \(document.broker.pid): \(sessions.isEmpty ? "no" : "\(sessions.count)") guest session\(sessions.count == 1 ? "" : "s")"
-        )
-        for session in sessions {
-            print(
-                "\(escapedForLog(session.name, limit: 64)) \(escapedForLog(session.uuid, limit: 40)) qemu pid \(session.qemuPID): \(escapedForLog(session.state, limit: 128))"
-            )
-            if let identity = session.identity, identity != "libvirt" { print("    identity: \(escapedForLog(identity, limit: 64))") }
-            if let failure = session.lastFailure { print("    last failure (\(session.failures) in a row): \(escapedForLog(failure, limit: 512))") }
-        }
-    }
-
-    /// One line on stderr, no usage text, the problem's exit code.
-    private func fail(_ problem: StatusReader.Problem) -> ExitCode {
-        FileHandle.standardError.write(Data("kvmi-broker status: \(problem)\n".utf8))
-        return ExitCode(problem.exitCode)
     }
 }

@@ -40,6 +40,12 @@ int kvmib_introspection_ioctls_for(int generation,
 int kvmib_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
 
 /*
+ * 1 if `gid` is among the supplementary groups the peer of a connected unix socket had when
+ * it connected (SO_PEERGROUPS, Linux 4.13+), 0 if not, -1 with errno on failure.
+ */
+int kvmib_peer_in_group(int fd, gid_t gid);
+
+/*
  * A pidfd for the peer of a connected unix socket (SO_PEERPIDFD, Linux 6.5+);
  * -1 with errno ENOPROTOOPT on older kernels.
  */
