@@ -52,12 +52,14 @@ public final class ChannelServer: Sendable {
             logger.notice(
                 "policy reloaded", metadata: ["policy.generation": "\(snapshot.generation)", "policy.rules": "\(snapshot.policy.rules.count)"])
             configuration.notifier?.reloaded(generation: snapshot.generation, failed: false)
+            configuration.metrics?.policy(generation: snapshot.generation)
             await registry.broadcastPolicyChange()
             return true
         case .failure(let error):
             for diagnostic in error.diagnostics { logger.error("policy: \(diagnostic)") }
             logger.error("policy reload failed; the previous policy stays in force", metadata: ["policy.generation": "\(store.snapshot.generation)"])
             configuration.notifier?.reloaded(generation: store.snapshot.generation, failed: true)
+            configuration.metrics?.reloadFailed()
             return false
         }
     }

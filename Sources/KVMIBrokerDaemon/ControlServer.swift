@@ -63,8 +63,14 @@ public final class ControlServer: Sendable {
     let probeTimeout: Duration
     /// Peers allowed besides root (tests run the hook as the same user).
     let allowedUID: UInt32
+    /// Counts an unreachable introspector of a required guest; nil when metrics are off.
+    let metrics: BrokerMetrics?
 
-    public init(path: String, plans: any PlanSource, logger: Logger, probeTimeout: Duration = .seconds(2), io: AsyncSocketIO = AsyncSocketIO()) {
+    public init(
+        path: String, plans: any PlanSource, logger: Logger, probeTimeout: Duration = .seconds(2), io: AsyncSocketIO = AsyncSocketIO(),
+        metrics: BrokerMetrics? = nil
+    ) {
+        self.metrics = metrics
         self.path = path
         self.plans = plans
         self.logger = logger
@@ -149,6 +155,7 @@ public final class ControlServer: Sendable {
             logger.notice("libvirt \(operation): \(reason) (required; introspector reachable)")
             return .init(allow: true, reason: reason)
         } catch {
+            metrics?.unreachable(introspector: plan.introspectorName)
             let why =
                 "kvmi-broker: guest \(name) (\(uuid)) requires introspection by \(plan.introspectorName) per \(plan.rule), but \(plan.endpoint) is unreachable: \((error as? BrokerError)?.description ?? "\(error)")"
             logger.warning("vetoing the start: \(why)")
