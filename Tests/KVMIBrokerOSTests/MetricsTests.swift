@@ -383,6 +383,40 @@ extension OSLayerTests {
             #expect(err.hasPrefix("kvmi-broker run: --metrics-listen '\(address)'"), "\(err)")
         }
 
+        @Test("policy mode: the generation gauge follows good reloads, a refused reload counts a failure and leaves it")
+        func policyReloads() throws {
+            let directory = freshPrivateDirectory()
+            defer { try? FileManager.default.removeItem(atPath: directory) }
+            let tree = try PolicyTree(toolSocket: directory + "/tool.sock")
+            defer { tree.cleanUp() }
+            let metricsPath = directory + "/metrics.sock"
+            var arguments = [
+                "run", "--policy-root", tree.root, "--channel-socket", directory + "/qemu.sock", "--control-socket", directory + "/control.sock",
+                "--status-file", "", "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--emulator", "/bin/true", "--metrics-socket",
+                metricsPath,
+            ]
+            if geteuid() != 0 { arguments.append("--allow-non-root-owner") }
+            let child = try ChildProcess(broker, arguments)
+            let endpoint = IntrospectorEndpoint.unix(path: metricsPath)
+            #expect(eventually { child.log.contains("ready") }, "\(child.log)")
+            let start = try #require(eventuallyScraped(endpoint) { $0.value("kvmi_broker_policy_generation") == 1 }, "\(child.log)")
+            #expect(start.value("kvmi_broker_policy_reload_failures_total") == 0)
+
+            // A file with an error: refused, the generation stays.
+            tree.write("guests.d/60-bad.conf", "[guest bad]\nMatchName=x*\nIntrospector=tool\nCommands=VM_READ_PHYSICALL\n")
+            kill(child.process.pid, SIGHUP)
+            let refused = try #require(eventuallyScraped(endpoint) { $0.value("kvmi_broker_policy_reload_failures_total") == 1 }, "\(child.log)")
+            #expect(refused.value("kvmi_broker_policy_generation") == 1)
+
+            // Fixed: generation 2.
+            tree.remove("guests.d/60-bad.conf")
+            kill(child.process.pid, SIGHUP)
+            let reloaded = try #require(eventuallyScraped(endpoint) { $0.value("kvmi_broker_policy_generation") == 2 }, "\(child.log)")
+            #expect(reloaded.value("kvmi_broker_policy_reload_failures_total") == 1)
+            child.kill()
+            #expect(child.process.wait(timeout: 30) == 0, "\(child.log)")
+        }
+
         @Test("--metrics-listen 127.0.0.1:PORT serves /metrics over TCP")
         func loopbackServes() throws {
             // A free port: bound by the test, then handed over (the broker sets SO_REUSEADDR).
