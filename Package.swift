@@ -19,6 +19,11 @@ let package = Package(
         // AsyncChannel: a session's inputs with back-pressure (a peer that streams frames waits
         // for the session to take each one, instead of growing a buffer or holding a thread).
         .package(url: "https://github.com/apple/swift-async-algorithms", from: "1.1.4"),
+        // The metrics API (counters, gauges, timers) the server ecosystem instruments with.
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        // Prometheus text exposition for it: the ecosystem's exposition library, the format's
+        // reference implementation for Swift.
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // C shim: only what Swift cannot import (CMSG macros, ioctl numbers and structs, vsock).
@@ -63,6 +68,8 @@ let package = Package(
                 "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerPolicy", "KVMIBrokerLibvirt", "CKVMIBroker", "CSystemd",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ]),
         // The test introspector: the tool side of the handshake as libkvmi does it, plus misbehaviours.
         .target(name: "KVMITestIntrospector", dependencies: ["KVMIBrokerCore", "KVMIBrokerOS", "CKVMIBroker"]),
@@ -72,6 +79,8 @@ let package = Package(
                 "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerDaemon", "KVMIBrokerPolicy", "KVMIBrokerLibvirt",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ]),
         .executableTarget(
             name: "kvmi-test-introspector",

@@ -36,6 +36,8 @@ public struct BrokerConfiguration: Sendable {
     public var handshakesPerIntrospector = 8
     /// Tells systemd the session counts and reload outcomes (STATUS=); nil outside `kvmi-broker run`.
     public var notifier: ServiceNotifier?
+    /// Counts sessions, hooks, failures and reloads for `/metrics`; nil when metrics are off.
+    public var metrics: BrokerMetrics?
 
     /// The source of session decisions in force.
     public var plans: any PlanSource { policy ?? self }

@@ -52,12 +52,14 @@ public final class ChannelServer: Sendable {
             logger.notice(
                 "policy reloaded", metadata: ["policy.generation": "\(snapshot.generation)", "policy.rules": "\(snapshot.policy.rules.count)"])
             configuration.notifier?.reloaded(generation: snapshot.generation, failed: false)
+            configuration.metrics?.policy(generation: snapshot.generation)
             await registry.broadcastPolicyChange()
             return true
         case .failure(let error):
             for diagnostic in error.diagnostics { logger.error("policy: \(diagnostic)") }
             logger.error("policy reload failed; the previous policy stays in force", metadata: ["policy.generation": "\(store.snapshot.generation)"])
             configuration.notifier?.reloaded(generation: store.snapshot.generation, failed: true)
+            configuration.metrics?.reloadFailed()
             return false
         }
     }
@@ -66,10 +68,11 @@ public final class ChannelServer: Sendable {
     public func run(listener: Descriptor) async {
         let decisions = configuration.policy.map { "the allow-policy (generation \($0.snapshot.generation))" } ?? "\(configuration.introspector)"
         logger.notice("listening for QEMU", metadata: ["channel.socket": "\(configuration.channelSocketPath)", "decisions": "\(decisions)"])
+        let socketFile = ServerSocket.fileIdentity(configuration.channelSocketPath)
         await serveConnections(on: listener, io: io, logger: logger, what: "channel", admission: admission) { connection in
             await self.serve(connection)
         }
-        ServerSocket.remove(path: configuration.channelSocketPath, servedBy: listener)
+        ServerSocket.remove(path: configuration.channelSocketPath, ifStill: socketFile)
     }
 
     private func serve(_ connection: Descriptor) async {

@@ -123,11 +123,15 @@ public final class ControlServer: Sendable {
     let maximumStatusAnswers = 4
     let statusWriteTimeout: Duration
     private let statusAnswers = Atomic<Int>(0)
+    /// Counts an unreachable introspector of a required guest; nil when metrics are off.
+    let metrics: BrokerMetrics?
 
     public init(
         path: String, plans: any PlanSource, logger: Logger, probeTimeout: Duration = .seconds(2), io: AsyncSocketIO = AsyncSocketIO(),
-        status: LiveStatusSource? = nil, readers: (gid: gid_t, name: String)? = nil, statusWriteTimeout: Duration = .seconds(10)
+        status: LiveStatusSource? = nil, readers: (gid: gid_t, name: String)? = nil, statusWriteTimeout: Duration = .seconds(10),
+        metrics: BrokerMetrics? = nil
     ) {
+        self.metrics = metrics
         self.path = path
         self.plans = plans
         self.logger = logger
@@ -169,8 +173,9 @@ public final class ControlServer: Sendable {
     }
 
     public func run(listener: Descriptor) async {
+        let socketFile = ServerSocket.fileIdentity(path)
         await serveConnections(on: listener, io: io, logger: logger, what: "control") { connection in await self.serve(connection) }
-        ServerSocket.remove(path: path, servedBy: listener)
+        ServerSocket.remove(path: path, ifStill: socketFile)
     }
 
     private func serve(_ connection: Descriptor) async {
@@ -301,6 +306,7 @@ public final class ControlServer: Sendable {
             logger.notice("libvirt \(operation): \(reason) (required; introspector reachable)")
             return .init(allow: true, reason: reason)
         } catch {
+            metrics?.unreachable(introspector: plan.introspectorName)
             let why =
                 "kvmi-broker: guest \(name) (\(uuid)) requires introspection by \(plan.introspectorName) per \(plan.rule), but \(plan.endpoint) is unreachable: \((error as? BrokerError)?.description ?? "\(error)")"
             logger.warning("vetoing the start: \(why)")

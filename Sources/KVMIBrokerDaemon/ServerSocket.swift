@@ -103,13 +103,20 @@ public enum ServerSocket {
     /// The lock file beside a socket.
     public static func lockPath(for path: String) -> String { path + ".lock" }
 
-    /// Removes the socket at `path` if it is still the one `listener` serves (a broker that
-    /// stops must not unlink a socket someone else now serves there).
-    public static func remove(path: String, servedBy listener: Descriptor) {
-        var served = stat()
+    /// The identity (device, inode) of the socket file at `path`, taken when a server starts
+    /// serving it; nil if the path is not a socket. `fstat` of the listening descriptor cannot
+    /// serve: it names the socket in sockfs, never the file the bind created.
+    public static func fileIdentity(_ path: String) -> SocketFileIdentity? {
         var named = stat()
-        guard fstat(listener.raw, &served) == 0, lstat(path, &named) == 0 else { return }
-        if served.st_dev == named.st_dev && served.st_ino == named.st_ino { unlink(path) }
+        guard lstat(path, &named) == 0, named.st_mode & S_IFMT == S_IFSOCK else { return nil }
+        return SocketFileIdentity(device: UInt64(named.st_dev), inode: UInt64(named.st_ino))
+    }
+
+    /// Removes the socket file at `path` if it is still the one this server bound (`identity`,
+    /// taken at start): a broker that stops must not unlink a socket another broker now serves.
+    public static func remove(path: String, ifStill identity: SocketFileIdentity?) {
+        guard let identity, fileIdentity(path) == identity else { return }
+        unlink(path)
     }
 
     // MARK: -
@@ -212,4 +219,10 @@ public enum ServerSocket {
         let text = String(mode, radix: 8)
         return text.count >= 4 ? text : String(repeating: "0", count: 4 - text.count) + text
     }
+}
+
+/// Which file a server's unix socket is (see `ServerSocket.fileIdentity`).
+public struct SocketFileIdentity: Equatable, Sendable {
+    public let device: UInt64
+    public let inode: UInt64
 }

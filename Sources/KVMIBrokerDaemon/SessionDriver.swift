@@ -235,6 +235,7 @@ final class SessionDriver: Sendable {
                 hello: hello, name: admitted.name, metadata: admitted.metadata, token: admitted.token, inputs: inputs, reload: admitted.reload,
                 logger: admitted.logger)
             await loop(session, state: &state)
+            configuration.metrics?.moved(from: state.standing, to: nil)
             // Teardown, structured: nothing the session started outlives it.
             inputs.finish()
             group.cancelAll()
@@ -316,9 +317,70 @@ final class SessionDriver: Sendable {
         return true
     }
 
-    /// What an input means for the session: the machine's actions, or nil to end the session.
+    /// What an input means for the session: the machine's actions, or nil to end the session;
+    /// counted in the metrics (O(1): a few counter increments).
     @inline(never)
     private func react(to input: Input, _ session: SessionContext, _ state: inout LoopState) -> [GuestSessionMachine.Action]? {
+        guard let metrics = configuration.metrics else { return decide(input, session, &state) }
+        let before = state.machine.state
+        let hooksBefore = state.hooks
+        let actions = decide(input, session, &state)
+        let introspector = state.plan?.introspectorName ?? "none"
+        if state.hooks != hooksBefore { metrics.hooked(introspector: introspector, latency: state.lastHook) }
+        let failing = actions?.contains(where: { if case .failing = $0 { return true } else { return false } }) ?? false
+        if failing {
+            let reason: String
+            switch input {
+            case .handshake(_, .failure(let error)): reason = BrokerMetrics.reason(error)
+            case .frame(let frame):
+                if let result = try? Channel.Result(decoding: frame.payload), result.requestType == Channel.MessageType.hook.rawValue {
+                    reason = BrokerMetrics.reason(hookFailedAt: result.step)
+                } else {
+                    reason = "set-allowed-failed"
+                }
+            default: reason = "other"
+            }
+            metrics.failed(introspector: introspector, reason: reason)
+        }
+        switch input {
+        case .handshake(_, .failure(let error)) where failing && error.code == .connectFailed:
+            metrics.unreachable(introspector: introspector)
+        case .handshake(_, .success(let outcome)) where state.pendingOutcome != nil:
+            metrics.handshake(introspector: introspector, duration: outcome.connectDuration + outcome.handshakeDuration)
+        default: break
+        }
+        if let reason = Self.unhookReason(from: before, to: state.machine.state, input) {
+            metrics.unhooked(introspector: introspector, reason: reason)
+        }
+        return actions
+    }
+
+    /// Why QEMU unhooked the guest between `before` and `after`, or nil if it did not (a session
+    /// that ends is not counted: the guest left).
+    static func unhookReason(from before: GuestSessionMachine.State, to after: GuestSessionMachine.State, _ input: Input) -> String? {
+        func holds(_ state: GuestSessionMachine.State) -> Bool {
+            switch state {
+            case .hooked, .updating, .unhooking: return true
+            default: return false
+            }
+        }
+        guard holds(before), !holds(after), after != .ended else { return nil }
+        if case .unhooking = before { return "policy" }
+        if case .frame(let frame) = input, frame.knownType == .event, let event = try? Channel.Event(decoding: frame.payload), let kind = event.kind {
+            switch kind {
+            case .toolHangup: return "introspector-closed"
+            case .paused: return "paused"
+            case .migrationOut: return "migration-out"
+            case .savevm: return "savevm"
+            default: return "qemu"
+            }
+        }
+        if case .frame = input { return "set-allowed-failed" }
+        return "other"
+    }
+
+    @inline(never)
+    private func decide(_ input: Input, _ session: SessionContext, _ state: inout LoopState) -> [GuestSessionMachine.Action]? {
         let hello = session.hello
         let name = session.name
         let metadata = session.metadata
@@ -464,6 +526,8 @@ final class SessionDriver: Sendable {
         var channelVersion: UInt16 = 1
         /// What the status view was last told.
         var published: Published?
+        /// Where the metrics count this session (nil: not introspected).
+        var standing: BrokerMetrics.Standing?
         /// This session's log lines are rate-limited (a QEMU streaming events cannot flood the log).
         let logLimit: RateLimitedLog
         /// The failed attempts in a row, for the log: once when they start or change, then
@@ -537,6 +601,17 @@ final class SessionDriver: Sendable {
     @inline(never)
     private func publish(_ state: inout LoopState, _ uuid: GuestUUID, _ token: UInt64) async {
         let published = Published(state)
+        if let metrics = configuration.metrics {
+            let standing: BrokerMetrics.Standing?
+            switch state.machine.state {
+            case .notIntrospected, .ended: standing = nil
+            default: standing = state.plan.map { BrokerMetrics.Standing(introspector: $0.introspectorName, hooked: published.hooked) }
+            }
+            if standing != state.standing {
+                metrics.moved(from: state.standing, to: standing)
+                state.standing = standing
+            }
+        }
         guard published != state.published else { return }
         state.published = published
         await registry.update(uuid, token: token) { status in
@@ -612,9 +687,13 @@ final class SessionDriver: Sendable {
         case .startHandshake:
             guard let plan = state.plan else { return .done }
             if state.triggeredAt == nil { state.triggeredAt = .now }
-            let parameters = HandshakeParameters(
+            var parameters = HandshakeParameters(
                 abi: plan.allowLists.abi, request: state.request, expectedCookie: plan.cookie, timeout: plan.handshakeTimeout,
                 allowedPeer: plan.peerRequirement)
+            if let metrics = configuration.metrics {
+                let name = plan.introspectorName
+                parameters.onBusy = { metrics.busy(introspector: name) }
+            }
             let connector = self.connector
             let endpoint = plan.endpoint
             let attempt = state.newID()

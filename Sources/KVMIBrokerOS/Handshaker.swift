@@ -20,6 +20,8 @@ public struct HandshakeParameters: Sendable {
     /// Who may be on the other end (the policy's `AllowedPeer`), checked right after the
     /// connect, before a byte of the handshake (the guest's UUID and name) is sent.
     public var allowedPeer: PeerRequirement?
+    /// Called once per attempt that meets the introspector's full listen backlog (metrics).
+    public var onBusy: (@Sendable () -> Void)?
 
     public init(
         abi: ABIGeneration, request: HandshakeRequest, expectedCookie: CookieHash?, timeout: Duration = .seconds(10),
@@ -249,7 +251,7 @@ public struct IntrospectorConnector: Sendable {
         do {
             let descriptor: Descriptor
             do {
-                descriptor = try await connectWhenNotBusy(endpoint, until: deadline)
+                descriptor = try await connectWhenNotBusy(endpoint, until: deadline, onBusy: parameters.onBusy)
             } catch let error as BrokerError where error.code == .timedOut {
                 throw BrokerError(.timedOut, "no connection within \(format(parameters.timeout))")
             }
@@ -277,13 +279,16 @@ public struct IntrospectorConnector: Sendable {
 
     /// A unix listener whose backlog is full answers EAGAIN: the tool is busy with another
     /// guest, not gone. Try again promptly, with a little jitter, until the deadline.
-    private func connectWhenNotBusy(_ endpoint: IntrospectorEndpoint, until deadline: ContinuousClock.Instant) async throws -> Descriptor {
+    private func connectWhenNotBusy(
+        _ endpoint: IntrospectorEndpoint, until deadline: ContinuousClock.Instant, onBusy: (@Sendable () -> Void)? = nil
+    ) async throws -> Descriptor {
         var pause = Duration.milliseconds(1)
         var busy = 0
         while true {
             do {
                 return try await io.connect(to: endpoint, until: deadline)
             } catch let error as BrokerError where error.code == .busy {
+                if busy == 0 { onBusy?() }
                 busy += 1
                 let jittered = pause * Double.random(in: 0.5...1.5)
                 guard ContinuousClock.now.advanced(by: jittered) < deadline else {

@@ -6,6 +6,7 @@ import KVMIBrokerDaemon
 import KVMIBrokerOS
 import KVMIBrokerPolicy
 import Logging
+import Metrics
 
 #if canImport(Glibc)
     import Glibc
@@ -29,7 +30,8 @@ struct RunCommand: AsyncParsableCommand {
             lasts, and logged once when it recovers. `kvmi-broker status` asks the broker over the control socket \
             (root, and members of --control-group); a status file is written only with --status-file (at start and \
             within 100 ms of every change). SIGTERM or SIGINT stops the broker; hooked guests stay hooked, and QEMU \
-            reconnects to the next broker, which reconciles them with its policy without hooking them twice.
+            reconnects to the next broker, which reconciles them with its policy without hooking them twice. \
+            Metrics (Prometheus text exposition, GET /metrics) are served only with --metrics-socket or --metrics-listen.
             """)
 
     @Option(help: "The channel socket QEMU connects to.")
@@ -111,6 +113,18 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Handshakes in flight to one introspector at once; the rest wait their turn in arrival order.")
     var handshakesPerIntrospector = 8
 
+    @Option(help: "Serve Prometheus metrics (GET /metrics) on this unix socket (mode 0600, or 0660 with --metrics-group). Off by default.")
+    var metricsSocket: String?
+
+    @Option(help: "Group allowed to connect to the --metrics-socket (mode 0660); default root only (0600).")
+    var metricsGroup: String?
+
+    @Option(
+        help:
+            "Serve Prometheus metrics (GET /metrics) on this loopback ADDRESS:PORT, such as 127.0.0.1:9465 or [::1]:9465; other addresses are refused (no authentication). Off by default."
+    )
+    var metricsListen: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel = "info"
 
@@ -187,7 +201,34 @@ struct RunCommand: AsyncParsableCommand {
         }
     }
 
+    /// Where to serve metrics (nil: off). Throws one sentence for the command line.
+    func metricsAddress() throws(BrokerError) -> MetricsServer.Address? {
+        if metricsSocket != nil && metricsListen != nil {
+            throw BrokerError(.invalidArgument, "--metrics-socket and --metrics-listen: give one of them")
+        }
+        if metricsGroup != nil && metricsSocket == nil {
+            throw BrokerError(.invalidArgument, "--metrics-group applies only with --metrics-socket")
+        }
+        if let metricsListen { return .tcp(try MetricsServer.loopbackEndpoint(parsing: metricsListen)) }
+        guard let metricsSocket else { return nil }
+        var group: UInt32?
+        if let metricsGroup {
+            guard let entry = getgrnam(metricsGroup) else {
+                throw BrokerError(.invalidArgument, "--metrics-group '\(escapedForLog(metricsGroup, limit: 64))' is not a group")
+            }
+            group = entry.pointee.gr_gid
+        }
+        return .unix(path: metricsSocket, group: group)
+    }
+
     func run() async throws {
+        let metricsAddress: MetricsServer.Address?
+        do {
+            metricsAddress = try self.metricsAddress()
+        } catch {
+            FileHandle.standardError.write(Data("kvmi-broker run: \(error.message)\n".utf8))
+            throw ExitCode(2)
+        }
         let level = Logger.Level(rawValue: logLevel)!
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
@@ -215,6 +256,16 @@ struct RunCommand: AsyncParsableCommand {
         signal(SIGPIPE, SIG_IGN)
         let notifier = ServiceNotifier(generation: configuration.policy?.snapshot.generation, logger: logger)
         configuration.notifier = notifier
+        var metrics: BrokerMetrics?
+        if metricsAddress != nil {
+            // Once per process, here: the broker's own metrics take their factory explicitly
+            // (BrokerMetrics), so in-process tests never bootstrap.
+            let brokerMetrics = BrokerMetrics()
+            MetricsSystem.bootstrap(brokerMetrics.factory)
+            if let generation = configuration.policy?.snapshot.generation { brokerMetrics.policy(generation: generation) }
+            configuration.metrics = brokerMetrics
+            metrics = brokerMetrics
+        }
         var libvirtTask: Task<Void, Never>?
         if libvirtUri.isEmpty {
             logger.warning(
@@ -254,11 +305,22 @@ struct RunCommand: AsyncParsableCommand {
                 registry: server.registry, policy: configuration.policy, staticIntrospector: staticIntrospector,
                 libvirtURI: libvirtUri.isEmpty ? nil : libvirtUri, libvirtConnected: connected, controlGroup: controlGroup)
             let controlServer = ControlServer(
-                path: controlSocket, plans: configuration.plans, logger: logger, status: status, readers: readers)
+                path: controlSocket, plans: configuration.plans, logger: logger, status: status, readers: readers,
+                metrics: metrics)
             do {
                 control = (controlServer, try controlServer.bind())
             } catch {
                 FileHandle.standardError.write(Data("kvmi-broker run: control socket: \(error)\n".utf8))
+                throw ExitCode(1)
+            }
+        }
+        var metricsServing: (MetricsServer, Descriptor)?
+        if let metricsAddress, let metrics {
+            let metricsServer = MetricsServer(address: metricsAddress, metrics: metrics, sessions: server.registry, logger: logger)
+            do {
+                metricsServing = (metricsServer, try metricsServer.bind())
+            } catch {
+                FileHandle.standardError.write(Data("kvmi-broker run: metrics: \(error)\n".utf8))
                 throw ExitCode(1)
             }
         }
@@ -267,6 +329,9 @@ struct RunCommand: AsyncParsableCommand {
                 group.addTask { await server.run(listener: listener) }
                 if let (controlServer, controlListener) = control {
                     group.addTask { await controlServer.run(listener: controlListener) }
+                }
+                if let (metricsServer, metricsListener) = metricsServing {
+                    group.addTask { await metricsServer.run(listener: metricsListener) }
                 }
             }
         }

@@ -159,6 +159,8 @@ extension OSLayerTests {
             kill(broker.pid, SIGTERM)
             #expect(notify.next("STOPPING=1") != nil, "no STOPPING=1; log: \(broker.log)")
             #expect(broker.wait(timeout: 60) == 0, "\(broker.log)")
+            // A stopped broker leaves no socket behind (a package removal, a unit stop).
+            #expect(inode(directory + "/qemu.sock") == nil && inode(directory + "/control.sock") == nil, "sockets left after SIGTERM")
             let significant = notify.messages.filter { !$0.hasPrefix("STATUS=") }.map { NotifySocket.fields($0)[0] }
             #expect(significant == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"], "\(notify.messages)")
         }
