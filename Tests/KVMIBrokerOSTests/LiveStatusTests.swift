@@ -1,3 +1,4 @@
+import CKVMIBroker
 import Foundation
 import KVMIBrokerCore
 import KVMIBrokerOS
@@ -251,7 +252,7 @@ extension OSLayerTests {
             let stuck = try connectUnixSocket(control)
             defer { stuck.close() }
             let request = Array(#"{"operation":"status"}"#.utf8) + [10]
-            #expect(request.withUnsafeBytes { send(stuck.raw, $0.baseAddress, $0.count, Int32(Glibc.MSG_NOSIGNAL)) } == request.count)
+            #expect(request.withUnsafeBytes { kvmib_send_with_fd(stuck.raw, $0.baseAddress, $0.count, -1) } == request.count)
 
             // Meanwhile another reader gets all of it: `status` as a process, its output in a file
             // (more than a pipe holds), waited for on a thread of its own, not on the pool that

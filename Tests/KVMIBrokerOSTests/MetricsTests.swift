@@ -1,3 +1,4 @@
+import CKVMIBroker
 import Foundation
 import KVMIBrokerCore
 import KVMIBrokerDaemon
@@ -138,7 +139,7 @@ func httpExchange(_ endpoint: IntrospectorEndpoint, _ request: [UInt8], timeout:
         guard address.withPointer({ Glibc.connect(raw, $0, $1) }) == 0 else { throw BrokerError(.connectFailed, "connect", errno: errno) }
     }
     defer { socket.close() }
-    _ = request.withUnsafeBytes { Glibc.send(socket.raw, $0.baseAddress, $0.count, Int32(Glibc.MSG_NOSIGNAL)) }
+    _ = request.withUnsafeBytes { kvmib_send_with_fd(socket.raw, $0.baseAddress, $0.count, -1) }
     return readToEnd(socket.raw, timeout: timeout) ?? ""
 }
 
@@ -301,7 +302,7 @@ extension OSLayerTests {
             // Too slow: half a request line, then nothing. A scrape meanwhile is served; the slow
             // client is cut off (the server closes) without ever getting metrics.
             let slow = try connectUnixSocket(path)
-            _ = Array("GET /met".utf8).withUnsafeBytes { send(slow.raw, $0.baseAddress, $0.count, Int32(Glibc.MSG_NOSIGNAL)) }
+            _ = Array("GET /met".utf8).withUnsafeBytes { kvmib_send_with_fd(slow.raw, $0.baseAddress, $0.count, -1) }
             #expect(try scrape(endpoint).status == "HTTP/1.0 200 OK")
             let slowAnswer = try #require(readToEnd(slow.raw, timeout: .seconds(60)), "the slow client is cut off")
             #expect(!slowAnswer.contains("200 OK"))
