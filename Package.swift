@@ -27,7 +27,12 @@ let package = Package(
     ],
     targets: [
         // C shim: only what Swift cannot import (CMSG macros, ioctl numbers and structs, vsock).
-        .target(name: "CKVMIBroker"),
+        // libsystemd (Debian's libsystemd-dev) is reached through the shim's kvmib_sd_* functions:
+        // sd_notify is the reference implementation of systemd's service notification protocol
+        // (Type=notify). Its headers stay out of Swift's view: a system-library module that
+        // includes <sys/socket.h> textually made the MSG_* and SOCK_* constants resolve
+        // differently from one build to the next.
+        .target(name: "CKVMIBroker", linkerSettings: [.linkedLibrary("systemd")]),
         // GLib through pkg-config: GChecksum (SHA-1, the implementation QEMU's glib crypto backend uses).
         .systemLibrary(
             name: "CGLib", pkgConfig: "glib-2.0",
@@ -56,16 +61,11 @@ let package = Package(
                 "KVMIBrokerCore", "CLibvirt",
                 .product(name: "Logging", package: "swift-log"),
             ]),
-        // libsystemd through pkg-config: sd_notify, the reference implementation of systemd's
-        // service notification protocol (Type=notify: READY, RELOADING, STOPPING, STATUS).
-        .systemLibrary(
-            name: "CSystemd", pkgConfig: "libsystemd",
-            providers: [.apt(["libsystemd-dev"])]),
         // Daemon layer: the QEMU channel server, sessions, identity checks, service notification.
         .target(
             name: "KVMIBrokerDaemon",
             dependencies: [
-                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerPolicy", "KVMIBrokerLibvirt", "CKVMIBroker", "CSystemd",
+                "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerPolicy", "KVMIBrokerLibvirt", "CKVMIBroker",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),

@@ -10,6 +10,8 @@
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
+#include <systemd/sd-daemon.h>
+#include <systemd/sd-journal.h>
 #include <linux/vm_sockets.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -272,4 +274,14 @@ int kvmib_accept(int fd, int nonblock)
 int kvmib_pipe(int fds[2])
 {
     return pipe2(fds, O_CLOEXEC | O_NONBLOCK);
+}
+
+int kvmib_sd_notify(const char *state)
+{
+    return sd_notify(0, state);
+}
+
+int kvmib_sd_journal_sendv(const struct iovec *iov, int n)
+{
+    return sd_journal_sendv(iov, n);
 }

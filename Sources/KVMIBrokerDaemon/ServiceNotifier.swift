@@ -1,4 +1,4 @@
-import CSystemd
+import CKVMIBroker
 import Dispatch
 import Logging
 import Synchronization
@@ -161,7 +161,7 @@ public final class ServiceNotifier: Sendable {
     }
 
     private func send(_ message: String) {
-        let result = sd_notify(0, message)
+        let result = kvmib_sd_notify(message)
         guard result < 0 else { return }
         let first = state.withLock { state in
             defer { state.failureLogged = true }

@@ -107,4 +107,18 @@ int kvmib_pipe(int fds[2]);
 /* AF_VSOCK, since Glibc's module may not export it. */
 int kvmib_af_vsock(void);
 
+
+/*
+ * sd_notify(0, state) from libsystemd: systemd's service notification (READY=1,
+ * RELOADING=1, STOPPING=1, STATUS=...). 0 when NOTIFY_SOCKET is unset, > 0 when sent,
+ * -errno on failure.
+ */
+int kvmib_sd_notify(const char *state);
+
+/*
+ * sd_journal_sendv(iov, n) from libsystemd: one journal entry, each iovec a FIELD=value.
+ * 0 or -errno.
+ */
+int kvmib_sd_journal_sendv(const struct iovec *iov, int n);
+
 #endif
