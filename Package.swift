@@ -24,6 +24,9 @@ let package = Package(
         // Prometheus text exposition for it: the ecosystem's exposition library, the format's
         // reference implementation for Swift.
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        // ServiceGroup: the server ecosystem's standard for running a daemon's parts as services
+        // with graceful shutdown on SIGTERM/SIGINT, and UnixSignalsSequence for SIGHUP (reload).
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         // C shim: only what Swift cannot import (CMSG macros, ioctl numbers and structs, vsock).
@@ -70,6 +73,8 @@ let package = Package(
                 .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ]),
         // The test introspector: the tool side of the handshake as libkvmi does it, plus misbehaviours.
         .target(name: "KVMITestIntrospector", dependencies: ["KVMIBrokerCore", "KVMIBrokerOS", "CKVMIBroker"]),
@@ -81,6 +86,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]),
         .executableTarget(
             name: "kvmi-test-introspector",

@@ -148,3 +148,64 @@ extension String {
 }
 
 private func isSpace(_ byte: UInt8) -> Bool { byte == 0x20 || (0x09...0x0D).contains(byte) || byte >= 0x80 }
+
+/// A problem in a key file read by `KeyFileDocument`, on the line it is on (0: the file as a whole).
+public struct KeyFileProblem: Error, Sendable {
+    public var line: Int
+    /// One sentence; file text in it is escaped (`escapedForLog`).
+    public var message: String
+
+    public init(line: Int, message: String) {
+        self.line = line
+        self.message = message
+    }
+}
+
+/// A key file other than the policy (the daemon's `broker.conf`) read with the policy's scanner
+/// and GKeyFile: groups and keys placed on their lines, values unescaped by GLib. Local to one
+/// parse; not shared between threads.
+public final class KeyFileDocument {
+    public struct Key: Sendable {
+        public var name: String
+        public var line: Int
+    }
+
+    public struct Group: Sendable {
+        public var name: String
+        public var line: Int
+        public var keys: [Key]
+    }
+
+    /// The groups in file order, a group given twice appearing twice.
+    public let groups: [Group]
+    private let handle: GKeyFileHandle
+
+    public init(_ bytes: [UInt8]) throws(KeyFileProblem) {
+        do {
+            groups = try KeyFileScanner.scan(bytes).map {
+                Group(name: $0.name, line: $0.line, keys: $0.keys.map { Key(name: $0.name, line: $0.line) })
+            }
+            handle = try GKeyFileHandle(bytes)
+        } catch {
+            throw KeyFileProblem(line: error.line, message: error.message)
+        }
+    }
+
+    /// The value of `key` in `group`, unescaped (`\s \n \t \r \\`).
+    public func string(_ group: String, _ key: Key) throws(KeyFileProblem) -> String {
+        do {
+            return try handle.string(group, key.name)
+        } catch {
+            throw KeyFileProblem(line: key.line, message: error.message)
+        }
+    }
+
+    /// The `;`-separated list of `key` in `group`, items trimmed, empty items dropped.
+    public func list(_ group: String, _ key: Key) throws(KeyFileProblem) -> [String] {
+        do {
+            return try handle.list(group, key.name)
+        } catch {
+            throw KeyFileProblem(line: key.line, message: error.message)
+        }
+    }
+}

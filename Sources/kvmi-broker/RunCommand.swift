@@ -7,6 +7,7 @@ import KVMIBrokerOS
 import KVMIBrokerPolicy
 import Logging
 import Metrics
+import ServiceLifecycle
 
 #if canImport(Glibc)
     import Glibc
@@ -32,16 +33,32 @@ struct RunCommand: AsyncParsableCommand {
             within 100 ms of every change). SIGTERM or SIGINT stops the broker; hooked guests stay hooked, and QEMU \
             reconnects to the next broker, which reconciles them with its policy without hooking them twice. \
             Metrics (Prometheus text exposition, GET /metrics) are served only with --metrics-socket or --metrics-listen.
+
+            Every option can also be set in the configuration file (--config, default /etc/kvmi-broker/broker.conf; \
+            a missing default file is no settings): a GLib key file with one [broker] section and the options' long \
+            names as keys (channel-socket=/run/kvmi-broker/qemu.sock; repeatable options as ;-separated lists; flags \
+            as true or false). Options on the command line override the file. A file with an error (an unknown key, a \
+            key given twice, another section, a value the option refuses) is refused at start with file:line and exit \
+            status 2. The file is read at start only: SIGHUP reloads the policy, not the file.
             """)
 
-    @Option(help: "The channel socket QEMU connects to.")
-    var channelSocket = "/run/kvmi-broker/qemu.sock"
+    @Option(
+        help: ArgumentHelp(
+            "The daemon's configuration file (default \(BrokerConfigFile.defaultPath), which may be missing; a file named here must exist).",
+            valueName: "path"))
+    var config: String?
+
+    @Option(name: .customLong("channel-socket"), help: "The channel socket QEMU connects to (default \(BrokerDefaults.channelSocket)).")
+    var channelSocketOption: String?
+    var channelSocket: String { channelSocketOption ?? BrokerDefaults.channelSocket }
 
     @Option(
+        name: .customLong("libvirt-uri"),
         help:
-            "libvirt URI: a HELLO is accepted only if libvirt runs that domain with that QEMU pid; empty disables the check (with --insecure-no-libvirt-identity)."
+            "libvirt URI (default \(BrokerDefaults.libvirtURI)): a HELLO is accepted only if libvirt runs that domain with that QEMU pid; empty disables the check (with --insecure-no-libvirt-identity)."
     )
-    var libvirtUri = "qemu:///system"
+    var libvirtUriOption: String?
+    var libvirtUri: String { libvirtUriOption ?? BrokerDefaults.libvirtURI }
 
     @Flag(
         help: """
@@ -50,8 +67,11 @@ struct RunCommand: AsyncParsableCommand {
             """)
     var insecureNoLibvirtIdentity = false
 
-    @Option(help: "The control socket the libvirt hook and `kvmi-broker status` talk to; empty disables it.")
-    var controlSocket = "/run/kvmi-broker/control.sock"
+    @Option(
+        name: .customLong("control-socket"),
+        help: "The control socket the libvirt hook and `kvmi-broker status` talk to (default \(BrokerDefaults.controlSocket)); empty disables it.")
+    var controlSocketOption: String?
+    var controlSocket: String { controlSocketOption ?? BrokerDefaults.controlSocket }
 
     @Option(
         help:
@@ -88,10 +108,12 @@ struct RunCommand: AsyncParsableCommand {
     var guests: [String] = []
 
     @Option(
+        name: .customLong("status-file"),
         help:
             "Also write the broker's pid and version and each session's state to this file as JSON (for monitoring that reads files, and to see after a crash what the broker held; `kvmi-broker status --status-file`); default none."
     )
-    var statusFile = ""
+    var statusFileOption: String?
+    var statusFile: String { statusFileOption ?? "" }
 
     @Option(help: "Static mode: first retry delay, seconds (default 0.5; the policy sets BackoffInitial= per introspector).")
     var backoffInitial: Double?
@@ -110,8 +132,13 @@ struct RunCommand: AsyncParsableCommand {
             """)
     var emulators: [String] = []
 
-    @Option(help: "Handshakes in flight to one introspector at once; the rest wait their turn in arrival order.")
-    var handshakesPerIntrospector = 8
+    @Option(
+        name: .customLong("handshakes-per-introspector"),
+        help:
+            "Handshakes in flight to one introspector at once (default \(BrokerDefaults.handshakesPerIntrospector), at most 4096); the rest wait their turn in arrival order."
+    )
+    var handshakesPerIntrospectorOption: Int?
+    var handshakesPerIntrospector: Int { handshakesPerIntrospectorOption ?? BrokerDefaults.handshakesPerIntrospector }
 
     @Option(help: "Serve Prometheus metrics (GET /metrics) on this unix socket (mode 0600, or 0660 with --metrics-group). Off by default.")
     var metricsSocket: String?
@@ -125,8 +152,15 @@ struct RunCommand: AsyncParsableCommand {
     )
     var metricsListen: String?
 
-    @Option(help: "Log level: trace, debug, info, notice, warning, error.")
-    var logLevel = "info"
+    @Option(name: .customLong("log-level"), help: "Log level: trace, debug, info, notice, warning, error (default \(BrokerDefaults.logLevel)).")
+    var logLevelOption: String?
+    var logLevel: String { logLevelOption ?? BrokerDefaults.logLevel }
+
+    @Option(
+        help:
+            "Seconds a stop (SIGTERM, SIGINT) may take (default 10): past it the broker logs so and exits with status 1 anyway. Hooked guests stay hooked either way."
+    )
+    var stopTimeout: Double?
 
     /// Options only policy mode reads, and options only static mode reads, that were given.
     var policyModeOptions: [String] {
@@ -142,7 +176,13 @@ struct RunCommand: AsyncParsableCommand {
         return given.filter(\.1).map(\.0)
     }
 
-    func validate() throws {
+    mutating func validate() throws {
+        try applyConfigurationFile()
+        for (key, value) in [
+            ("stop-timeout", stopTimeout.map { "\($0)" }), ("handshakes-per-introspector", handshakesPerIntrospectorOption.map { "\($0)" }),
+        ] {
+            if let value, let problem = Self.valueProblem(key, [value]) { throw ValidationError("--\(key) \(problem)") }
+        }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level '\(escapedForLog(logLevel))' is not a level") }
         if let controlGroup {
             guard !controlSocket.isEmpty else {
@@ -201,6 +241,94 @@ struct RunCommand: AsyncParsableCommand {
         }
     }
 
+    /// Reads broker.conf (--config, or the default path if it exists) and takes each option the
+    /// command line did not give from it. A bad file is refused with `file:line: what is wrong`
+    /// on stderr and exit status 2, before anything is bound or started.
+    private mutating func applyConfigurationFile() throws {
+        let path = config ?? BrokerConfigFile.defaultPath
+        let settings: [String: BrokerConfigFile.Setting]
+        do {
+            settings = try BrokerConfigFile.load(path: path, required: config != nil)
+            for setting in settings.values.sorted(by: { $0.line < $1.line }) {
+                if let problem = Self.valueProblem(setting.key, setting.values) {
+                    throw BrokerConfigFile.Problem(path: path, line: setting.line, message: "\(setting.key) \(problem)")
+                }
+            }
+        } catch {
+            FileHandle.standardError.write(Data("kvmi-broker run: \(error)\n".utf8))
+            throw ExitCode(2)
+        }
+        for setting in settings.values {
+            let value = setting.value
+            switch setting.key {
+            case "channel-socket": channelSocketOption = channelSocketOption ?? value
+            case "libvirt-uri": libvirtUriOption = libvirtUriOption ?? value
+            case "insecure-no-libvirt-identity": insecureNoLibvirtIdentity = insecureNoLibvirtIdentity || setting.flag
+            case "control-socket": controlSocketOption = controlSocketOption ?? value
+            case "control-group": controlGroup = controlGroup ?? value
+            case "socket-group": socketGroup = socketGroup ?? value
+            case "introspector": introspector = introspector ?? value
+            case "policy-root": policyRoots = policyRoots.isEmpty ? setting.values : policyRoots
+            case "allow-non-root-owner": allowNonRootOwner = allowNonRootOwner || setting.flag
+            case "secret-file": secretFile = secretFile ?? value
+            case "abi": abi = abi ?? value
+            case "commands": commands = commands ?? value
+            case "events": events = events ?? value
+            case "guest": guests = guests.isEmpty ? setting.values : guests
+            case "status-file": statusFileOption = statusFileOption ?? value
+            case "backoff-initial": backoffInitial = backoffInitial ?? Double(value)
+            case "backoff-max": backoffMax = backoffMax ?? Double(value)
+            case "handshake-timeout": handshakeTimeout = handshakeTimeout ?? Double(value)
+            case "emulator": emulators = emulators.isEmpty ? setting.values : emulators
+            case "handshakes-per-introspector": handshakesPerIntrospectorOption = handshakesPerIntrospectorOption ?? Int(value)
+            case "metrics-socket": metricsSocket = metricsSocket ?? value
+            case "metrics-group": metricsGroup = metricsGroup ?? value
+            case "metrics-listen": metricsListen = metricsListen ?? value
+            case "log-level": logLevelOption = logLevelOption ?? value
+            case "stop-timeout": stopTimeout = stopTimeout ?? Double(value)
+            default: preconditionFailure("broker.conf key \(setting.key) has no option")
+            }
+        }
+    }
+
+    /// What is wrong with `values` for the option `key` on its own (nil: nothing), worded to
+    /// follow the option's name: "'loud' is not a level". The command line's checks and
+    /// broker.conf's use it; what depends on several options is `validate()`'s.
+    static func valueProblem(_ key: String, _ values: [String]) -> String? {
+        for value in values {
+            let shown = escapedForLog(value, limit: 64)
+            switch key {
+            case "log-level":
+                if Logger.Level(rawValue: value) == nil { return "'\(shown)' is not a level" }
+            case "control-group", "socket-group", "metrics-group":
+                if getgrnam(value) == nil { return "'\(shown)' is not a group" }
+            case "abi":
+                if ABIGeneration(parsing: value) == nil { return "must be v7 or v12, not '\(shown)'" }
+            case "guest":
+                if GuestUUID(value) == nil { return "'\(shown)' is not a UUID" }
+            case "emulator":
+                if !FileManager.default.isExecutableFile(atPath: value) { return "'\(shown)' is not an executable file" }
+            case "handshake-timeout", "backoff-initial", "backoff-max", "stop-timeout":
+                if let seconds = Double(value), !(seconds > 0 && seconds <= 3600) { return "must be more than 0 and at most 3600 seconds" }
+            case "handshakes-per-introspector":
+                if let number = Int(value), !(1...4096).contains(number) { return "must be from 1 to 4096" }
+            case "introspector":
+                do { _ = try IntrospectorEndpoint(parsing: value) } catch { return "'\(shown)': \(error.message)" }
+            case "commands", "events":
+                do { _ = try ids(value, "--" + key) } catch {
+                    return error.message.hasPrefix("--\(key): ") ? String(error.message.dropFirst("--\(key): ".count)) : error.message
+                }
+            case "metrics-listen":
+                do { _ = try MetricsServer.loopbackEndpoint(parsing: value) } catch {
+                    return error.message.hasPrefix("--metrics-listen ") ? String(error.message.dropFirst("--metrics-listen ".count)) : error.message
+                }
+            default:
+                break
+            }
+        }
+        return nil
+    }
+
     /// Where to serve metrics (nil: off). Throws one sentence for the command line.
     func metricsAddress() throws(BrokerError) -> MetricsServer.Address? {
         if metricsSocket != nil && metricsListen != nil {
@@ -254,6 +382,8 @@ struct RunCommand: AsyncParsableCommand {
             throw ExitCode(2)
         }
         signal(SIGPIPE, SIG_IGN)
+        // A hangup before the reloader traps SIGHUP is ignored, not fatal (READY=1 is not sent yet).
+        signal(SIGHUP, SIG_IGN)
         let notifier = ServiceNotifier(generation: configuration.policy?.snapshot.generation, logger: logger)
         configuration.notifier = notifier
         var metrics: BrokerMetrics?
@@ -324,76 +454,53 @@ struct RunCommand: AsyncParsableCommand {
                 throw ExitCode(1)
             }
         }
-        let task = Task {
-            await withDiscardingTaskGroup { group in
-                group.addTask { await server.run(listener: listener) }
-                if let (controlServer, controlListener) = control {
-                    group.addTask { await controlServer.run(listener: controlListener) }
-                }
-                if let (metricsServer, metricsListener) = metricsServing {
-                    group.addTask { await metricsServer.run(listener: metricsListener) }
-                }
-            }
+        // The daemon's parts as services of one ServiceGroup (swift-service-lifecycle): SIGTERM
+        // and SIGINT shut it down gracefully, in reverse order: `StopService` first (STOPPING=1,
+        // the bound armed), then the reloader, the servers (each stops accepting, ends its
+        // sessions without unhooking anyone and removes its socket), libvirt last.
+        var parts: [any Service] = []
+        if let libvirtTask {
+            parts.append(
+                DaemonPart("libvirt watcher") {
+                    await withTaskCancellationHandler {
+                        await libvirtTask.value
+                    } onCancel: {
+                        libvirtTask.cancel()
+                    }
+                })
         }
-        // SIGHUP: one reload at a time, between RELOADING=1 and READY=1; hangups that arrive
-        // during a reload are coalesced into one more.
-        let (hangups, hangup) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
-        let reloads = Task {
-            for await _ in hangups {
-                notifier.reloading()
-                await server.reloadPolicy()
-                notifier.ready()
-            }
+        parts.append(DaemonPart("channel server") { await server.run(listener: listener) })
+        if let (controlServer, controlListener) = control {
+            parts.append(DaemonPart("control server") { await controlServer.run(listener: controlListener) })
         }
-        signal(SIGHUP, SIG_IGN)
-        let reloader = DispatchSource.makeSignalSource(signal: SIGHUP)
-        reloader.setEventHandler {
-            logger.notice("SIGHUP: reloading the policy")
-            hangup.yield()
+        if let (metricsServer, metricsListener) = metricsServing {
+            parts.append(DaemonPart("metrics server") { await metricsServer.run(listener: metricsListener) })
         }
-        reloader.resume()
-        let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number)
-            source.setEventHandler {
-                logger.notice("stopping on signal \(number)")
-                notifier.stopping()
-                task.cancel()
-            }
-            source.resume()
-            return source
+        parts.append(
+            ReloadService(
+                logger: logger, notifier: notifier,
+                onListening: {
+                    // The sockets listen (connections wait in the backlog until accepted), discovery
+                    // has started, and SIGTERM/SIGINT (trapped by the group before any service
+                    // starts) and SIGHUP (trapped just now) are handled from here on, not lost.
+                    notifier.ready()
+                    logger.notice("ready: the sockets listen; SIGHUP reloads the policy, SIGTERM stops")
+                },
+                reload: { await server.reloadPolicy() }))
+        let bound = Duration.milliseconds(Int64((stopTimeout ?? BrokerDefaults.stopTimeout) * 1000))
+        parts.append(StopService(logger: logger, notifier: notifier, stopTimeout: bound))
+        var groupConfiguration = ServiceGroupConfiguration(
+            services: parts.map { .init(service: $0) }, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        // Half-way to the bound the group cancels every part still running (in order until then);
+        // at the bound StopService's own timer exits if even that has not ended the process.
+        groupConfiguration.maximumGracefulShutdownDuration = bound / 2
+        do {
+            try await ServiceGroup(configuration: groupConfiguration).run()
+        } catch {
+            logger.error("stopped on a failure: \(escapedForLog("\(error)", limit: 256))")
+            throw ExitCode(1)
         }
-        awaitSignalHandlers([SIGHUP, SIGTERM, SIGINT], logger: logger)
-        // The sockets listen (connections wait in the backlog until accepted), discovery has
-        // started, and a SIGHUP or SIGTERM from now on is handled, not ignored.
-        notifier.ready()
-        logger.notice("ready: the sockets listen; SIGHUP reloads the policy, SIGTERM stops")
-        await task.value
-        signals.forEach { $0.cancel() }
-        reloader.cancel()
-        hangup.finish()
-        await reloads.value
-    }
-
-    /// Waits until libdispatch has installed its handler for each of `signals`: it registers a
-    /// signal source on its manager thread after `resume()` returns, and until then the signal
-    /// is still ignored (SIG_IGN) and would be lost. READY=1 is sent only after this, so a
-    /// reload or stop requested right after start is not dropped.
-    private func awaitSignalHandlers(_ signals: [Int32], logger: Logger) {
-        let ignored = unsafeBitCast(SIG_IGN, to: Int.self)
-        func installed(_ number: Int32) -> Bool {
-            var current = sigaction()
-            guard sigaction(number, nil, &current) == 0 else { return true }
-            return unsafeBitCast(current.__sigaction_handler.sa_handler, to: Int.self) != ignored
-        }
-        let deadline = ContinuousClock.now.advanced(by: .seconds(10))
-        while !signals.allSatisfy(installed) {
-            guard ContinuousClock.now < deadline else {
-                logger.warning("the signal handlers are not installed after 10 s; a SIGHUP or SIGTERM may be ignored until they are")
-                return
-            }
-            usleep(1000)
-        }
+        logger.notice("stopped")
     }
 
     private func makeConfiguration() throws -> BrokerConfiguration {
@@ -410,24 +517,25 @@ struct RunCommand: AsyncParsableCommand {
                 channelSocketPath: channelSocket, channelSocketGroup: group, policy: store, verifier: PeerVerifier(emulators: emulators),
                 statusFile: statusFile.isEmpty ? nil : statusFile)
         }
-        let generation = ABIGeneration(parsing: abi ?? "v12")!
+        let generation = ABIGeneration(parsing: abi ?? BrokerDefaults.abi)!
         let endpoint = try IntrospectorEndpoint(parsing: introspector)
         var cookie: CookieHash?
         if let secretFile { cookie = CookieHash(secret: try SecretFile.load(secretFile)) }
         // validate() makes both explicit in static mode.
         let lists = try Channel.AllowLists(
-            abi: generation, commands: try ids(commands ?? "none", "--commands"), events: try ids(events ?? "none", "--events"))
+            abi: generation, commands: try Self.ids(commands ?? "none", "--commands"), events: try Self.ids(events ?? "none", "--events"))
         return BrokerConfiguration(
             channelSocketPath: channelSocket, channelSocketGroup: group, introspector: endpoint, cookie: cookie, allowLists: lists,
             guests: guests.isEmpty ? nil : Set(guests.compactMap(GuestUUID.init)),
             backoff: try Backoff(
-                initial: .milliseconds(Int64((backoffInitial ?? 0.5) * 1000)), maximum: .milliseconds(Int64((backoffMax ?? 30) * 1000)),
+                initial: .milliseconds(Int64((backoffInitial ?? BrokerDefaults.backoffInitial) * 1000)),
+                maximum: .milliseconds(Int64((backoffMax ?? BrokerDefaults.backoffMax) * 1000)),
                 multiplier: 2, jitter: 0.2),
-            handshakeTimeout: .milliseconds(Int64((handshakeTimeout ?? 10) * 1000)),
+            handshakeTimeout: .milliseconds(Int64((handshakeTimeout ?? BrokerDefaults.handshakeTimeout) * 1000)),
             verifier: PeerVerifier(emulators: emulators), statusFile: statusFile.isEmpty ? nil : statusFile)
     }
 
-    private func ids(_ text: String, _ option: String) throws -> [Int32] {
+    private static func ids(_ text: String, _ option: String) throws(BrokerError) -> [Int32] {
         switch text {
         case "all": return [-1]
         case "none": return []
@@ -435,7 +543,9 @@ struct RunCommand: AsyncParsableCommand {
             var result: [Int32] = []
             for part in text.split(separator: ",") {
                 guard let id = Int32(part.trimmingCharacters(in: .whitespaces)), id >= 0 else {
-                    throw BrokerError(.invalidArgument, "\(option): '\(part)' is not an id (use all, none, or numbers like 2,4,6)")
+                    throw BrokerError(
+                        .invalidArgument, "\(option): '\(escapedForLog(String(part), limit: 64))' is not an id (use all, none, or numbers like 2,4,6)"
+                    )
                 }
                 result.append(id)
             }
