@@ -56,12 +56,13 @@ let package = Package(
                 "KVMIBrokerCore", "CLibvirt",
                 .product(name: "Logging", package: "swift-log"),
             ]),
-        // libsystemd through pkg-config: sd_notify, the reference implementation of systemd's
-        // service notification protocol (Type=notify: READY, RELOADING, STOPPING, STATUS).
+        // libsystemd through pkg-config, the reference implementations of two systemd protocols:
+        // sd_notify (Type=notify: READY, RELOADING, STOPPING, STATUS) and sd_journal_sendv (the
+        // journal's native protocol: priorities and structured fields).
         .systemLibrary(
             name: "CSystemd", pkgConfig: "libsystemd",
             providers: [.apt(["libsystemd-dev"])]),
-        // Daemon layer: the QEMU channel server, sessions, identity checks, service notification.
+        // Daemon layer: the QEMU channel server, sessions, identity checks, service notification, journal logging.
         .target(
             name: "KVMIBrokerDaemon",
             dependencies: [

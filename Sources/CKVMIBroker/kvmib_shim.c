@@ -273,3 +273,8 @@ int kvmib_pipe(int fds[2])
 {
     return pipe2(fds, O_CLOEXEC | O_NONBLOCK);
 }
+
+int kvmib_unix_dgram_socket(void)
+{
+    return socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+}
