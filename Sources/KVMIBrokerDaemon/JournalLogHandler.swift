@@ -97,8 +97,11 @@ public struct AuditLogHandler: LogHandler {
         set { base.metadataProvider = newValue }
     }
 
+    /// The broker's level, but never above notice: `--log-level warning` or `error` quiets the
+    /// broker's own lines, not the audit trail (its records are notice and above, apart from the
+    /// info of a reload that changed nothing for a guest).
     public var logLevel: Logger.Level {
-        get { base.logLevel }
+        get { min(base.logLevel, .notice) }
         set { base.logLevel = newValue }
     }
 }

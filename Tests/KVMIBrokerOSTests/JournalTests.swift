@@ -43,29 +43,52 @@ struct JournalRecord: CustomStringConvertible {
 }
 
 /// journald's side: a datagram socket bound at `DIR/journal/socket`, which the broker sees as
-/// /run/systemd/journal/socket in its own mount namespace.
-final class JournalReceiver {
+/// /run/systemd/journal/socket in its own mount namespace. A thread of its own receives every
+/// datagram as it comes (a unix datagram socket queues only a few: the broker's logging would
+/// wait for a reader otherwise).
+final class JournalReceiver: @unchecked Sendable {
     let socket: NotifySocket
-    private(set) var records: [JournalRecord] = []
-    private(set) var malformed = 0
+    private let lock = NSLock()
+    private var received: [JournalRecord] = []
+    private var malformedCount = 0
+    private var stopped = false
+    private var thread: Thread?
 
     init(directory: String) throws {
         try FileManager.default.createDirectory(atPath: directory + "/journal", withIntermediateDirectories: true)
         socket = try NotifySocket(path: directory + "/journal/socket")
+        let thread = Thread { [self] in receive() }
+        self.thread = thread
+        thread.start()
     }
 
-    /// Takes every datagram waiting (never blocks); returns the records so far.
-    @discardableResult
-    func drain() -> [JournalRecord] {
+    private func receive() {
         var buffer = [UInt8](repeating: 0, count: 256 * 1024)
-        while true {
+        while !lock.withLock({ stopped }) {
             var poller = pollfd(fd: socket.descriptor, events: Int16(POLLIN), revents: 0)
-            guard poll(&poller, 1, 0) > 0 else { return records }
+            guard poll(&poller, 1, 50) > 0 else { continue }
             let count = buffer.withUnsafeMutableBytes { recv(socket.descriptor, $0.baseAddress, $0.count, 0) }
-            guard count > 0 else { return records }
-            if let record = JournalRecord(datagram: Array(buffer[..<count])) { records.append(record) } else { malformed += 1 }
+            guard count > 0 else { continue }
+            let record = JournalRecord(datagram: Array(buffer[..<count]))
+            lock.withLock {
+                if let record { received.append(record) } else { malformedCount += 1 }
+            }
         }
     }
+
+    /// Ends the receiving thread (waits for it: the socket is closed only after).
+    func stop() {
+        lock.withLock { stopped = true }
+        while thread?.isFinished == false { usleep(1000) }
+    }
+
+    /// The records received so far.
+    @discardableResult
+    func drain() -> [JournalRecord] { lock.withLock { received } }
+
+    var records: [JournalRecord] { drain() }
+
+    var malformed: Int { lock.withLock { malformedCount } }
 
     func records(_ identifier: String, _ message: String) -> [JournalRecord] {
         drain().filter { $0["SYSLOG_IDENTIFIER"] == identifier && ($0["MESSAGE"] ?? "").hasPrefix(message) }
@@ -174,6 +197,11 @@ struct JournalFieldsTests {
         let captured = lines.captured
         #expect(captured.map(\.0) == ["audit: policy decision: x", "plain"])
         #expect(captured.first?.1["guest.uuid"] == "u" && captured.first?.1["policy.rule"] == "r")
+        // A quiet broker (--log-level error) still writes the audit trail; its own notices are dropped.
+        logger.logLevel = .error
+        logger.audit.notice("audited")
+        logger.notice("dropped")
+        #expect(lines.captured.map(\.0).suffix(1) == ["audit: audited"])
         // An audit logger's audit logger is the same (no double prefix).
         logger.audit.audit.notice("once")
         #expect(lines.captured.last?.0 == "audit: once")
@@ -237,6 +265,7 @@ extension OSLayerTests {
             let directory = freshPrivateDirectory()
             defer { try? FileManager.default.removeItem(atPath: directory) }
             let journal = try JournalReceiver(directory: directory)
+            defer { journal.stop() }
             let toolSocket = directory + "/tool.sock"
             let tree = try PolicyTree(toolSocket: toolSocket)
             defer { tree.cleanUp() }
@@ -310,6 +339,7 @@ extension OSLayerTests {
             let directory = freshPrivateDirectory()
             defer { try? FileManager.default.removeItem(atPath: directory) }
             let journal = try JournalReceiver(directory: directory)
+            defer { journal.stop() }
             let tree = try PolicyTree(toolSocket: directory + "/tool.sock")
             defer { tree.cleanUp() }
             let (logPath, _) = stderrFile(directory)
