@@ -64,7 +64,7 @@ let package = Package(
                 "KVMIBrokerCore", "CLibvirt",
                 .product(name: "Logging", package: "swift-log"),
             ]),
-        // Daemon layer: the QEMU channel server, sessions, identity checks, service notification.
+        // Daemon layer: the QEMU channel server, sessions, identity checks, service notification, journal logging.
         .target(
             name: "KVMIBrokerDaemon",
             dependencies: [

@@ -285,3 +285,8 @@ int kvmib_sd_journal_sendv(const struct iovec *iov, int n)
 {
     return sd_journal_sendv(iov, n);
 }
+
+int kvmib_unix_dgram_socket(void)
+{
+    return socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+}

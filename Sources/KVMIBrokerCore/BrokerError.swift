@@ -48,15 +48,22 @@ public struct BrokerError: Error, Sendable, Equatable, CustomStringConvertible {
     }
 }
 
+/// errno values by their names, for `errnoName` and `errnoNumber(named:)`.
+private let errnoNames: [Int32: String] = [
+    1: "EPERM", 2: "ENOENT", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM",
+    13: "EACCES", 14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 22: "EINVAL",
+    24: "EMFILE", 25: "ENOTTY", 32: "EPIPE", 38: "ENOSYS", 61: "ENODATA", 7: "E2BIG",
+    88: "ENOTSOCK", 95: "EOPNOTSUPP", 97: "EAFNOSUPPORT", 98: "EADDRINUSE", 99: "EADDRNOTAVAIL",
+    101: "ENETUNREACH", 104: "ECONNRESET", 110: "ETIMEDOUT", 111: "ECONNREFUSED",
+    113: "EHOSTUNREACH", 114: "EALREADY", 115: "EINPROGRESS", 40: "ELOOP",
+]
+
 /// Symbolic errno names for the values the broker reports; falls back to the number.
 public func errnoName(_ value: Int32) -> String {
-    let names: [Int32: String] = [
-        1: "EPERM", 2: "ENOENT", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM",
-        13: "EACCES", 14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 22: "EINVAL",
-        24: "EMFILE", 25: "ENOTTY", 32: "EPIPE", 38: "ENOSYS", 61: "ENODATA", 7: "E2BIG",
-        88: "ENOTSOCK", 95: "EOPNOTSUPP", 97: "EAFNOSUPPORT", 98: "EADDRINUSE", 99: "EADDRNOTAVAIL",
-        101: "ENETUNREACH", 104: "ECONNRESET", 110: "ETIMEDOUT", 111: "ECONNREFUSED",
-        113: "EHOSTUNREACH", 114: "EALREADY", 115: "EINPROGRESS", 40: "ELOOP",
-    ]
-    return names[value] ?? "errno \(value)"
+    errnoNames[value] ?? "errno \(value)"
+}
+
+/// The errno `errnoName` names (`EACCES` -> 13), or nil.
+public func errnoNumber(named name: String) -> Int32? {
+    errnoNames.first { $0.value == name }?.key
 }

@@ -379,7 +379,8 @@ public struct GuestSessionMachine: Sendable {
 
     /// QEMU has unhooked after a policy change: hand over to the new introspector, or stop.
     private mutating func finishUnhook() -> [Action] {
-        var actions: [Action] = [.log(.notice, "guest unhooked for the policy change")]
+        // The broker's audit record says "guest unhooked for the policy change" (SessionDriver).
+        var actions: [Action] = []
         let release = releaseAfterUnhook && !introspect
         releaseAfterUnhook = false
         if introspect && handOver {
@@ -407,9 +408,8 @@ public struct GuestSessionMachine: Sendable {
             // The tool went away (crash or restart): reconnect after the back-off, never at once.
             failures += 1
             state = .backingOff(nextAttempt: failures + 1)
-            let actions: [Action] = [
-                note, .log(.warning, "the introspector closed its connection; QEMU unhooked the guest"), .scheduleRetry(afterFailures: failures),
-            ]
+            // The broker's audit record says "the introspector closed its connection; QEMU unhooked the guest".
+            let actions: [Action] = [note, .scheduleRetry(afterFailures: failures)]
             guard event.running else {
                 state = .waitingForVM
                 return Array(actions.dropLast())

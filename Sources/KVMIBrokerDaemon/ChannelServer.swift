@@ -49,7 +49,7 @@ public final class ChannelServer: Sendable {
         switch await BlockingWork.shared.run({ store.reload() }) {
         case .success(let (snapshot, warnings)):
             for warning in warnings { logger.warning("policy: \(warning)") }
-            logger.notice(
+            logger.audit.notice(
                 "policy reloaded", metadata: ["policy.generation": "\(snapshot.generation)", "policy.rules": "\(snapshot.policy.rules.count)"])
             configuration.notifier?.reloaded(generation: snapshot.generation, failed: false)
             configuration.metrics?.policy(generation: snapshot.generation)
@@ -57,7 +57,8 @@ public final class ChannelServer: Sendable {
             return true
         case .failure(let error):
             for diagnostic in error.diagnostics { logger.error("policy: \(diagnostic)") }
-            logger.error("policy reload failed; the previous policy stays in force", metadata: ["policy.generation": "\(store.snapshot.generation)"])
+            logger.audit.error(
+                "policy reload failed; the previous policy stays in force", metadata: ["policy.generation": "\(store.snapshot.generation)"])
             configuration.notifier?.reloaded(generation: store.snapshot.generation, failed: true)
             configuration.metrics?.reloadFailed()
             return false

@@ -285,31 +285,35 @@ public final class ControlServer: Sendable {
         let plan: SessionPlan
         switch decision {
         case .notIntrospected:
-            logger.notice("libvirt \(operation): \(reason)")
+            logger.audit.notice("libvirt \(operation): \(reason)")
             return .init(allow: true, reason: reason)
         case .requiredButUnservable(let rule):
             // Fail closed: a required guest whose decision cannot be served must not start.
             let why = "kvmi-broker: guest \(name) (\(uuid)) requires introspection per \(rule), but the policy cannot serve it: \(reason)"
-            logger.warning("vetoing the start: \(why)")
+            logger.audit.warning("vetoing the start: \(why)", metadata: ["policy.rule": "\(rule)"])
             return .init(allow: false, reason: why)
         case .introspect(let decided):
             plan = decided
         }
         guard plan.required else {
-            logger.notice("libvirt \(operation): \(reason) (best-effort)")
+            logger.audit.notice(
+                "libvirt \(operation): \(reason) (best-effort)",
+                metadata: ["policy.rule": "\(plan.rule)", "introspector": "\(plan.introspectorName)"])
             return .init(allow: true, reason: reason)
         }
         // Required: the introspector must be reachable now, or the guest would run unmonitored.
         do {
             let socket = try await io.connect(to: plan.endpoint, until: .now.advanced(by: probeTimeout))
             socket.close()
-            logger.notice("libvirt \(operation): \(reason) (required; introspector reachable)")
+            logger.audit.notice(
+                "libvirt \(operation): \(reason) (required; introspector reachable)",
+                metadata: ["policy.rule": "\(plan.rule)", "introspector": "\(plan.introspectorName)"])
             return .init(allow: true, reason: reason)
         } catch {
             metrics?.unreachable(introspector: plan.introspectorName)
             let why =
                 "kvmi-broker: guest \(name) (\(uuid)) requires introspection by \(plan.introspectorName) per \(plan.rule), but \(plan.endpoint) is unreachable: \((error as? BrokerError)?.description ?? "\(error)")"
-            logger.warning("vetoing the start: \(why)")
+            logger.audit.warning("vetoing the start: \(why)", metadata: ["policy.rule": "\(plan.rule)", "introspector": "\(plan.introspectorName)"])
             return .init(allow: false, reason: why)
         }
     }

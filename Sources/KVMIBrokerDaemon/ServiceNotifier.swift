@@ -1,5 +1,6 @@
 import CKVMIBroker
 import Dispatch
+import KVMIBrokerCore
 import Logging
 import Synchronization
 
@@ -170,7 +171,7 @@ public final class ServiceNotifier: Sendable {
         if first {
             logger?.warning(
                 "cannot notify systemd (NOTIFY_SOCKET): the service manager may not see the broker's state",
-                metadata: ["errno": "\(String(cString: strerror(-result)))"])
+                metadata: ["errno": "\(errnoName(-result))"])
         }
     }
 }

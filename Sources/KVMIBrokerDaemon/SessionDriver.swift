@@ -276,20 +276,20 @@ final class SessionDriver: Sendable {
         let (decision, reason) = configuration.plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
         let plan = decision.plan
         state.failClosed = decision.failsClosed
-        logger.notice("policy decision: \(reason)", metadata: ["policy.rule": "\(decision.rule ?? "-")"])
+        state.rule = decision.rule ?? "-"
+        logger.audit.notice("policy decision: \(reason)", metadata: state.auditMetadata(plan))
         state.plan = plan
         state.machine = GuestSessionMachine(allowLists: plan?.allowLists ?? .kernelDefaults(.v12))
         let first = state.machine.handle(
             .helloAccepted(hello, introspect: plan != nil, introspectorID: plan?.introspectorID, failsClosed: state.failClosed))
         if let reconciliation = state.machine.reconciliation {
             // A restart found the guest hooked: what QEMU said, what is done, and the deciding rule (audit).
-            logger.notice(
+            logger.audit.notice(
                 "restart reconciliation: \(reconciliation)",
-                metadata: [
-                    "policy.rule": "\(decision.rule ?? "-")",
+                metadata: state.auditMetadata(plan).merging([
                     "qemu.applied": "\(escapedForLog(hello.applied.map { "\($0)" } ?? "unknown", limit: 128))",
                     "channel.version": "\(state.channelVersion)",
-                ])
+                ]) { $1 })
         }
         return first
     }
@@ -321,8 +321,12 @@ final class SessionDriver: Sendable {
     /// counted in the metrics (O(1): a few counter increments).
     @inline(never)
     private func react(to input: Input, _ session: SessionContext, _ state: inout LoopState) -> [GuestSessionMachine.Action]? {
-        guard let metrics = configuration.metrics else { return decide(input, session, &state) }
         let before = state.machine.state
+        guard let metrics = configuration.metrics else {
+            let actions = decide(input, session, &state)
+            auditUnhook(from: before, input, state, session.logger)
+            return actions
+        }
         let hooksBefore = state.hooks
         let actions = decide(input, session, &state)
         let introspector = state.plan?.introspectorName ?? "none"
@@ -352,7 +356,21 @@ final class SessionDriver: Sendable {
         if let reason = Self.unhookReason(from: before, to: state.machine.state, input) {
             metrics.unhooked(introspector: introspector, reason: reason)
         }
+        auditUnhook(from: before, input, state, session.logger)
         return actions
+    }
+
+    /// The audit record of an unhook (the machine's state went from holding the guest to not),
+    /// once, with its reason.
+    private func auditUnhook(from before: GuestSessionMachine.State, _ input: Input, _ state: LoopState, _ logger: Logger) {
+        guard let reason = Self.unhookReason(from: before, to: state.machine.state, input) else { return }
+        var metadata = state.auditMetadata(state.plan)
+        metadata["unhook.reason"] = "\(reason)"
+        switch reason {
+        case "policy": logger.audit.notice("guest unhooked for the policy change", metadata: metadata)
+        case "introspector-closed": logger.audit.warning("the introspector closed its connection; QEMU unhooked the guest", metadata: metadata)
+        default: logger.audit.notice("QEMU unhooked the guest (\(reason))", metadata: metadata)
+        }
     }
 
     /// Why QEMU unhooked the guest between `before` and `after`, or nil if it did not (a session
@@ -461,9 +479,10 @@ final class SessionDriver: Sendable {
             default: same = false
             }
             // Every decision is audited; a changed one at notice level.
-            logger.log(
+            state.rule = decision.rule ?? "-"
+            logger.audit.log(
                 level: next != state.plan ? .notice : .info, "policy reloaded: \(next != state.plan ? "changed" : "unchanged"): \(reason)",
-                metadata: ["policy.rule": "\(decision.rule ?? "-")"])
+                metadata: state.auditMetadata(next))
             if same, let next { state.plan = next } else { state.pendingPlan = next }
             actions = state.machine.handle(
                 .policyChanged(
@@ -522,6 +541,15 @@ final class SessionDriver: Sendable {
         var hookRequestedAt: ContinuousClock.Instant?
         var lastHookRequest: Duration?
         var hooks = 0
+        /// The rule of the decision in force, for the audit records ("-": none).
+        var rule = "-"
+
+        /// An audit record's metadata: the session's state, the deciding rule, the introspector.
+        func auditMetadata(_ plan: SessionPlan?) -> Logger.Metadata {
+            var metadata: Logger.Metadata = ["session.state": "\(machine.state)", "policy.rule": "\(rule)"]
+            if let plan { metadata["introspector"] = "\(plan.introspectorName)" }
+            return metadata
+        }
         /// The version WELCOME answered: 2 adds the `Applied` tail to HOOK and SET_ALLOWED.
         var channelVersion: UInt16 = 1
         /// What the status view was last told.
@@ -722,9 +750,12 @@ final class SessionDriver: Sendable {
         case .sendRelease:
             // Required but unservable: the guest must not run unmonitored, so it stays held.
             guard !state.failClosed else {
-                logger.warning("the policy requires this guest to be introspected but cannot serve it; not releasing its vCPUs")
+                logger.audit.warning(
+                    "the policy requires this guest to be introspected but cannot serve it; not releasing its vCPUs",
+                    metadata: state.auditMetadata(nil))
                 return .done
             }
+            logger.audit.notice("RELEASE: the guest is not introspected; QEMU releases any vCPUs it holds", metadata: state.auditMetadata(nil))
             return .request(.release, [])
         case .scheduleRetry(let failures):
             var generator = SystemRandomNumberGenerator()
@@ -776,7 +807,7 @@ final class SessionDriver: Sendable {
             if case .recovered(let attempts, let over) = state.streak.succeeded(at: .now) {
                 text += ", after \(attempts) failed attempt\(attempts == 1 ? "" : "s") over \(format(over))"
             }
-            logger.notice("\(text)", metadata: ["session.state": "\(state.machine.state)"])
+            logger.audit.notice("\(text)", metadata: state.auditMetadata(state.plan))
         case .closeChannel:
             return .close
         }

@@ -358,11 +358,9 @@ struct RunCommand: AsyncParsableCommand {
             throw ExitCode(2)
         }
         let level = Logger.Level(rawValue: logLevel)!
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
+        // Under systemd (JOURNAL_STREAM names our stderr) the journal, natively; else stderr.
+        let journal = BrokerLog.stderrIsJournal()
+        LoggingSystem.bootstrap { label in BrokerLog.handler(label: label, level: level, journal: journal) }
         let logger = Logger(label: "kvmi-broker")
         // Hundreds of guests need more than the usual 1,024 descriptors: take what the hard limit allows.
         let limit = raiseDescriptorLimit()

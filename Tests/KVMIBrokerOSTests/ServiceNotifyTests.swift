@@ -1,3 +1,4 @@
+import CKVMIBroker
 import Foundation
 import KVMIBrokerCore
 import KVMIBrokerOS
@@ -38,7 +39,8 @@ final class NotifySocket {
 
     init(path: String) throws {
         self.path = path
-        descriptor = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        // Through the shim: which Clang module owns SOCK_DGRAM varies with libsystemd's headers.
+        descriptor = kvmib_unix_dgram_socket()
         guard descriptor >= 0 else { throw BrokerError(.io, "socket(AF_UNIX, SOCK_DGRAM) failed", at: path, errno: errno) }
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)

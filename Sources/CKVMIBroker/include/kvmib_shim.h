@@ -104,6 +104,10 @@ int kvmib_accept(int fd, int nonblock);
 /* pipe2(O_CLOEXEC | O_NONBLOCK). */
 int kvmib_pipe(int fds[2]);
 
+/* socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0): with libsystemd's headers in a build, which
+ * Clang module owns the SOCK_* constants varies, and Swift may not find them. */
+int kvmib_unix_dgram_socket(void);
+
 /* AF_VSOCK, since Glibc's module may not export it. */
 int kvmib_af_vsock(void);
 
