@@ -11,6 +11,9 @@
 #include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <systemd/sd-daemon.h>
+/* Without this, sd_journal_sendv is a macro that adds this file's CODE_FILE/CODE_LINE/CODE_FUNC
+ * to every record; the Swift caller supplies the log call's own location. */
+#define SD_JOURNAL_SUPPRESS_LOCATION
 #include <systemd/sd-journal.h>
 #include <linux/vm_sockets.h>
 #include <sys/epoll.h>
