@@ -26,7 +26,9 @@ struct RunCommand: AsyncParsableCommand {
             allow-all default). Options of one mode are refused in the other.
 
             A QEMU's HELLO is accepted only if libvirt (--libvirt-uri) runs that domain with that QEMU pid and \
-            emulator. The broker logs to stderr; a failure that repeats (libvirt unreachable, an introspector \
+            emulator. The broker logs to the journal with fields when systemd connects its stderr to the journal \
+            (JOURNAL_STREAM), else to stderr; decisions, hooks, unhooks, releases and reloads are audit records \
+            (journal identifier kvmi-broker-audit, "audit:" on stderr). A failure that repeats (libvirt unreachable, an introspector \
             unreachable, the status file unwritable) is logged when it starts or changes, summarised while it \
             lasts, and logged once when it recovers. `kvmi-broker status` asks the broker over the control socket \
             (root, and members of --control-group); a status file is written only with --status-file (at start and \
