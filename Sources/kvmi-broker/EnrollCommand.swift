@@ -12,7 +12,9 @@ struct EnrollCommand: ParsableCommand {
             Edits the persistent definition through libvirt: the <kvmi:introspection> metadata element \
             (namespace \(IntrospectionMetadata.namespace)), the <qemu:commandline> arguments \
             '-chardev socket,id=kvmib0,path=SOCKET,reconnect-ms=1000' and \
-            '-object introspection-broker,id=kvmib-vmi0,chardev=kvmib0[,required=on]', and <emulator> with --qemu. \
+            '-object introspection-broker,id=kvmib-vmi0,chardev=kvmib0[,required=on]', and <emulator>: --qemu, or \
+            \(EnrollCommand.packagedQEMU) (the kvmi-broker-qemu package) when --qemu is not given and that file \
+            exists; otherwise the domain's <emulator> is left as it is. \
             Running it again with the same options changes nothing; with other options it replaces what it added. \
             A running domain picks the changes up at its next start. The policy still decides whether and how \
             the guest is introspected.
@@ -27,7 +29,15 @@ struct EnrollCommand: ParsableCommand {
     @Flag(help: "The guest must not start unless it can be introspected.")
     var required = false
 
-    @Option(name: .customLong("qemu"), help: "The patched QEMU binary, when it is not the domain's current <emulator>.")
+    /// The patched QEMU the kvmi-broker-qemu package installs beside Debian's.
+    static let packagedQEMU = "/usr/lib/kvmi-broker/qemu-system-x86_64"
+
+    @Option(
+        name: .customLong("qemu"),
+        help: """
+            The patched QEMU binary the domain runs (its <emulator>). Default: \(packagedQEMU) if that file \
+            exists, else the domain's current <emulator> is kept.
+            """)
     var emulator: String?
 
     @Option(help: "The broker's channel socket QEMU connects to (kvmi-broker run --channel-socket).")
@@ -38,6 +48,7 @@ struct EnrollCommand: ParsableCommand {
 
     func run() throws {
         do {
+            let emulator = emulator ?? (FileManager.default.isExecutableFile(atPath: Self.packagedQEMU) ? Self.packagedQEMU : nil)
             let options = try EnrollmentOptions(introspector: introspector, required: required, emulator: emulator, channelSocket: channelSocket)
             if let emulator, !FileManager.default.isExecutableFile(atPath: emulator) {
                 throw BrokerError(.invalidArgument, "--qemu \(emulator) is not an executable file")
