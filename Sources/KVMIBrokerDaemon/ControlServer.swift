@@ -172,9 +172,20 @@ public final class ControlServer: Sendable {
             ?? "only root may (the broker runs without --control-group)"
     }
 
+    /// Live control connections at most, and of those at most `maximumSilent` that have not
+    /// sent their request yet (the oldest is shut down for a newer one). The hook and `status`
+    /// send their line at once; with `--control-group` a non-root member can connect, and
+    /// without these bounds it could hold descriptors the channel needs.
+    public static let maximumConnections = 256
+    public static let maximumSilent = 32
+    let admission = ConnectionAdmission(maximumConnections: ControlServer.maximumConnections, maximumGreeting: ControlServer.maximumSilent)
+    let clientFailures = RateLimitedLog()
+
     public func run(listener: Descriptor) async {
         let socketFile = ServerSocket.fileIdentity(path)
-        await serveConnections(on: listener, io: io, logger: logger, what: "control") { connection in await self.serve(connection) }
+        await serveConnections(on: listener, io: io, logger: logger, what: "control", admission: admission) { connection in
+            await self.serve(connection)
+        }
         ServerSocket.remove(path: path, ifStill: socketFile)
     }
 
@@ -190,11 +201,15 @@ public final class ControlServer: Sendable {
         let deadline = ContinuousClock.now.advanced(by: .seconds(5))
         do {
             var line: [UInt8] = []
-            while !line.contains(10) {
-                guard line.count < ControlProtocol.maximumLine else { throw BrokerError(.protocolViolation, "request line too long") }
-                let chunk = try await io.readSome(from: connection.raw, limit: 4096, until: deadline)
-                if chunk.isEmpty { throw BrokerError(.peerClosed, "the client closed before its request") }
-                line += chunk
+            let ticket = admission.greeting(connection)
+            do {
+                defer { admission.greeted(ticket) }
+                while !line.contains(10) {
+                    guard line.count < ControlProtocol.maximumLine else { throw BrokerError(.protocolViolation, "request line too long") }
+                    let chunk = try await io.readSome(from: connection.raw, limit: 4096, until: deadline)
+                    if chunk.isEmpty { throw BrokerError(.peerClosed, "the client closed before its request") }
+                    line += chunk
+                }
             }
             let body = Data(line.prefix { $0 != 10 })
             let operation = try JSONDecoder().decode(ControlProtocol.Envelope.self, from: body).operation
@@ -204,8 +219,8 @@ public final class ControlServer: Sendable {
                     isStatus
                     ? "kvmi-broker: uid \(uid) may not read the status: \(whoMayRead)"
                     : "kvmi-broker: the hook's operations are root's; uid \(uid) may only read the status"
-                logger.warning(
-                    "control socket: refusing '\(escapedForLog(operation, limit: 32))' to uid \(uid)",
+                clientFailures.log(
+                    logger, "control socket: refusing '\(escapedForLog(operation, limit: 32))' to uid \(uid)",
                     metadata: ["peer.pid": "\(pid)", "peer.uid": "\(uid)"])
                 try await write(ControlProtocol.Refusal(why), to: connection, until: deadline)
                 return
@@ -219,7 +234,8 @@ public final class ControlServer: Sendable {
             let response = await answer(request)
             try await write(response, to: connection, until: deadline)
         } catch {
-            logger.warning("control socket: \(escapedForLog("\(error)", limit: 512))", metadata: ["peer.pid": "\(pid)"])
+            // Rate-limited: a client that floods the socket with silent connections cannot flood the log.
+            clientFailures.log(logger, "control socket: \(escapedForLog("\(error)", limit: 512))", metadata: ["peer.pid": "\(pid)"])
         }
     }
 

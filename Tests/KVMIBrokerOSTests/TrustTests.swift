@@ -316,6 +316,34 @@ extension OSLayerTests {
                 "\(downErr)")
         }
 
+        @Test("a flood of silent control connections is bounded (the oldest are shut down) and the hook is still answered")
+        func silentControlFlood() async throws {
+            let tree = try conflictTree()
+            defer { tree.cleanUp() }
+            let directory = freshPrivateDirectory()
+            defer { try? FileManager.default.removeItem(atPath: directory) }
+            let path = directory + "/control.sock"
+            let control = ControlServer(path: path, plans: try PolicyStore(sources: tree.sources), logger: Logger(label: "control"))
+            let listener = try control.bind()
+            let task = Task { await control.run(listener: listener) }
+            defer { task.cancel() }
+            let silent = try (0..<(ControlServer.maximumSilent * 3)).map { _ in try connectUnixSocket(path) }
+            defer { silent.forEach { $0.close() } }
+            // The server shuts the oldest silent ones down: each sees end of file without ever sending.
+            func closedByServer(_ socket: Descriptor) -> Bool {
+                var pollFD = pollfd(fd: socket.raw, events: Int16(POLLIN), revents: 0)
+                guard poll(&pollFD, 1, 0) == 1 else { return false }
+                var byte: UInt8 = 0
+                return recv(socket.raw, &byte, 1, 0) <= 0
+            }
+            let bounded = eventually { silent.filter(closedByServer).count >= silent.count - ControlServer.maximumSilent }
+            #expect(bounded, "\(silent.filter(closedByServer).count) of \(silent.count) silent connections shut down")
+            // The broker itself answers (its veto), not the hook's broker-down fallback.
+            let (status, _, err) = try runProcess(
+                broker, ["hook", "--control-socket", path, "--", "dd-db", "prepare", "begin", "-"], input: xml(enrolled, "dd-db"))
+            #expect(status == 1 && err.contains("but the policy cannot serve it") && !err.contains("the broker is unreachable"), "\(err)")
+        }
+
         @Test("stdin larger than 4 MiB: refused unread; vetoed if what was read shows enrolment, else let start")
         func oversizedInput() throws {
             let tree = try PolicyTree(toolSocket: "/tmp/none.sock")
