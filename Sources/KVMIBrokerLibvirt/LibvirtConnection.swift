@@ -8,6 +8,11 @@ import KVMIBrokerCore
 /// close callback to work; `LibvirtConnection.open` starts it.
 public enum LibvirtEventLoop {
     private static let started: Bool = {
+        // libvirt's client writes to its socket with write(2): when libvirtd goes away (a
+        // restart) the next write raises SIGPIPE, which kills a process that has not ignored
+        // it. libvirt leaves that to the application; every process that talks to libvirt
+        // through this layer (the daemon, the hook, the tests' in-process watcher) ignores it.
+        signal(SIGPIPE, SIG_IGN)
         kvmib_virt_silence_errors()
         guard virInitialize() == 0, virEventRegisterDefaultImpl() == 0 else { return false }
         let thread = Thread {
