@@ -37,12 +37,7 @@ extension OSLayerTests {
         let uuid = GuestUUID("5c0ffee0-1234-4abc-8def-0123456789ab")!
         let products = productsDirectory()
 
-        func secretFile() -> String {
-            let path = "/tmp/kvmib-fault-secret-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-            _ = FileManager.default.createFile(atPath: path, contents: Data(testSecret))
-            chmod(path, 0o600)
-            return path
-        }
+        func secretFile() -> String { temporarySecretFile("fault") }
 
         func introspectorProcess(_ socket: String, _ secret: String) throws -> ChildProcess {
             let child = try ChildProcess(

@@ -198,9 +198,7 @@ extension OSLayerTests {
         func stopLeavesGuestHooked() throws {
             let uuid = GuestUUID("5709a11e-5eed-4c0d-9abc-0123456789ef")!
             let products = productsDirectory()
-            let secret = "/tmp/kvmib-lifecycle-secret-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-            _ = FileManager.default.createFile(atPath: secret, contents: Data(testSecret))
-            chmod(secret, 0o600)
+            let secret = temporarySecretFile("lifecycle")
             defer { unlink(secret) }
             let toolSocket = temporarySocketPath("lc-tool")
             let channel = temporarySocketPath("lc-channel")

@@ -69,9 +69,7 @@ extension OSLayerTests {
 
         @Test("a hooked guest: the header and the guest's state, introspector and lists in text and JSON; GUEST by UUID and by name")
         func hookedGuest() throws {
-            let secret = "/tmp/kvmib-status-secret-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-            _ = FileManager.default.createFile(atPath: secret, contents: Data(testSecret))
-            chmod(secret, 0o600)
+            let secret = temporarySecretFile("status")
             defer { unlink(secret) }
             let toolSocket = temporarySocketPath("status-tool")
             let channel = temporarySocketPath("status-channel")

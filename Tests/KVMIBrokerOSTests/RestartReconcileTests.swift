@@ -21,12 +21,7 @@ extension OSLayerTests {
         let products = productsDirectory()
         let bound = Duration.seconds(60)
 
-        func secretFile() -> String {
-            let path = "/tmp/kvmib-reconcile-secret-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-            _ = FileManager.default.createFile(atPath: path, contents: Data(testSecret))
-            chmod(path, 0o600)
-            return path
-        }
+        func secretFile() -> String { temporarySecretFile("reconcile") }
 
         func introspectorProcess(_ socket: String, _ secret: String) throws -> ChildProcess {
             let child = try ChildProcess(

@@ -96,6 +96,14 @@ func runProcess(_ executable: URL, _ arguments: [String], timeout: TimeInterval 
 let testUUID = GuestUUID("6695eb01-f6a4-8304-79aa-97f2502e193f")!
 let testSecret = Array("s3cret with a newline\n".utf8)
 
+/// A new file holding `testSecret`, mode 0600 as secret files must be; the caller unlinks it.
+func temporarySecretFile(_ tag: String) -> String {
+    let path = "/tmp/kvmib-\(tag)-secret-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+    _ = FileManager.default.createFile(atPath: path, contents: Data(testSecret))
+    chmod(path, 0o600)
+    return path
+}
+
 func parameters(_ abi: ABIGeneration = .v12, secret: [UInt8]? = testSecret, timeout: Duration = .seconds(2)) -> HandshakeParameters {
     HandshakeParameters(
         abi: abi, request: HandshakeRequest(uuid: testUUID, name: "guest-1", startTime: 1_700_000_000, maxGPA: 0x1_0000_0000),
