@@ -43,7 +43,23 @@ public enum BrokerLog {
             base = StreamLogHandler.standardError(label: label == auditIdentifier ? identifier : label)
         }
         base.logLevel = level
-        return label == auditIdentifier ? AuditLogHandler(wrapping: base) : base
+        // Written on the log writer's queue: a slow stderr or journal never stalls a session.
+        return QueuedLogHandler(wrapping: label == auditIdentifier ? AuditLogHandler(wrapping: base) : base)
+    }
+
+    /// The audit trail's handler over a logger's `handler`: the audit identifier or prefix
+    /// applied to the handler that writes (inside a `QueuedLogHandler`, so the journal handler
+    /// underneath still takes the audit identifier).
+    public static func auditHandler(wrapping handler: any LogHandler) -> any LogHandler {
+        if let queued = handler as? QueuedLogHandler {
+            return QueuedLogHandler(wrapping: AuditLogHandler(wrapping: queued.base), writer: queued.writer)
+        }
+        return AuditLogHandler(wrapping: handler)
+    }
+
+    /// Waits (bounded) until the log records queued so far are written: before the process exits.
+    public static func flush() {
+        LogWriter.shared.flush()
     }
 }
 
@@ -53,7 +69,7 @@ extension Logger {
     /// stderr. Every decision, hook, unhook, RELEASE and policy reload is logged through it, once.
     public var audit: Logger {
         let handler = self.handler
-        return Logger(label: BrokerLog.auditIdentifier) { _ in AuditLogHandler(wrapping: handler) }
+        return Logger(label: BrokerLog.auditIdentifier) { _ in BrokerLog.auditHandler(wrapping: handler) }
     }
 }
 

@@ -108,6 +108,7 @@ public struct StopService: Service, CustomStringConvertible {
         let logger = self.logger
         DispatchQueue.global().asyncAfter(deadline: .now() + seconds) {
             logger.error("the stop took longer than --stop-timeout (\(shown)); exiting now (hooked guests stay hooked)")
+            LogWriter.shared.flush(timeout: .seconds(1))
             exit(1)
         }
     }

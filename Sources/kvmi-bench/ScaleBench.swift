@@ -127,9 +127,9 @@ struct ScaleBench: ParsableCommand {
                     (
                         broker,
                         [
+                            // As the broker ships: no status file (`--broker-option --status-file=PATH` adds it).
                             "run", "--channel-socket", channel, "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--control-socket", "",
-                            "--status-file",
-                            "\(work)/status-\(run).json", "--introspector", "unix:\(tool)", "--secret-file", secretPath, "--emulator", fakeQEMU,
+                            "--introspector", "unix:\(tool)", "--secret-file", secretPath, "--emulator", fakeQEMU,
                             "--abi", "v12", "--commands", "all", "--events", "all", "--log-level", "warning",
                         ] + brokerOptions
                     )

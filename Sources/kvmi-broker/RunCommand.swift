@@ -363,6 +363,8 @@ struct RunCommand: AsyncParsableCommand {
         // Under systemd (JOURNAL_STREAM names our stderr) the journal, natively; else stderr.
         let journal = BrokerLog.stderrIsJournal()
         LoggingSystem.bootstrap { label in BrokerLog.handler(label: label, level: level, journal: journal) }
+        // Records are written on the log writer's queue: write what is queued before exiting.
+        defer { BrokerLog.flush() }
         let logger = Logger(label: "kvmi-broker")
         // Hundreds of guests need more than the usual 1,024 descriptors: take what the hard limit allows.
         let limit = raiseDescriptorLimit()

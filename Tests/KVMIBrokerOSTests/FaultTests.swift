@@ -125,5 +125,52 @@ extension OSLayerTests {
             broker.kill()
             tool.kill()
         }
+
+        @Test("stderr is a full pipe nobody reads: the broker still starts and hooks the guest; the lines come out once it drains")
+        func stderrNobodyReads() async throws {
+            let secret = secretFile()
+            defer { unlink(secret) }
+            let toolSocket = temporarySocketPath("tool")
+            let channel = temporarySocketPath("channel")
+            let statusPath = "/tmp/kvmib-fault-status3-\(getpid()).json"
+            defer { unlink(statusPath) }
+            // The broker's stdout and stderr: a FIFO this test holds open and fills to the brim, as
+            // a stuck log reader (or a journald that stopped reading its stream) would leave it.
+            let fifo = "/tmp/kvmib-fault-fifo-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+            #expect(mkfifo(fifo, 0o600) == 0)
+            defer { unlink(fifo) }
+            let pipe = open(fifo, O_RDWR | O_NONBLOCK | O_CLOEXEC)
+            #expect(pipe >= 0)
+            defer { close(pipe) }
+            let chunk = [UInt8](repeating: UInt8(ascii: "."), count: 4096)
+            while write(pipe, chunk, chunk.count) > 0 {}
+            #expect(errno == EAGAIN)
+            let tool = try introspectorProcess(toolSocket, secret)
+            let broker = try SpawnedProcess(
+                products.appendingPathComponent("kvmi-broker").path,
+                [
+                    "run", "--channel-socket", channel, "--introspector", "unix:\(toolSocket)", "--secret-file", secret, "--abi", "v12",
+                    "--commands", "12,10", "--events", "0", "--status-file", statusPath, "--log-level", "debug", "--libvirt-uri", "",
+                    "--insecure-no-libvirt-identity", "--emulator", try patchedQEMU(), "--control-socket", "",
+                ], logPath: fifo)
+            defer { broker.terminate(SIGKILL, grace: 0) }
+            // Logging is the first thing the broker does (the identity-check warning): written
+            // synchronously, it would block there, and the socket would never appear.
+            #expect(eventually { FileManager.default.fileExists(atPath: channel) })
+            let qemu = try QEMUProcess(channelSocket: channel, uuid: uuid, name: "stuck-log-guest", kernelDouble: try kernelDouble())
+            defer { qemu.stop() }
+            _ = try qemu.qmp(#"{"execute":"cont"}"#)
+            #expect(eventually(timeout: .seconds(20)) { status(statusPath).first?.hooked == true }, "QEMU:\n\(qemu.log)\ntool:\n\(tool.log)")
+            // Drain the pipe: the queued records follow, the audit record of the hook among them.
+            var text = ""
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            #expect(
+                eventually {
+                    let count = read(pipe, &buffer, buffer.count)
+                    if count > 0 { text += String(decoding: buffer[0..<count].filter { $0 != UInt8(ascii: ".") }, as: UTF8.self) }
+                    return text.contains("audit: guest hooked")
+                }, "broker output so far:\n\(text)")
+            #expect(text.contains("IDENTITY CHECK OFF"))
+        }
     }
 }

@@ -115,6 +115,41 @@ final class CapturedLines: LogHandler, @unchecked Sendable {
     var captured: [(String, Logger.Metadata)] { lock.withLock { lines } }
 }
 
+/// A log handler whose first write does not return until `open()`: a writer stuck on a full pipe.
+final class StuckHandler: LogHandler, @unchecked Sendable {
+    var metadata: Logger.Metadata = [:]
+    var metadataProvider: Logger.MetadataProvider?
+    var logLevel: Logger.Level = .trace
+    private let condition = NSCondition()
+    private var isOpen = false
+    private var lines: [String] = []
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        condition.lock()
+        lines.append("\(event.message)")
+        while !isOpen { condition.wait() }
+        condition.unlock()
+    }
+
+    func open() {
+        condition.lock()
+        isOpen = true
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    var written: [String] {
+        condition.lock()
+        defer { condition.unlock() }
+        return lines
+    }
+}
+
 @Suite("Journal fields and the audit logger (no process)")
 struct JournalFieldsTests {
     func field(_ fields: [(name: String, value: String)], _ name: String) -> String? { fields.first { $0.name == name }?.value }
@@ -209,9 +244,51 @@ struct JournalFieldsTests {
         let journal = Logger(label: "kvmi-broker") { _ in JournalLogHandler() }
         let handler = try #require(journal.audit.handler as? AuditLogHandler)
         #expect((handler.base as? JournalLogHandler)?.identifier == "kvmi-broker-audit")
-        #expect(BrokerLog.handler(label: "kvmi-broker-audit", level: .info, journal: true) is AuditLogHandler)
-        #expect((BrokerLog.handler(label: "kvmi-broker", level: .info, journal: true) as? JournalLogHandler)?.identifier == "kvmi-broker")
-        #expect(BrokerLog.handler(label: "kvmi-broker", level: .info, journal: false) is StreamLogHandler)
+        // The daemon's handlers write on the log writer's queue, with the same handler underneath.
+        let queuedAudit = try #require(BrokerLog.handler(label: "kvmi-broker-audit", level: .info, journal: true) as? QueuedLogHandler)
+        #expect(((queuedAudit.base as? AuditLogHandler)?.base as? JournalLogHandler)?.identifier == "kvmi-broker-audit")
+        let queued = try #require(BrokerLog.handler(label: "kvmi-broker", level: .info, journal: true) as? QueuedLogHandler)
+        #expect((queued.base as? JournalLogHandler)?.identifier == "kvmi-broker")
+        #expect((BrokerLog.handler(label: "kvmi-broker", level: .info, journal: false) as? QueuedLogHandler)?.base is StreamLogHandler)
+        // A queued broker logger's audit logger stays queued, with the audit identifier underneath.
+        let daemon = Logger(label: "kvmi-broker") { _ in QueuedLogHandler(wrapping: JournalLogHandler()) }
+        let daemonAudit = try #require(daemon.audit.handler as? QueuedLogHandler)
+        #expect(((daemonAudit.base as? AuditLogHandler)?.base as? JournalLogHandler)?.identifier == "kvmi-broker-audit")
+        #expect(daemon.audit.logLevel == .info && daemon.audit.audit.handler is QueuedLogHandler)
+    }
+
+    @Test(
+        "a log call returns while the writer is stuck (a full pipe, a busy journald); past the bound info is dropped and counted, notice and above wait; order kept",
+        .timeLimit(.minutes(1)))
+    func queuedWriter() throws {
+        let stuck = StuckHandler()
+        let writer = LogWriter(capacity: 4, label: "test.log-writer")
+        let logger = Logger(label: "kvmi-broker") { _ in QueuedLogHandler(wrapping: stuck, writer: writer) }
+        logger.notice("r0")
+        #expect(eventually { stuck.written == ["r0"] })  // the writer is now inside a write that does not return
+        for index in 1...6 { logger.info("r\(index)") }  // a synchronous handler would block here, on r1
+        // A notice past the bound waits for room (never dropped): from another thread.
+        let noticeQueued = NSCondition()
+        nonisolated(unsafe) var queued = false
+        Thread.detachNewThread {
+            logger.audit.notice("n7")
+            noticeQueued.withLock { queued = true }
+        }
+        stuck.open()
+        #expect(eventually { noticeQueued.withLock { queued } })
+        #expect(writer.flush())
+        // The drop is reported where it happened: after the records queued before it, before n7
+        // (which could only be queued once the writer took r1-r4).
+        #expect(
+            stuck.written == [
+                "r0", "r1", "r2", "r3", "r4",
+                "2 log records below notice dropped: the log writer fell behind (the audit trail, warnings and errors are never dropped)",
+                "audit: n7",
+            ])
+        // Caught up: nothing dropped any more, and a flush with nothing queued returns at once.
+        logger.info("r8")
+        #expect(writer.flush())
+        #expect(stuck.written.last == "r8")
     }
 
     @Test("the test's parser reads both forms of the native protocol")

@@ -1,0 +1,150 @@
+import Dispatch
+import Foundation
+import KVMIBrokerCore
+import Logging
+
+/// Writes the broker's log records on a serial queue of its own, so that a log call never
+/// blocks the thread that makes it: a write to stderr (a pipe nobody drains quickly) or to the
+/// journal's socket (journald busy or rate-limiting) would otherwise stall one of Swift's two
+/// cooperative threads, and with it every guest on that thread. Formatting moves off the
+/// session path too: a boot storm writes two audit records per guest.
+///
+/// The queue is bounded (`capacity` records). When it is full, records below `notice` (the
+/// broker's info and debug chatter) are dropped and counted, and the count is logged as a
+/// warning once the writer catches up; records at `notice` and above (the audit trail,
+/// warnings, errors) are never dropped: their caller waits for room, the back-pressure a
+/// synchronous handler applies to every record. Records keep their order.
+public final class LogWriter: @unchecked Sendable {
+    /// The broker's writer (`kvmi-broker run` installs handlers that use it).
+    public static let shared = LogWriter(capacity: 16_384)
+
+    /// A record waiting to be written: the handler that writes it and the event.
+    private struct Pending {
+        var handler: any LogHandler
+        var event: LogEvent
+    }
+
+    private let capacity: Int
+    private let queue: DispatchQueue
+    private let condition = NSCondition()
+    // Guarded by `condition`.
+    private var pending: [Pending] = []
+    private var draining = false
+    private var dropped = 0
+    /// Where the drop warning goes: the handler of the last record dropped.
+    private var dropHandler: (any LogHandler)?
+
+    public init(capacity: Int, label: String = "kvmi-broker.log-writer") {
+        precondition(capacity > 0)
+        self.capacity = capacity
+        queue = DispatchQueue(label: label)
+    }
+
+    /// Queues `event` for `handler`. Returns at once unless the queue is full and the record
+    /// is at `notice` or above (then it waits for room).
+    public func write(_ event: LogEvent, with handler: any LogHandler) {
+        condition.lock()
+        if pending.count >= capacity {
+            guard event.level >= .notice else {
+                dropped += 1
+                dropHandler = handler
+                condition.unlock()
+                return
+            }
+            while pending.count >= capacity { condition.wait() }
+        }
+        pending.append(Pending(handler: handler, event: event))
+        let start = !draining
+        draining = true
+        condition.unlock()
+        if start { queue.async { self.drain() } }
+    }
+
+    /// Waits until every record queued so far is written, or `timeout` passed (a writer stuck
+    /// on a full pipe must not keep the process from exiting). True when all were written.
+    @discardableResult
+    public func flush(timeout: Duration = .seconds(5)) -> Bool {
+        let (seconds, attoseconds) = timeout.components
+        let deadline = Date(timeIntervalSinceNow: Double(seconds) + Double(attoseconds) / 1e18)
+        condition.lock()
+        defer { condition.unlock() }
+        while draining || !pending.isEmpty {
+            if !condition.wait(until: deadline) { return false }
+        }
+        return true
+    }
+
+    private func drain() {
+        while true {
+            condition.lock()
+            let batch = pending
+            pending.removeAll(keepingCapacity: true)
+            let lost = dropped
+            let lostHandler = dropHandler
+            dropped = 0
+            dropHandler = nil
+            if batch.isEmpty && lost == 0 {
+                draining = false
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
+            // Room again: wake callers waiting to queue a notice-or-above record.
+            condition.broadcast()
+            condition.unlock()
+            for record in batch { record.handler.log(event: record.event) }
+            if lost > 0, let lostHandler {
+                let warning = LogEvent(
+                    level: .warning,
+                    message: "\(lost) log record\(lost == 1 ? "" : "s") below notice dropped: the log writer fell behind (the audit trail, warnings and errors are never dropped)",
+                    metadata: nil, source: "KVMIBrokerDaemon", file: #fileID, function: #function, line: #line)
+                lostHandler.log(event: warning)
+            }
+        }
+    }
+}
+
+/// A handler that hands each record to a `LogWriter` and returns: `base` formats and writes it
+/// on the writer's queue. Metadata from the base's provider (task-local values) is read here,
+/// on the caller's task, where it is set.
+public struct QueuedLogHandler: LogHandler {
+    public var base: any LogHandler
+    let writer: LogWriter
+
+    public init(wrapping base: any LogHandler, writer: LogWriter = .shared) {
+        self.base = base
+        self.writer = writer
+    }
+
+    public func log(event: LogEvent) {
+        var event = event
+        var handler = base
+        if let provider = base.metadataProvider {
+            var metadata = provider.get()
+            if let explicit = event.metadata { metadata.merge(explicit) { $1 } }
+            event.metadata = metadata
+            handler.metadataProvider = nil
+        }
+        writer.write(event, with: handler)
+    }
+
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { base[metadataKey: key] }
+        set { base[metadataKey: key] = newValue }
+    }
+
+    public var metadata: Logger.Metadata {
+        get { base.metadata }
+        set { base.metadata = newValue }
+    }
+
+    public var metadataProvider: Logger.MetadataProvider? {
+        get { base.metadataProvider }
+        set { base.metadataProvider = newValue }
+    }
+
+    public var logLevel: Logger.Level {
+        get { base.logLevel }
+        set { base.logLevel = newValue }
+    }
+}
