@@ -96,7 +96,10 @@ public final class LogWriter: @unchecked Sendable {
             if lost > 0, let lostHandler {
                 let warning = LogEvent(
                     level: .warning,
-                    message: "\(lost) log record\(lost == 1 ? "" : "s") below notice dropped: the log writer fell behind (the audit trail, warnings and errors are never dropped)",
+                    message: """
+                        \(lost) log record\(lost == 1 ? "" : "s") below notice dropped: the log writer fell behind \
+                        (the audit trail, warnings and errors are never dropped)
+                        """,
                     metadata: nil, source: "KVMIBrokerDaemon", file: #fileID, function: #function, line: #line)
                 lostHandler.log(event: warning)
             }
