@@ -164,7 +164,7 @@ struct GuestSessionMachineTests {
         #expect(machine.handle(.handshakeSucceeded) == [.sendHook(lists)])
         let actions = machine.handle(.result(Channel.Result(requestType: 0x10, step: .none, hooked: true, error: 0, failedID: -1)))
         #expect(machine.state == .hooked(.v12))
-        #expect(actions.count == 1)
+        #expect(actions == [.succeeded("guest hooked (ABI v12)"), .scheduleSurvivalCheck])
     }
 
     @Test("a guest outside the policy is released and left alone")
