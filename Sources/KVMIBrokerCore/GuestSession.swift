@@ -70,6 +70,8 @@ public struct GuestSessionMachine: Sendable {
         case policyChanged(introspect: Bool, allowLists: Channel.AllowLists, sameIntrospector: Bool)
         /// The tool did not let go within its unhook timeout after PREUNHOOK.
         case unhookDeadline
+        /// The hook has lasted its survival time (`scheduleSurvivalCheck`): it resets the back-off.
+        case hookSurvived
     }
 
     public enum Action: Sendable, Equatable {
@@ -89,6 +91,9 @@ public struct GuestSessionMachine: Sendable {
         case sendUnhook
         /// Arm the introspector's unhook timeout (then `unhookDeadline`).
         case scheduleUnhookDeadline
+        /// A hook succeeded: arm its survival timer (then `hookSurvived`). Until it fires the hook
+        /// has not proven itself, and a hang-up counts as a short-lived hook.
+        case scheduleSurvivalCheck
         /// The new decision's introspector takes over: reload the connection parameters.
         case adoptNewIntrospector
         case log(LogLevel, String)
@@ -151,8 +156,18 @@ public struct GuestSessionMachine: Sendable {
     /// whether every reload since kept the introspector.
     private var changeWhileUpdating: (introspect: Bool, sameIntrospector: Bool)?
     public private(set) var introspect = false
-    /// Consecutive failures since the last successful hook; drives the back-off.
+    /// Consecutive failures since the last hook that survived; drives the back-off. A hook
+    /// resets it only once it has lasted (`hookSurvived`), so a tool in a crash loop, which
+    /// accepts each handshake and closes right after, meets a growing back-off.
     public private(set) var failures = 0
+    /// Hooks in a row that ended (the tool hung up) before they survived.
+    public private(set) var shortLivedHooks = 0
+    /// The current hook has not survived yet (a hang-up now counts as short-lived).
+    private var hookOnTrial = false
+    /// Short-lived hooks in a row from which the session is said to be flapping.
+    public static let flappingThreshold = 3
+    /// The introspector accepts the guest and lets go again, over and over.
+    public var isFlapping: Bool { shortLivedHooks >= Self.flappingThreshold }
     /// The last failure's reason, so a repeated failure is logged once at warning level.
     public private(set) var lastFailure: String?
     private var held = false
@@ -240,6 +255,14 @@ public struct GuestSessionMachine: Sendable {
             guard case .unhooking = state, !result.hooked else { return [] }
             return finishUnhook()
 
+        case .hookSurvived:
+            guard hookOnTrial, state.isHooked else { return [] }
+            hookOnTrial = false
+            let wasFlapping = isFlapping
+            failures = 0
+            shortLivedHooks = 0
+            return wasFlapping ? [.log(.notice, "the introspector's connection has lasted; no longer flapping")] : []
+
         case .unhookDeadline:
             guard case .unhooking = state else { return [] }
             return [.log(.warning, "the introspector did not close within its unhook timeout; unhooking"), .sendUnhook]
@@ -266,10 +289,10 @@ public struct GuestSessionMachine: Sendable {
             }
             if result.error == 0 && result.hooked {
                 state = .hooked(allowLists.abi)
-                failures = 0
                 lastFailure = nil
                 held = false
-                return [.succeeded("guest hooked (ABI \(allowLists.abi))")]
+                hookOnTrial = true
+                return [.succeeded("guest hooked (ABI \(allowLists.abi))"), .scheduleSurvivalCheck]
             }
             return fail(Self.explain(result, abi: allowLists.abi))
 
@@ -407,9 +430,18 @@ public struct GuestSessionMachine: Sendable {
             guard introspect, !isSuspended else { return [note] }
             // The tool went away (crash or restart): reconnect after the back-off, never at once.
             failures += 1
+            var flapping: [Action] = []
+            if hookOnTrial {
+                hookOnTrial = false
+                shortLivedHooks += 1
+                if shortLivedHooks >= Self.flappingThreshold {
+                    lastFailure = "flapping: the introspector closed its connection right after the hook \(shortLivedHooks) times in a row"
+                    if shortLivedHooks == Self.flappingThreshold { flapping = [.log(.warning, lastFailure!)] }
+                }
+            }
             state = .backingOff(nextAttempt: failures + 1)
             // The broker's audit record says "the introspector closed its connection; QEMU unhooked the guest".
-            let actions: [Action] = [note, .scheduleRetry(afterFailures: failures)]
+            let actions: [Action] = [note] + flapping + [.scheduleRetry(afterFailures: failures)]
             guard event.running else {
                 state = .waitingForVM
                 return Array(actions.dropLast())

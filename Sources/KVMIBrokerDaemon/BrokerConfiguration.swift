@@ -39,6 +39,16 @@ public struct BrokerConfiguration: Sendable {
     /// Counts sessions, hooks, failures and reloads for `/metrics`; nil when metrics are off.
     public var metrics: BrokerMetrics?
 
+    /// How long a hook must last before it resets the back-off: a tool that lets go sooner
+    /// (a crash loop) meets a growing back-off and is shown as flapping (`GuestSessionMachine`).
+    public var hookSurvival: Duration = .seconds(10)
+    /// Wakes a session whose unix endpoint was absent or refused when the socket appears (nil:
+    /// the back-off alone).
+    public var endpointWatcher: EndpointWatcher? = .shared
+
+    /// Introspectors being drained (`kvmi-broker drain`), applied to every decision.
+    public var drains = IntrospectorDrains()
+
     /// The source of session decisions in force.
     public var plans: any PlanSource { policy ?? self }
 

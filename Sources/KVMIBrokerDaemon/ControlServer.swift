@@ -47,6 +47,68 @@ public enum ControlProtocol {
         }
     }
 
+    /// `kvmi-broker drain INTROSPECTOR` / `undrain INTROSPECTOR`: root only.
+    public struct DrainRequest: Codable, Sendable, Equatable {
+        /// "drain" or "undrain".
+        public var operation: String
+        public var introspector: String
+        /// Drain: required guests may be let go too (they then run unmonitored).
+        public var allowUnmonitored: Bool?
+        /// Drain: answer once every guest that is to be let go has been let go (bounded).
+        public var wait: Bool?
+
+        public init(operation: String, introspector: String, allowUnmonitored: Bool? = nil, wait: Bool? = nil) {
+            self.operation = operation
+            self.introspector = introspector
+            self.allowUnmonitored = allowUnmonitored
+            self.wait = wait
+        }
+    }
+
+    /// The answer to `drain`/`undrain`: the progress, or an error and its code
+    /// (`unknown-introspector`, `not-draining`, `permission-denied`, `bad-request`).
+    public struct DrainAnswer: Codable, Sendable, Equatable {
+        public var introspector: String?
+        public var draining: Bool?
+        public var allowUnmonitored: Bool?
+        /// Guests hooked to the introspector when the request came.
+        public var hookedBefore: Int?
+        /// Guests still hooked to it now, and of those the required ones the drain keeps hooked.
+        public var stillHooked: Int?
+        public var requiredKept: Int?
+        /// Every guest to be let go has been let go.
+        public var done: Bool?
+        public var error: String?
+        public var code: String?
+
+        public init(error: String, code: String) {
+            self.error = error
+            self.code = code
+        }
+
+        public init(introspector: String, draining: Bool, allowUnmonitored: Bool, hookedBefore: Int, stillHooked: Int, requiredKept: Int) {
+            self.introspector = introspector
+            self.draining = draining
+            self.allowUnmonitored = allowUnmonitored
+            self.hookedBefore = hookedBefore
+            self.stillHooked = stillHooked
+            self.requiredKept = requiredKept
+            self.done = stillHooked == requiredKept
+        }
+
+        /// "2 of 3 guests let go; 1 required guest stays hooked".
+        public var progress: String {
+            let before = hookedBefore ?? 0
+            let kept = requiredKept ?? 0
+            let letGo = max(before - (stillHooked ?? 0), 0)
+            var text = "\(letGo) of \(max(before - kept, 0)) guest\(before - kept == 1 ? "" : "s") let go"
+            if kept > 0 {
+                text += "; \(kept) required guest\(kept == 1 ? "" : "s") stay\(kept == 1 ? "s" : "") hooked (--allow-unmonitored lets them go)"
+            }
+            return text
+        }
+    }
+
     /// The refusal of a peer that may not ask what it asked: both the hook (`allow`, `reason`)
     /// and `status` (`error`, `code`) read it.
     struct Refusal: Encodable {
@@ -125,13 +187,16 @@ public final class ControlServer: Sendable {
     private let statusAnswers = Atomic<Int>(0)
     /// Counts an unreachable introspector of a required guest; nil when metrics are off.
     let metrics: BrokerMetrics?
+    /// The drains the sessions apply (nil: `drain` is answered with an error).
+    let drains: IntrospectorDrains?
 
     public init(
         path: String, plans: any PlanSource, logger: Logger, probeTimeout: Duration = .seconds(2), io: AsyncSocketIO = AsyncSocketIO(),
         status: LiveStatusSource? = nil, readers: (gid: gid_t, name: String)? = nil, statusWriteTimeout: Duration = .seconds(10),
-        metrics: BrokerMetrics? = nil
+        metrics: BrokerMetrics? = nil, drains: IntrospectorDrains? = nil
     ) {
         self.metrics = metrics
+        self.drains = drains
         self.path = path
         self.plans = plans
         self.logger = logger
@@ -230,6 +295,12 @@ public final class ControlServer: Sendable {
                 try await answerStatus(request, to: connection)
                 return
             }
+            if operation == "drain" || operation == "undrain" {
+                let request = try JSONDecoder().decode(ControlProtocol.DrainRequest.self, from: body)
+                let answer = await answerDrain(request, uid: uid, pid: pid)
+                try await write(answer, to: connection, until: .now.advanced(by: .seconds(5)))
+                return
+            }
             let request = try JSONDecoder().decode(ControlProtocol.Request.self, from: body)
             let response = await answer(request)
             try await write(response, to: connection, until: deadline)
@@ -282,6 +353,65 @@ public final class ControlServer: Sendable {
             answer = .init(status: nil, error: "this broker serves no status on its control socket", code: "bad-request")
             try await write(answer, to: connection, until: .now.advanced(by: statusWriteTimeout), encoder: LiveStatus.encoder(pretty: false))
         }
+    }
+
+    /// Drain or undrain an introspector: applied by every session through a re-decision (the
+    /// path a policy reload takes), audited; with `wait`, answered once the guests to be let go
+    /// have been let go, or after the introspector's unhook timeout and 15 s more.
+    func answerDrain(_ request: ControlProtocol.DrainRequest, uid: uid_t, pid: pid_t) async -> ControlProtocol.DrainAnswer {
+        guard let drains, let registry = status?.registry else {
+            return .init(error: "this broker cannot drain introspectors (it has no session registry)", code: "bad-request")
+        }
+        let name = request.introspector
+        let shown = escapedForLog(name, limit: 64)
+        let store = plans as? PolicyStore
+        let known = store.map { Set($0.snapshot.policy.introspectors.keys) } ?? ["command-line"]
+        let draining = request.operation == "drain"
+        guard known.contains(name) || (!draining && drains.drain(of: name) != nil) else {
+            return .init(
+                error:
+                    "no introspector named '\(shown)' in \(store.map { "the policy (generation \($0.snapshot.generation))" } ?? "the static configuration ('command-line')")",
+                code: "unknown-introspector")
+        }
+        func progress() async -> (hooked: Int, required: Int) {
+            var hooked = 0
+            var required = 0
+            for session in await registry.unsortedSnapshot() where session.hooked && session.introspector == name {
+                hooked += 1
+                if session.required == true { required += 1 }
+            }
+            return (hooked, required)
+        }
+        let before = await progress()
+        let metadata: Logger.Metadata = ["introspector": "\(shown)", "peer.uid": "\(uid)", "peer.pid": "\(pid)"]
+        guard draining else {
+            guard drains.undrain(name) != nil else { return .init(error: "introspector '\(shown)' is not draining", code: "not-draining") }
+            logger.audit.notice("undrain \(shown): guests may be hooked to it again", metadata: metadata)
+            await registry.broadcastPolicyChange()
+            return .init(
+                introspector: name, draining: false, allowUnmonitored: false, hookedBefore: before.hooked, stillHooked: before.hooked, requiredKept: 0
+            )
+        }
+        let allowUnmonitored = request.allowUnmonitored ?? false
+        drains.drain(name, allowUnmonitored: allowUnmonitored)
+        logger.audit.notice(
+            "drain \(shown): no new guest is hooked to it; its \(before.hooked) hooked guest\(before.hooked == 1 ? "" : "s") are let go (PREUNHOOK, unhook timeout, UNHOOK)\(allowUnmonitored ? ", required ones too (--allow-unmonitored: they run unmonitored)" : "; required ones stay hooked")",
+            metadata: metadata)
+        await registry.broadcastPolicyChange()
+        var now = await progress()
+        if request.wait == true {
+            let unhookTimeout = store?.snapshot.policy.introspectors[name]?.unhookTimeout ?? .seconds(5)
+            let deadline = ContinuousClock.now.advanced(by: unhookTimeout + .seconds(15))
+            while now.hooked > (allowUnmonitored ? 0 : now.required), ContinuousClock.now < deadline {
+                try? await Task.sleep(for: .milliseconds(100))
+                now = await progress()
+            }
+        }
+        let answer = ControlProtocol.DrainAnswer(
+            introspector: name, draining: true, allowUnmonitored: allowUnmonitored, hookedBefore: before.hooked, stillHooked: now.hooked,
+            requiredKept: allowUnmonitored ? 0 : now.required)
+        if request.wait == true { logger.audit.notice("drain \(shown): \(answer.progress)", metadata: metadata) }
+        return answer
     }
 
     func answer(_ request: ControlProtocol.Request) async -> ControlProtocol.Response {

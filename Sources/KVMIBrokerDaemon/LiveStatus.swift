@@ -46,6 +46,11 @@ public struct LiveStatus: Codable, Sendable, Equatable {
         public var hooked: Int
         public var waiting: Int
         public var notIntrospected: Int
+        /// Introspectors with at least one flapping session (their tool accepts guests and lets
+        /// go right after, over and over), by name; absent when none.
+        public var flapping: [String]?
+        /// Introspectors being drained (`kvmi-broker drain`); absent when none.
+        public var draining: [IntrospectorDrains.Drain]?
     }
 }
 
@@ -59,14 +64,17 @@ public struct LiveStatusSource: Sendable {
     public var libvirtURI: String?
     public var libvirtConnected: (@Sendable () -> Bool)?
     public var controlGroup: String?
+    /// The drains in force (nil: none shown).
+    public var drains: IntrospectorDrains?
     public let pid: Int32
     public let startedAt: Date
     public let started: ContinuousClock.Instant
 
     public init(
         registry: SessionRegistry, policy: PolicyStore?, staticIntrospector: String?, libvirtURI: String?,
-        libvirtConnected: (@Sendable () -> Bool)?, controlGroup: String? = nil
+        libvirtConnected: (@Sendable () -> Bool)?, controlGroup: String? = nil, drains: IntrospectorDrains? = nil
     ) {
+        self.drains = drains
         self.registry = registry
         self.policy = policy
         self.staticIntrospector = staticIntrospector
@@ -99,6 +107,7 @@ public struct LiveStatusSource: Sendable {
             }
         }
         let total = sessions.count
+        let flapping = Set(sessions.filter { $0.flapping == true }.map { $0.introspector ?? "-" }).sorted()
         if let guest {
             let uuid = GuestUUID(guest).map { "\($0)" }
             sessions = sessions.filter { $0.uuid == uuid || $0.name == guest }
@@ -111,7 +120,8 @@ public struct LiveStatusSource: Sendable {
             policyFiles: snapshot?.policy.files.filter { $0.status == .read }.map(\.path), lastReloadFailed: policy?.lastReloadFailed,
             staticIntrospector: policy == nil ? staticIntrospector : nil, identityCheck: libvirtURI != nil, libvirtURI: libvirtURI,
             libvirtConnected: libvirtURI == nil ? nil : (libvirtConnected?() ?? false), controlGroup: controlGroup, sessions: total,
-            hooked: counts.hooked, waiting: counts.waiting, notIntrospected: counts.notIntrospected)
+            hooked: counts.hooked, waiting: counts.waiting, notIntrospected: counts.notIntrospected, flapping: flapping.isEmpty ? nil : flapping,
+            draining: drains.flatMap { $0.all.isEmpty ? nil : $0.all })
         return .success(LiveStatus(format: LiveStatus.currentFormat, broker: broker, guests: SessionRegistry.sorted(sessions)))
     }
 }
@@ -160,6 +170,17 @@ extension LiveStatus {
         lines.append(
             "guests: \(broker.sessions) session\(broker.sessions == 1 ? "" : "s"): \(broker.hooked) hooked, \(broker.waiting) waiting, \(broker.notIntrospected) not introspected"
         )
+        for drain in broker.draining ?? [] {
+            let hooked = guests.filter { $0.hooked && $0.introspector == drain.introspector }
+            let kept = hooked.filter { $0.required == true }.count
+            lines.append(
+                "draining: \(text(drain.introspector, 64)) for \(age(now.timeIntervalSince(drain.since))): \(hooked.count) guest\(hooked.count == 1 ? "" : "s") still hooked\(kept > 0 && !drain.allowUnmonitored ? " (\(kept) required, kept hooked)" : "")\(drain.allowUnmonitored ? "; required guests may run unmonitored" : "")"
+            )
+        }
+        if let flapping = broker.flapping {
+            lines.append(
+                "flapping: \(flapping.map { text($0, 64) }.joined(separator: ", ")) (the tool lets go right after each hook; the back-off grows)")
+        }
         for guest in guests {
             var line = "\(text(guest.name, 64)) \(text(guest.uuid, 40)) qemu pid \(guest.qemuPID): \(text(guest.state))"
             if let introspector = guest.introspector {
@@ -169,6 +190,7 @@ extension LiveStatus {
             if let since = guest.hookedSince {
                 line += "; hooked for \(age(now.timeIntervalSince(since)))"
             }
+            if guest.flapping == true { line += "; FLAPPING" }
             lines.append(line)
             if let identity = guest.identity, identity != "libvirt" { lines.append("    identity: \(text(identity, 64))") }
             if let failure = guest.lastFailure { lines.append("    last failure (\(guest.failures) in a row): \(text(failure, 512))") }

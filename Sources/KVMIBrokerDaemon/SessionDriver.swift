@@ -20,6 +20,11 @@ final class SessionDriver: Sendable {
         case frame(Channel.Frame)
         case handshake(attempt: UInt64, Result<HandshakeOutcome, BrokerError>)
         case retryDue(timer: UInt64)
+        /// The unix endpoint the last attempt could not reach appeared (the watcher's wake-up for
+        /// the retry `timer`): the retry is due now.
+        case endpointAppeared(timer: UInt64)
+        /// The hook armed with this timer has lasted `hookSurvival`.
+        case hookSurvived(timer: UInt64)
         case resultTimeout(seq: UInt32)
         case unhookDeadline(timer: UInt64)
         case policyReloaded
@@ -239,7 +244,8 @@ final class SessionDriver: Sendable {
             // Teardown, structured: nothing the session started outlives it.
             inputs.finish()
             group.cancelAll()
-            let tasks = [state.handshakeTask, state.retryTask, state.resultTimer, state.unhookTimer].compactMap { $0 }
+            state.stopWatching(configuration.endpointWatcher)
+            let tasks = [state.handshakeTask, state.retryTask, state.resultTimer, state.unhookTimer, state.survivalTask].compactMap { $0 }
             for task in tasks { task.cancel() }
             for task in tasks { await task.value }
             state.pendingOutcome?.descriptor.close()
@@ -273,7 +279,8 @@ final class SessionDriver: Sendable {
     private func decideFirst(
         hello: Channel.Hello, name: String, metadata: GuestMetadata?, state: inout LoopState, logger: Logger
     ) -> [GuestSessionMachine.Action] {
-        let (decision, reason) = configuration.plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
+        let (decided, why) = configuration.plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
+        let (decision, reason) = configuration.drains.apply(decided, reason: why, hooked: hello.flags.contains(.hooked))
         let plan = decision.plan
         state.failClosed = decision.failsClosed
         state.rule = decision.rule ?? "-"
@@ -448,6 +455,7 @@ final class SessionDriver: Sendable {
             state.handshakeAttempt = nil
             switch outcome {
             case .success(let outcome):
+                state.lastHandshakeError = nil
                 state.pendingOutcome = outcome
                 if !outcome.authenticated {
                     logger.warning(
@@ -455,13 +463,30 @@ final class SessionDriver: Sendable {
                 }
                 actions = state.machine.handle(.handshakeSucceeded)
             case .failure(let error):
+                state.lastHandshakeError = error
                 actions = state.machine.handle(.handshakeFailed(error))
             }
         case .retryDue(let timer):
             guard timer == state.retryTimer else { return [] }
             state.retryTask = nil
             state.retryTimer = nil
+            state.stopWatching(configuration.endpointWatcher)
             actions = state.machine.handle(.retryDue)
+        case .endpointAppeared(let timer):
+            guard timer == state.retryTimer else { return [] }
+            // The watcher forgot the waiter when it woke it; the back-off timer is not needed now.
+            state.watchToken = nil
+            state.retryTask?.cancel()
+            state.retryTask = nil
+            state.retryTimer = nil
+            state.wokenByEndpoint = true
+            logger.debug("the introspector's socket appeared; connecting now rather than after the back-off")
+            actions = state.machine.handle(.retryDue)
+        case .hookSurvived(let timer):
+            guard timer == state.survivalTimer else { return [] }
+            state.survivalTask = nil
+            state.survivalTimer = nil
+            actions = state.machine.handle(.hookSurvived)
         case .unhookDeadline(let timer):
             guard timer == state.unhookTimerID else { return [] }
             state.unhookTimer = nil
@@ -469,7 +494,9 @@ final class SessionDriver: Sendable {
             actions = state.machine.handle(.unhookDeadline)
         case .policyReloaded:
             session.reload.pending.store(false, ordering: .releasing)
-            let (decision, reason) = plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
+            let (decided, why) = plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
+            let hooked = state.machine.state.isHooked || state.machine.state.isUnhookingOrUpdating
+            let (decision, reason) = configuration.drains.apply(decided, reason: why, hooked: hooked)
             let next = decision.plan
             state.failClosed = decision.failsClosed
             let same: Bool
@@ -541,6 +568,40 @@ final class SessionDriver: Sendable {
         var hookRequestedAt: ContinuousClock.Instant?
         var lastHookRequest: Duration?
         var hooks = 0
+        /// The endpoint of the last handshake attempt and why it failed (nil: it did not), to
+        /// tell whether the retry should also wait for the endpoint's socket to appear.
+        var attemptEndpoint: IntrospectorEndpoint?
+        var lastHandshakeError: BrokerError?
+        /// The endpoint watcher's waiter for the pending retry.
+        var watchToken: UInt64?
+        /// The attempt in progress was started by the endpoint's socket appearing.
+        var wokenByEndpoint = false
+        /// Short retries after a wake-up that met a socket not yet listening.
+        var quickRetries = 0
+        static let maximumQuickRetries = 5
+        /// The survival timer of the current hook.
+        var survivalTask: Task<Void, Never>?
+        var survivalTimer: UInt64?
+
+        /// The unix path to watch when the last attempt found no socket (ENOENT: wake if it is
+        /// there already) or a socket nobody listens on (ECONNREFUSED: a stale file; a tool that
+        /// starts replaces it, which is a create). nil: back-off only (vsock, tcp, abstract
+        /// names, other failures).
+        func endpointToWatch() -> (path: String, ifPresent: Bool)? {
+            guard case .unix(let path)? = attemptEndpoint, path.hasPrefix("/"), let error = lastHandshakeError, error.code == .connectFailed
+            else { return nil }
+            switch error.errno {
+            case ENOENT: return (path, true)
+            case ECONNREFUSED: return (path, false)
+            default: return nil
+            }
+        }
+
+        mutating func stopWatching(_ watcher: EndpointWatcher?) {
+            if let token = watchToken { watcher?.cancel(token) }
+            watchToken = nil
+        }
+
         /// The rule of the decision in force, for the audit records ("-": none).
         var rule = "-"
 
@@ -595,6 +656,8 @@ final class SessionDriver: Sendable {
         var hooked: Bool
         var failures: Int
         var lastFailure: String?
+        var flapping: Bool
+        var required: Bool
         var hooks: Int
         var lastHookMicroseconds: Int64?
         var lastHookRequestMicroseconds: Int64?
@@ -611,6 +674,8 @@ final class SessionDriver: Sendable {
             if case .hooked = state.machine.state { hooked = true } else { hooked = false }
             failures = state.machine.failures
             lastFailure = state.machine.lastFailure
+            flapping = state.machine.isFlapping
+            required = state.plan?.required == true || state.failClosed
             hooks = state.hooks
             lastHookMicroseconds = state.lastHook.map(microseconds)
             lastHookRequestMicroseconds = state.lastHookRequest.map(microseconds)
@@ -650,6 +715,8 @@ final class SessionDriver: Sendable {
             status.hooked = published.hooked
             status.failures = published.failures
             status.lastFailure = published.lastFailure
+            status.flapping = published.flapping ? true : nil
+            status.required = published.required ? true : nil
             status.hooks = published.hooks
             status.lastHookMicroseconds = published.lastHookMicroseconds
             status.lastHookRequestMicroseconds = published.lastHookRequestMicroseconds
@@ -724,6 +791,7 @@ final class SessionDriver: Sendable {
             }
             let connector = self.connector
             let endpoint = plan.endpoint
+            state.attemptEndpoint = endpoint
             let attempt = state.newID()
             state.handshakeTask?.cancel()
             state.handshakeAttempt = attempt
@@ -759,9 +827,24 @@ final class SessionDriver: Sendable {
             return .request(.release, [])
         case .scheduleRetry(let failures):
             var generator = SystemRandomNumberGenerator()
-            let delay = (state.plan?.backoff ?? configuration.backoff).delay(afterFailures: failures, using: &generator)
-            logger.debug("attempt \(failures) failed; retrying in \(format(delay))")
+            var delay = (state.plan?.backoff ?? configuration.backoff).delay(afterFailures: failures, using: &generator)
             let id = state.newID()
+            state.stopWatching(configuration.endpointWatcher)
+            if let watch = state.endpointToWatch() {
+                if state.wokenByEndpoint, !watch.ifPresent, state.quickRetries < LoopState.maximumQuickRetries {
+                    // Woken by the socket's creation, then refused: the tool has bound but not yet
+                    // listened. Try again shortly (50 ms doubling, 5 times), then the back-off.
+                    delay = min(delay, .milliseconds(50 << state.quickRetries))
+                    state.quickRetries += 1
+                }
+                state.watchToken = configuration.endpointWatcher?.watch(watch.path, ifPresent: watch.ifPresent) {
+                    Task { await inputs.send(.endpointAppeared(timer: id)) }
+                }
+            }
+            if !state.wokenByEndpoint { state.quickRetries = 0 }
+            state.wokenByEndpoint = false
+            logger.debug(
+                "attempt \(failures) failed; retrying in \(format(delay))\(state.watchToken != nil ? " or when the endpoint's socket appears" : "")")
             state.retryTask?.cancel()
             state.retryTimer = id
             state.retryTask = timer(after: delay, inputs, .retryDue(timer: id))
@@ -769,6 +852,12 @@ final class SessionDriver: Sendable {
             state.retryTask?.cancel()
             state.retryTask = nil
             state.retryTimer = nil
+            state.stopWatching(configuration.endpointWatcher)
+        case .scheduleSurvivalCheck:
+            let id = state.newID()
+            state.survivalTask?.cancel()
+            state.survivalTimer = id
+            state.survivalTask = timer(after: configuration.hookSurvival, inputs, .hookSurvived(timer: id))
         case .sendSetAllowed(let lists):
             return .request(.setAllowed, lists.encoded(applied: state.applied(lists)))
         case .sendPreunhook:

@@ -16,6 +16,11 @@ public struct SessionStatus: Sendable, Codable, Equatable {
     public var hooked: Bool
     public var failures: Int
     public var lastFailure: String?
+    /// true while the introspector keeps letting go right after each hook (a crash loop: the
+    /// back-off grows instead of resetting); absent otherwise.
+    public var flapping: Bool?
+    /// true when the decision requires the guest to be introspected (it must not run unmonitored).
+    public var required: Bool?
     public var startTime: Int64
     public var since: Date
     /// From the trigger (HELLO, resume, reset, ...) to QEMU's HOOK success, for the last hook.

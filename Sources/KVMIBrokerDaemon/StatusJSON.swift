@@ -62,6 +62,10 @@ enum StatusJSON {
         }
         key("failures")
         out.append(contentsOf: String(session.failures).utf8)
+        if let flapping = session.flapping {
+            key("flapping")
+            out.append(contentsOf: (flapping ? "true" : "false").utf8)
+        }
         key("hooked")
         out.append(contentsOf: (session.hooked ? "true" : "false").utf8)
         if let hookedSince = session.hookedSince {
@@ -94,6 +98,10 @@ enum StatusJSON {
         string(session.name, to: &out)
         key("qemuPID")
         out.append(contentsOf: String(session.qemuPID).utf8)
+        if let required = session.required {
+            key("required")
+            out.append(contentsOf: (required ? "true" : "false").utf8)
+        }
         key("since")
         date(session.since.timeIntervalSince1970, to: &out)
         key("startTime")

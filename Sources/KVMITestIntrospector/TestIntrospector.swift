@@ -33,6 +33,9 @@ public final class TestIntrospector: Sendable {
         case closeMidReply(bytes: Int)
         /// The reply, then `bytes` of junk right behind it.
         case flood(bytes: Int)
+        /// The whole reply, then closes: a tool in a crash loop, which accepts each guest and
+        /// lets go right after.
+        case closeAfterReply
 
         public var description: String {
             switch self {
@@ -44,11 +47,12 @@ public final class TestIntrospector: Sendable {
             case .wrongCookie: return "wrong cookie"
             case .closeMidReply(let bytes): return "close after \(bytes) reply bytes"
             case .flood(let bytes): return "flood of \(bytes) bytes after the reply"
+            case .closeAfterReply: return "close after the reply"
             }
         }
 
         /// Parses the CLI spelling: normal, silent, slow, size=N, long=N, wrong-cookie,
-        /// close-mid-reply, flood.
+        /// close-mid-reply, flood, close-after-reply.
         public init?(parsing text: String) {
             switch text {
             case "normal": self = .normal
@@ -57,6 +61,7 @@ public final class TestIntrospector: Sendable {
             case "wrong-cookie": self = .wrongCookie
             case "close-mid-reply": self = .closeMidReply(bytes: 10)
             case "flood": self = .flood(bytes: 1 << 20)
+            case "close-after-reply": self = .closeAfterReply
             default:
                 if text.hasPrefix("size="), let value = UInt32(text.dropFirst(5)) {
                     self = .announcedSize(value)
@@ -232,7 +237,7 @@ public final class TestIntrospector: Sendable {
                 continue
             }
             switch configuration.behaviour {
-            case .normal, .longReply, .wrongCookie, .announcedSize, .flood:
+            case .normal, .longReply, .wrongCookie, .announcedSize, .flood, .closeAfterReply:
                 if serve(connection) { parked.append(connection) } else { connection.close() }
             case .silent, .slow, .closeMidReply:
                 spawn("test-introspector-connection") { [self] in
@@ -334,7 +339,7 @@ public final class TestIntrospector: Sendable {
         let cookie = configuration.secret.map { CookieHash(secret: $0) } ?? .zero
         var reply = HandshakeReply.encoded(cookieHash: cookie)
         switch configuration.behaviour {
-        case .normal, .slow, .closeMidReply:
+        case .normal, .slow, .closeMidReply, .closeAfterReply:
             break
         case .silent:
             // Hold the connection without a word until the broker gives up.
@@ -363,6 +368,9 @@ public final class TestIntrospector: Sendable {
             return false
         case .closeMidReply(let bytes):
             record.bytesReplied = sendAll(connection.raw, Array(reply.prefix(bytes)))
+            return false
+        case .closeAfterReply:
+            record.bytesReplied = sendAll(connection.raw, reply)
             return false
         default:
             record.bytesReplied = sendAll(connection.raw, reply)

@@ -15,7 +15,8 @@ struct KVMIBroker: AsyncParsableCommand {
             """,
         version: BrokerVersion.string,
         subcommands: [
-            RunCommand.self, StatusCommand.self, ProbeCommand.self, PolicyCommand.self, EnrollCommand.self, UnenrollCommand.self, HookCommand.self,
+            RunCommand.self, StatusCommand.self, DrainCommand.self, UndrainCommand.self, ProbeCommand.self, PolicyCommand.self, EnrollCommand.self,
+            UnenrollCommand.self, HookCommand.self,
             InstallHookCommand.self,
         ])
 }

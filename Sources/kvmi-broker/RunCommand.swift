@@ -435,10 +435,11 @@ struct RunCommand: AsyncParsableCommand {
             let staticIntrospector: String? = configuration.policy == nil ? "\(configuration.introspector)" : nil
             let status = LiveStatusSource(
                 registry: server.registry, policy: configuration.policy, staticIntrospector: staticIntrospector,
-                libvirtURI: libvirtUri.isEmpty ? nil : libvirtUri, libvirtConnected: connected, controlGroup: controlGroup)
+                libvirtURI: libvirtUri.isEmpty ? nil : libvirtUri, libvirtConnected: connected, controlGroup: controlGroup,
+                drains: configuration.drains)
             let controlServer = ControlServer(
                 path: controlSocket, plans: configuration.plans, logger: logger, status: status, readers: readers,
-                metrics: metrics)
+                metrics: metrics, drains: configuration.drains)
             do {
                 control = (controlServer, try controlServer.bind())
             } catch {

@@ -14,7 +14,7 @@ struct TestIntrospectorCommand: ParsableCommand {
         abstract: "A test introspector: listens, reads QEMU's handshake with libkvmi's rules and answers with the cookie hash.",
         discussion: """
             Behaviours (--mode): normal, silent, slow (one byte per second), size=N (announce struct_size N), \
-            long=N (a valid reply with N extra bytes), wrong-cookie, close-mid-reply, flood (1 MiB after the reply).
+            long=N (a valid reply with N extra bytes), wrong-cookie, close-mid-reply, flood (1 MiB after the reply), close-after-reply (a tool in a crash loop).
             This is test equipment, not an introspector.
             """)
 

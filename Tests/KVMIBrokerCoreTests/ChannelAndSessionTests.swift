@@ -164,7 +164,7 @@ struct GuestSessionMachineTests {
         #expect(machine.handle(.handshakeSucceeded) == [.sendHook(lists)])
         let actions = machine.handle(.result(Channel.Result(requestType: 0x10, step: .none, hooked: true, error: 0, failedID: -1)))
         #expect(machine.state == .hooked(.v12))
-        #expect(actions.count == 1)
+        #expect(actions == [.succeeded("guest hooked (ABI v12)"), .scheduleSurvivalCheck])
     }
 
     @Test("a guest outside the policy is released and left alone")
@@ -206,8 +206,29 @@ struct GuestSessionMachineTests {
         _ = machine.handle(.handshakeSucceeded)
         #expect(
             machine.handle(.result(Channel.Result(requestType: 0x10, step: .none, hooked: true, error: 0, failedID: -1))) == [
-                .succeeded("guest hooked (ABI v12)")
+                .succeeded("guest hooked (ABI v12)"), .scheduleSurvivalCheck,
             ])
+    }
+
+    @Test("hooks that end before they survive do not reset the back-off; 3 in a row is flapping; a hook that lasts clears it")
+    func flapping() {
+        var machine = GuestSessionMachine(allowLists: lists)
+        _ = machine.handle(.helloAccepted(hello(), introspect: true))
+        let hooked = Channel.Result(requestType: 0x10, step: .none, hooked: true, error: 0, failedID: -1)
+        for round in 1...4 {
+            _ = machine.handle(.handshakeSucceeded)
+            #expect(machine.handle(.result(hooked)).contains(.scheduleSurvivalCheck))
+            let actions = machine.handle(.event(event(.toolHangup)))
+            #expect(actions.contains(.scheduleRetry(afterFailures: round)), "round \(round): \(actions)")
+            #expect(machine.isFlapping == (round >= GuestSessionMachine.flappingThreshold))
+            #expect(machine.handle(.retryDue) == [.startHandshake])
+        }
+        _ = machine.handle(.handshakeSucceeded)
+        _ = machine.handle(.result(hooked))
+        #expect(machine.handle(.hookSurvived).contains { if case .log = $0 { return true } else { return false } })
+        #expect(!machine.isFlapping && machine.failures == 0)
+        #expect(machine.handle(.event(event(.toolHangup))).contains(.scheduleRetry(afterFailures: 1)))
+        #expect(machine.shortLivedHooks == 0)
     }
 
     @Test("pause stops the attempts; resume starts a new handshake")

@@ -126,6 +126,7 @@ func describeDescriptors() -> String {
 /// Dispatch's timers, Foundation's process monitor), so that a leak check counts only ours.
 func warmUpRuntimeDescriptors() async throws {
     _ = IOReactor.shared
+    _ = EndpointWatcher.shared
     _ = try runProcess(URL(fileURLWithPath: "/bin/true"), [])
     try await Task.sleep(for: .milliseconds(400))
 }
