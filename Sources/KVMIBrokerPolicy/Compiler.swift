@@ -353,7 +353,8 @@ struct PolicyCompiler {
             checkNames(items, kind, abi: abi, introspector: introspector, file: file, line: section.lines[key])
         }
         let summary = section.string("Description", &self)
-        guard clean, diagnostics.count == before, let match else { return }
+        // Warnings (a numeric id) keep the rule; any error drops it.
+        guard clean, !diagnostics[before...].contains(where: { $0.severity == .error }), let match else { return }
         var resolved: [ABIGeneration: ResolvedLists] = [:]
         for generation in ABIGeneration.allCases {
             let key = ResolutionKey(commands: lists[.command] ?? [], events: lists[.event] ?? [], abi: generation)
