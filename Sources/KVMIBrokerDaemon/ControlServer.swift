@@ -132,8 +132,14 @@ public enum ControlProtocol {
         public var metadataWanted: Bool?
         public var metadataIntrospector: String?
         public var metadataRequired: Bool?
+        /// OpenStack Nova's element from the domain XML, when present (absent from older hooks).
+        public var nova: NovaMetadata?
 
-        public init(operation: String, uuid: String, name: String, metadataWanted: Bool?, metadataIntrospector: String?, metadataRequired: Bool?) {
+        public init(
+            operation: String, uuid: String, name: String, metadataWanted: Bool?, metadataIntrospector: String?, metadataRequired: Bool?,
+            nova: NovaMetadata? = nil
+        ) {
+            self.nova = nova
             self.operation = operation
             self.uuid = uuid
             self.name = name
@@ -422,7 +428,7 @@ public final class ControlServer: Sendable {
         var logger = self.logger
         logger[metadataKey: "guest.uuid"] = "\(uuid)"
         logger[metadataKey: "guest.name"] = "\(name)"
-        let (decision, reason) = plans.decide(uuid: uuid, name: request.name, metadata: request.metadata)
+        let (decision, reason) = plans.decide(uuid: uuid, name: request.name, metadata: request.metadata, nova: request.nova)
         let operation = escapedForLog(request.operation, limit: 32)
         guard request.operation == "prepare" || request.operation == "start" else {
             logger.info("libvirt: \(operation)", metadata: ["policy": "\(reason)"])

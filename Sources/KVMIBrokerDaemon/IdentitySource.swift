@@ -6,15 +6,18 @@ import KVMIBrokerPolicy
 public struct DomainIdentity: Sendable, Equatable {
     public var name: String
     public var metadata: GuestMetadata?
+    /// OpenStack Nova's element (project, flavor, image), when the domain has one.
+    public var nova: NovaMetadata?
     /// The `<emulator>` libvirt started for the domain: the peer must run that very file.
     public var emulator: String?
     /// The user and group libvirt runs the domain's QEMU as; nil when it reports none (then
     /// only root may be the QEMU).
     public var processLabel: DACLabel?
 
-    public init(name: String, metadata: GuestMetadata? = nil, emulator: String? = nil, processLabel: DACLabel? = nil) {
+    public init(name: String, metadata: GuestMetadata? = nil, nova: NovaMetadata? = nil, emulator: String? = nil, processLabel: DACLabel? = nil) {
         self.name = name
         self.metadata = metadata
+        self.nova = nova
         self.emulator = emulator
         self.processLabel = processLabel
     }

@@ -22,6 +22,7 @@ public struct LibvirtIdentity: IdentitySource {
                 DomainIdentity(
                     name: domain.name,
                     metadata: domain.metadata.map { GuestMetadata(wanted: $0.wanted, introspector: $0.introspector, required: $0.required) },
+                    nova: domain.nova,
                     emulator: domain.emulator, processLabel: domain.processLabel))
         case .refused(let why):
             return .refused(why)

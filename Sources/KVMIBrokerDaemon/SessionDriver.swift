@@ -65,6 +65,7 @@ final class SessionDriver: Sendable {
         let hello: Channel.Hello
         let name: String
         let metadata: GuestMetadata?
+        let nova: NovaMetadata?
         let facts: ProcessFacts?
         let token: UInt64
         let logger: Logger
@@ -131,6 +132,7 @@ final class SessionDriver: Sendable {
         }
         var name = escapedForLog(hello.name, limit: 64)
         var metadata: GuestMetadata?
+        var nova: NovaMetadata?
         if let identity = configuration.identity {
             switch await identity.verify(uuid: hello.uuid, pid: peer.pid) {
             case .accepted(let domain):
@@ -152,6 +154,7 @@ final class SessionDriver: Sendable {
                 }
                 name = domain.name
                 metadata = domain.metadata
+                nova = domain.nova
                 logger[metadataKey: "guest.name"] = "\(escapedForLog(name, limit: 64))"
             case .refused(let why):
                 configuration.refusals.log(logger, "refusing QEMU: libvirt says \(why)", metadata: ["peer": "\(peer)"])
@@ -204,7 +207,7 @@ final class SessionDriver: Sendable {
                 "kvm.introspection": "\(hello.introspectionParameter)",
             ])
         return Admitted(
-            hello: hello, name: name, metadata: metadata, facts: facts, token: token, logger: logger, inputs: inputs, reload: reload)
+            hello: hello, name: name, metadata: metadata, nova: nova, facts: facts, token: token, logger: logger, inputs: inputs, reload: reload)
     }
 
     private func refuse(_ errno: Int32, _ reason: String) async {
@@ -237,7 +240,8 @@ final class SessionDriver: Sendable {
                 logLimit: RateLimitedLog(linesPerWindow: configuration.sessionLogLines, window: .seconds(10)), facts: admitted.facts)
             state.channelVersion = Channel.negotiatedVersion(hello.version)
             let session = SessionContext(
-                hello: hello, name: admitted.name, metadata: admitted.metadata, token: admitted.token, inputs: inputs, reload: admitted.reload,
+                hello: hello, name: admitted.name, metadata: admitted.metadata, nova: admitted.nova, token: admitted.token, inputs: inputs,
+                reload: admitted.reload,
                 logger: admitted.logger)
             await loop(session, state: &state)
             configuration.metrics?.moved(from: state.standing, to: nil)
@@ -268,7 +272,8 @@ final class SessionDriver: Sendable {
     /// done already.
     @inline(never)
     private func begin(_ session: SessionContext, state: inout LoopState) async -> Bool {
-        let first = decideFirst(hello: session.hello, name: session.name, metadata: session.metadata, state: &state, logger: session.logger)
+        let first = decideFirst(
+            hello: session.hello, name: session.name, metadata: session.metadata, nova: session.nova, state: &state, logger: session.logger)
         if await perform(first, &state, session.inputs, session.logger) == false { return false }
         await publish(&state, session.hello.uuid, session.token)
         return true
@@ -277,9 +282,9 @@ final class SessionDriver: Sendable {
     /// The policy's decision for the guest, audited, and the machine's first actions.
     @inline(never)
     private func decideFirst(
-        hello: Channel.Hello, name: String, metadata: GuestMetadata?, state: inout LoopState, logger: Logger
+        hello: Channel.Hello, name: String, metadata: GuestMetadata?, nova: NovaMetadata?, state: inout LoopState, logger: Logger
     ) -> [GuestSessionMachine.Action] {
-        let (decided, why) = configuration.plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
+        let (decided, why) = configuration.plans.decide(uuid: hello.uuid, name: name, metadata: metadata, nova: nova)
         let (decision, reason) = configuration.drains.apply(decided, reason: why, hooked: hello.flags.contains(.hooked))
         let plan = decision.plan
         state.failClosed = decision.failsClosed
@@ -306,6 +311,7 @@ final class SessionDriver: Sendable {
         let hello: Channel.Hello
         let name: String
         let metadata: GuestMetadata?
+        let nova: NovaMetadata?
         let token: UInt64
         let inputs: AsyncChannel<Input>
         let reload: ReloadFlag
@@ -409,6 +415,7 @@ final class SessionDriver: Sendable {
         let hello = session.hello
         let name = session.name
         let metadata = session.metadata
+        let nova = session.nova
         let logger = session.logger
         let plans = configuration.plans
         var actions: [GuestSessionMachine.Action] = []
@@ -494,7 +501,7 @@ final class SessionDriver: Sendable {
             actions = state.machine.handle(.unhookDeadline)
         case .policyReloaded:
             session.reload.pending.store(false, ordering: .releasing)
-            let (decided, why) = plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
+            let (decided, why) = plans.decide(uuid: hello.uuid, name: name, metadata: metadata, nova: nova)
             let hooked = state.machine.state.isHooked || state.machine.state.isUnhookingOrUpdating
             let (decision, reason) = configuration.drains.apply(decided, reason: why, hooked: hooked)
             let next = decision.plan

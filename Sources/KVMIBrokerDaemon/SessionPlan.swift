@@ -105,17 +105,22 @@ public protocol PlanSource: Sendable {
     /// use `decide` to tell them apart) and the reason, for the audit log.
     func plan(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (SessionPlan?, String)
     /// The decision with "required but unservable" explicit, and the reason (one line, peer
-    /// text escaped).
-    func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (PlanDecision, String)
+    /// text escaped). `nova`: OpenStack Nova's metadata, for `MatchNova*=` rules.
+    func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?, nova: NovaMetadata?) -> (PlanDecision, String)
 }
 
 extension PlanSource {
     public func plan(uuid: GuestUUID, name: String) -> (SessionPlan?, String) { plan(uuid: uuid, name: name, metadata: nil) }
 
     /// A source that never fails closed: a plan or nothing.
-    public func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (PlanDecision, String) {
+    public func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?, nova: NovaMetadata?) -> (PlanDecision, String) {
         let (plan, reason) = plan(uuid: uuid, name: name, metadata: metadata)
         return (plan.map(PlanDecision.introspect) ?? .notIntrospected, reason)
+    }
+
+    /// Without Nova metadata.
+    public func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (PlanDecision, String) {
+        decide(uuid: uuid, name: name, metadata: metadata, nova: nil)
     }
 }
 
@@ -209,8 +214,8 @@ public final class PolicyStore: PlanSource {
         return (policy, cookies, warnings)
     }
 
-    public func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (PlanDecision, String) {
-        Self.decide(snapshot, uuid: uuid, name: name, metadata: metadata)
+    public func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?, nova: NovaMetadata?) -> (PlanDecision, String) {
+        Self.decide(snapshot, uuid: uuid, name: name, metadata: metadata, nova: nova)
     }
 
     public func plan(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (SessionPlan?, String) {
@@ -224,8 +229,10 @@ public final class PolicyStore: PlanSource {
     }
 
     /// The same, with "required but unservable" explicit.
-    public static func decide(_ snapshot: Snapshot, uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil) -> (PlanDecision, String) {
-        let decision = snapshot.policy.decide(GuestFacts(uuid: uuid, name: name, metadata: metadata))
+    public static func decide(
+        _ snapshot: Snapshot, uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil, nova: NovaMetadata? = nil
+    ) -> (PlanDecision, String) {
+        let decision = snapshot.policy.decide(GuestFacts(uuid: uuid, name: name, metadata: metadata, nova: nova))
         let where_ = decision.rule.map { " by \($0)" } ?? ""
         switch decision.outcome {
         case .introspected:

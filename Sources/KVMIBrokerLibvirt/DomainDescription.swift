@@ -9,6 +9,8 @@ public struct DomainDescription: Sendable, Equatable {
     public var id: Int32?
     /// Our `<metadata>` element, if the domain has one.
     public var metadata: IntrospectionMetadata?
+    /// OpenStack Nova's `<nova:instance>`, if the domain has one (`problem` set when unreadable).
+    public var nova: NovaMetadata?
     /// `<devices><emulator>`.
     public var emulator: String?
     /// The DAC label QEMU runs under (`<seclabel model='dac'><label>`), as libvirt reports it in
@@ -48,6 +50,7 @@ public struct DomainDescription: Sendable, Equatable {
             throw error.located(at: place)
         }
         self.enrolledChannelSocket = QEMUCommandLine.enrolledChannelSocket(in: root)
+        self.nova = NovaMetadata.read(inDomain: root)
     }
 
     /// `<devices><emulator>`, trimmed; nil when absent or empty.

@@ -61,6 +61,9 @@ public struct LibvirtDomain: Sendable, Equatable, CustomStringConvertible {
     public var metadata: IntrospectionMetadata?
     /// Why our element could not be read, when it is present but malformed.
     public var metadataProblem: String?
+    /// OpenStack Nova's `<nova:instance>` (project, flavor, image), read from the live XML with
+    /// the emulator and DAC label (`domain(uuid:locator:live:)`); nil otherwise or when absent.
+    public var nova: NovaMetadata?
     /// The QEMU process (from libvirt's pid file or status XML); nil when not running or unreadable.
     public var qemuPID: Int32?
     /// From the live XML, read only for a peer's identity check (`domain(uuid:locator:live:)`):
@@ -89,6 +92,7 @@ public struct LibvirtDomain: Sendable, Equatable, CustomStringConvertible {
         if let qemuPID { text += " pid=\(qemuPID)" }
         if let metadata { text += " \(metadata)" }
         if let metadataProblem { text += " (metadata: \(metadataProblem))" }
+        if let nova { text += " nova: \(nova)" }
         return text
     }
 }
@@ -202,6 +206,7 @@ public final class LibvirtConnection: @unchecked Sendable {
             let root = try MarkupElement.parse(try liveXML(of: domain, place: uuid.description))
             facts.emulator = DomainDescription.emulator(in: root)
             facts.processLabel = DACLabel(seclabelsOf: root)
+            facts.nova = NovaMetadata.read(inDomain: root)
         }
         return facts
     }

@@ -6,8 +6,13 @@ struct PolicyCompiler {
         "Description", "Endpoint", "ABI", "SecretFile", "Authentication", "HandshakeTimeout", "UnhookTimeout", "BackoffInitial", "BackoffMax",
         "AllowedPeer",
     ]
-    static let guestKeys = ["Description", "MatchUUID", "MatchName", "MatchMetadata", "Introspector", "Commands", "Events", "Mode"]
+    static let guestKeys = [
+        "Description", "MatchUUID", "MatchName", "MatchMetadata", "MatchNovaProject", "MatchNovaProjectName", "MatchNovaFlavor",
+        "MatchNovaImage", "Introspector", "Commands", "Events", "Mode",
+    ]
+    /// One rule matches by one of these kinds; the Nova keys count as one kind (they combine).
     static let matchKeys = ["MatchUUID", "MatchName", "MatchMetadata"]
+    static let novaKeys = ["MatchNovaProject", "MatchNovaProjectName", "MatchNovaFlavor", "MatchNovaImage"]
 
     let sources: PolicySources
     var diagnostics: [PolicyDiagnostic] = []
@@ -257,15 +262,23 @@ struct PolicyCompiler {
     mutating func compileGuest(_ name: String, _ location: RuleLocation, _ section: inout SectionReader, clean: Bool) {
         let before = diagnostics.count
         let file = location.file
-        let present = Self.matchKeys.filter { section.lines[$0] != nil }.sorted { section.lines[$0, default: 0] < section.lines[$1, default: 0] }
+        let novaPresent = Self.novaKeys.filter { section.lines[$0] != nil }.sorted { section.lines[$0, default: 0] < section.lines[$1, default: 0] }
+        let present = (Self.matchKeys.filter { section.lines[$0] != nil } + novaPresent.prefix(1)).sorted {
+            section.lines[$0, default: 0] < section.lines[$1, default: 0]
+        }
         var match: GuestMatch?
         if present.isEmpty {
-            error(file, location.line, "[\(shown(location.section))] has no MatchUUID=, MatchName= or MatchMetadata=: it would match nothing")
+            error(
+                file, location.line,
+                "[\(shown(location.section))] has no MatchUUID=, MatchName=, MatchMetadata= or MatchNova*=: it would match nothing")
         } else if present.count > 1 {
+            let kind = { (key: String) in Self.novaKeys.contains(key) ? "\(key)= (the MatchNova*= keys)" : "\(key)=" }
             error(
                 file, section.lines[present[1]],
-                "a rule matches by one of MatchUUID=, MatchName= or MatchMetadata=, and this one already has \(present[0])= at line \(section.lines[present[0]] ?? 0); split it into two rules"
+                "a rule matches by one of MatchUUID=, MatchName=, MatchMetadata= or the MatchNova*= keys, and this one already has \(kind(present[0])) at line \(section.lines[present[0]] ?? 0); split it into two rules"
             )
+        } else if !novaPresent.isEmpty {
+            match = novaMatch(novaPresent, file: file, &section)
         } else {
             let key = present[0]
             let line = section.lines[key]
@@ -340,7 +353,8 @@ struct PolicyCompiler {
             checkNames(items, kind, abi: abi, introspector: introspector, file: file, line: section.lines[key])
         }
         let summary = section.string("Description", &self)
-        guard clean, diagnostics.count == before, let match else { return }
+        // Warnings (a numeric id) keep the rule; any error drops it.
+        guard clean, !diagnostics[before...].contains(where: { $0.severity == .error }), let match else { return }
         var resolved: [ABIGeneration: ResolvedLists] = [:]
         for generation in ABIGeneration.allCases {
             let key = ResolutionKey(commands: lists[.command] ?? [], events: lists[.event] ?? [], abi: generation)
@@ -380,6 +394,46 @@ struct PolicyCompiler {
                 summary: summary, location: location, replaced: replaced, resolved: resolved, order: order))
     }
 
+    /// The MatchNova*= keys of one rule (all must match): project ids (any Keystone id; UUIDs
+    /// with or without dashes), project-name and flavor globs, image UUIDs.
+    mutating func novaMatch(_ keys: [String], file: String, _ section: inout SectionReader) -> GuestMatch? {
+        let before = diagnostics.count
+        var match = NovaMatch()
+        for key in keys {
+            let line = section.lines[key]
+            let items = section.list(key, &self) ?? []
+            if items.isEmpty && diagnostics.count == before { error(file, line, "\(key)= is empty: the rule would match nothing") }
+            switch key {
+            case "MatchNovaProject":
+                var ids: [String] = []
+                for item in items {
+                    if NovaMetadata.isValidID(item) {
+                        ids.append(NovaMetadata.canonicalID(item))
+                    } else {
+                        error(file, line, "'\(shown(item))' is not a Keystone project id like 8e6b2b4ab9e04d5f8d9e3c9c5e1a2b3c")
+                    }
+                }
+                match.projects = ids
+            case "MatchNovaImage":
+                var images: [GuestUUID] = []
+                for item in items {
+                    if let uuid = GuestUUID(item) {
+                        images.append(uuid)
+                    } else {
+                        error(file, line, "'\(shown(item))' is not an image UUID like 4a5e2f7c-9b1d-4c3e-8f6a-2b7d9e0c1a3f")
+                    }
+                }
+                match.images = images
+            default:
+                for item in items {
+                    do throws(BrokerError) { _ = try NamePattern(item) } catch { self.error(file, line, error.message) }
+                }
+                if key == "MatchNovaFlavor" { match.flavors = items } else { match.projectNames = items }
+            }
+        }
+        return diagnostics.count == before ? .nova(match) : nil
+    }
+
     /// Reports unknown names and groups, and names the introspector's generation lacks.
     mutating func checkNames(_ items: [String], _ kind: NameKind, abi: ABIGeneration?, introspector: String?, file: String, line: Int?) {
         let key = kind == .command ? "Commands" : "Events"
@@ -390,13 +444,17 @@ struct PolicyCompiler {
                 }
                 continue
             }
+            if let id = numericID(item) {
+                checkNumericID(id, kind, abi: abi, file: file, line: line)
+                continue
+            }
             let name = normalizedName(item, kind)
-            let having = ABIGeneration.allCases.filter { kind.table($0)[name] != nil }
+            let having = ABIGeneration.allCases.filter { kind.lookup(name, $0) != nil }
             let candidates = abi.map { Array(kind.table($0).keys) } ?? ABIGeneration.allCases.flatMap { kind.table($0).keys }
             let suggestion = didYouMean(closest(to: name, among: candidates))
             if having.isEmpty {
                 let other: NameKind = kind == .command ? .event : .command
-                if ABIGeneration.allCases.contains(where: { other.table($0)[normalizeOther(item, other)] != nil }) {
+                if ABIGeneration.allCases.contains(where: { other.lookup(normalizeOther(item, other), $0) != nil }) {
                     error(
                         file, line,
                         "\(key): '\(shown(item))' is \(other == .event ? "an event" : "a command"), not a \(kind.rawValue); list it in \(other == .event ? "Events" : "Commands")="
@@ -414,6 +472,32 @@ struct PolicyCompiler {
         }
     }
 
+    /// A bare id: only for an id the generation's table leaves unnamed (a newer kernel's
+    /// command), within the kernel's range, and only when `Introspector=` fixes the generation
+    /// (the same number means different things in v7 and v12). Accepted with a warning.
+    mutating func checkNumericID(_ id: Int32, _ kind: NameKind, abi: ABIGeneration?, file: String, line: Int?) {
+        let key = kind == .command ? "Commands" : "Events"
+        guard let abi else {
+            error(
+                file, line,
+                "\(key): the numeric id \(id) needs Introspector= in this rule: ids mean different \(kind.rawValue)s in ABI v7 and v12")
+            return
+        }
+        let range = kind.numericRange(abi)
+        guard range.contains(id) else {
+            error(file, line, "\(key): \(kind.rawValue) id \(id) is outside ABI \(abi)'s range \(range.lowerBound)...\(range.upperBound)")
+            return
+        }
+        if let name = kind.name(of: id, abi) {
+            error(file, line, "\(key): \(kind.rawValue) id \(id) is \(name) in ABI \(abi): write the name")
+            return
+        }
+        warning(
+            file, line,
+            "\(key): \(kind.rawValue) id \(id) has no name in ABI \(abi)'s table: allowed by number; check that your kernel's kvmi.h defines it"
+        )
+    }
+
     private func normalizeOther(_ item: String, _ kind: NameKind) -> String { normalizedName(item, kind) }
 
     /// Names and groups to ids for one generation; always-allowed commands are implicit.
@@ -422,9 +506,14 @@ struct PolicyCompiler {
         func expand(_ items: [String], _ kind: NameKind) -> [(String, Int32)] {
             var out: [String: Int32] = [:]
             for item in items {
+                if let id = numericID(item) {
+                    // Only an unnamed id in the generation's range (the compiler has said so for the rule's own generation).
+                    if kind.numericRange(abi).contains(id), kind.name(of: id, abi) == nil { out["#\(id)"] = id } else { missing.append("#\(id)") }
+                    continue
+                }
                 let names = item.hasPrefix("@") ? (kind.group(item, abi) ?? []) : [normalizedName(item, kind)]
                 for name in names {
-                    if let id = kind.table(abi)[name] { out[name] = id } else { missing.append(name) }
+                    if let found = kind.lookup(name, abi) { out[found.name] = found.id } else { missing.append(name) }
                 }
             }
             if kind == .command { for name in KVMINames.alwaysAllowed { out[name] = nil } }
@@ -453,6 +542,7 @@ struct PolicyCompiler {
             case .uuids(let uuids): values = uuids.map(ConflictKey.uuid)
             case .names(let names): values = names.map(ConflictKey.name)
             case .metadata(let items): values = items.map(ConflictKey.metadata)
+            case .nova(let match): values = [.nova(match)]
             }
             for key in values {
                 defer { seen[key] = rule }
@@ -475,12 +565,14 @@ struct PolicyCompiler {
         case uuid(GuestUUID)
         case name(String)
         case metadata(String?)
+        case nova(NovaMatch)
 
         var label: String {
             switch self {
             case .uuid(let uuid): return "UUID \(uuid)"
             case .name(let name): return "name pattern '\(shown(name))'"
             case .metadata(let value): return value.map { "MatchMetadata=introspector:\($0)" } ?? "MatchMetadata=wanted"
+            case .nova(let match): return match.keyText
             }
         }
     }

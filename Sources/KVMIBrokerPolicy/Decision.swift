@@ -11,6 +11,8 @@ struct RuleIndex: Sendable {
     var prefixLengths: [Int] = []
     var metadataWanted: [Int] = []
     var metadataByIntrospector: [String: [Int]] = [:]
+    /// Nova rules in policy order: few per site, so scanned.
+    var novaRules: [(rule: Int, match: NovaMatch)] = []
 
     init(_ rules: [GuestRule]) {
         for (position, rule) in rules.enumerated() {
@@ -31,6 +33,8 @@ struct RuleIndex: Sendable {
                 for value in Set(values) {
                     if let value { metadataByIntrospector[value, default: []].append(position) } else { metadataWanted.append(position) }
                 }
+            case .nova(let match):
+                novaRules.append((position, match))
             }
         }
         prefixLengths = Set(globsByPrefix.keys.map(\.utf8.count)).sorted()
@@ -41,21 +45,27 @@ extension Policy {
     /// The decision for a guest: the strongest precedence class with a match decides; within it
     /// the rules must agree on the introspector, and the latest rule in policy order wins.
     public func decide(_ guest: GuestFacts) -> PolicyDecision {
-        decide(uuid: guest.uuid, name: guest.name, metadata: guest.metadata)
+        decide(uuid: guest.uuid, name: guest.name, metadata: guest.metadata, nova: guest.nova)
     }
 
     /// The same with partial facts (`explain` may know only a UUID or only a name).
-    public func decide(uuid: GuestUUID?, name: String?, metadata: GuestMetadata?) -> PolicyDecision {
-        for matchClass in [MatchClass.uuid, .metadata, .name] {
-            let matched = matches(matchClass, uuid: uuid, name: name, metadata: metadata)
+    public func decide(uuid: GuestUUID?, name: String?, metadata: GuestMetadata?, nova: NovaMetadata? = nil) -> PolicyDecision {
+        for matchClass in MatchClass.strongestFirst {
+            let matched = matches(matchClass, uuid: uuid, name: name, metadata: metadata, nova: nova)
             if !matched.isEmpty { return decide(matchClass, matched, metadata: metadata) }
+        }
+        if let problem = nova?.problem, !index.novaRules.isEmpty {
+            return .denied("no rule matches (the domain's Nova metadata cannot be read: \(problem)): not introspected (deny by default)")
         }
         return .denied("no rule matches: not introspected (deny by default)")
     }
 
     /// Rule positions of one class matching the guest, in policy order.
-    func matches(_ matchClass: MatchClass, uuid: GuestUUID?, name: String?, metadata: GuestMetadata?) -> [Int] {
+    func matches(_ matchClass: MatchClass, uuid: GuestUUID?, name: String?, metadata: GuestMetadata?, nova: NovaMetadata? = nil) -> [Int] {
         switch matchClass {
+        case .nova:
+            guard let nova else { return [] }
+            return index.novaRules.filter { $0.match.matches(nova) }.map(\.rule)
         case .uuid:
             guard let uuid else { return [] }
             return index.byUUID[uuid] ?? []

@@ -54,6 +54,33 @@ enum NameKind: String {
     func group(_ name: String, _ abi: ABIGeneration) -> [String]? {
         self == .command ? PolicyGroups.commands(name, abi) : PolicyGroups.events(name, abi)
     }
+
+    /// The table's name and id for `name` (normalized) in `abi`, libkvmi spellings included.
+    func lookup(_ name: String, _ abi: ABIGeneration) -> (name: String, id: Int32)? {
+        switch self {
+        case .command:
+            guard let canonical = KVMINames.commandName(name, abi), let id = KVMINames.commands(abi)[canonical] else { return nil }
+            return (canonical, id)
+        case .event:
+            return KVMINames.events(abi)[name].map { (name, $0) }
+        }
+    }
+
+    /// The ids a policy may give by number for `abi`.
+    func numericRange(_ abi: ABIGeneration) -> ClosedRange<Int32> {
+        self == .command ? KVMINames.commandIDs(abi) : KVMINames.eventIDs(abi)
+    }
+
+    /// The name `abi`'s table gives `id`, if any.
+    func name(of id: Int32, _ abi: ABIGeneration) -> String? {
+        table(abi).first { $0.value == id }?.key
+    }
+}
+
+/// A bare decimal id (`25`) in `Commands=` or `Events=`: at most three digits.
+func numericID(_ item: String) -> Int32? {
+    guard (1...3).contains(item.utf8.count), item.utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }) else { return nil }
+    return Int32(item)
 }
 
 /// Accepts `VM_GET_INFO`, `vm_get_info` and `KVMI_VM_GET_INFO`; events also `KVMI_EVENT_PF`.

@@ -147,29 +147,87 @@ public enum GuestMatch: Sendable, Equatable {
     case names([String])
     /// `wanted` (nil) or `introspector:NAME`.
     case metadata([String?])
+    /// OpenStack Nova's metadata: every key given must match.
+    case nova(NovaMatch)
 
-    /// The precedence class: UUID rules beat metadata rules beat name rules.
+    /// The precedence class: UUID rules beat metadata rules beat Nova rules beat name rules.
     public var precedence: MatchClass {
         switch self {
         case .uuids: return .uuid
         case .metadata: return .metadata
+        case .nova: return .nova
         case .names: return .name
         }
+    }
+}
+
+/// A Nova rule's keys (`MatchNovaProject=` and friends). A rule may give several; all must
+/// match (project and flavor, say). Within one key any value matches. nil: the key is absent.
+public struct NovaMatch: Sendable, Equatable, Hashable {
+    /// Keystone project ids, canonical (`NovaMetadata.canonicalID`).
+    public var projects: [String]?
+    /// Globs over the project name, as `MatchName=`.
+    public var projectNames: [String]?
+    /// Globs over the flavor name.
+    public var flavors: [String]?
+    /// Glance image UUIDs.
+    public var images: [GuestUUID]?
+
+    public init(projects: [String]? = nil, projectNames: [String]? = nil, flavors: [String]? = nil, images: [GuestUUID]? = nil) {
+        self.projects = projects
+        self.projectNames = projectNames
+        self.flavors = flavors
+        self.images = images
+    }
+
+    /// Whether the domain's Nova metadata satisfies every key. Unreadable metadata matches nothing.
+    public func matches(_ nova: NovaMetadata) -> Bool {
+        guard nova.problem == nil else { return false }
+        if let projects {
+            guard let id = nova.projectID.map(NovaMetadata.canonicalID), projects.contains(id) else { return false }
+        }
+        if let projectNames, !Self.anyGlob(projectNames, matches: nova.projectName) { return false }
+        if let flavors, !Self.anyGlob(flavors, matches: nova.flavorName) { return false }
+        if let images {
+            guard let image = nova.imageID, images.contains(where: { $0.description == image }) else { return false }
+        }
+        return true
+    }
+
+    /// `MatchNovaProject=a;b with MatchNovaFlavor=m1.*`: for diagnostics (values escaped).
+    public var keyText: String {
+        var parts: [String] = []
+        if let projects { parts.append("MatchNovaProject=\(projects.joined(separator: ";"))") }
+        if let projectNames { parts.append("MatchNovaProjectName=\(projectNames.map { escapedForLog($0) }.joined(separator: ";"))") }
+        if let flavors { parts.append("MatchNovaFlavor=\(flavors.map { escapedForLog($0) }.joined(separator: ";"))") }
+        if let images { parts.append("MatchNovaImage=\(images.map(\.description).joined(separator: ";"))") }
+        return parts.joined(separator: " with ")
+    }
+
+    /// Globs are checked by the compiler; one that does not compile matches nothing.
+    private static func anyGlob(_ globs: [String], matches text: String?) -> Bool {
+        guard let text else { return false }
+        return globs.contains { glob in (try? NamePattern(glob))?.matches(text) ?? false }
     }
 }
 
 /// Precedence classes, strongest first.
 public enum MatchClass: Int, Sendable, Comparable, CustomStringConvertible {
     case name = 1
-    case metadata = 2
-    case uuid = 3
+    case nova = 2
+    case metadata = 3
+    case uuid = 4
 
     public static func < (lhs: MatchClass, rhs: MatchClass) -> Bool { lhs.rawValue < rhs.rawValue }
+
+    /// The order a decision consults the classes in.
+    public static let strongestFirst: [MatchClass] = [.uuid, .metadata, .nova, .name]
 
     public var description: String {
         switch self {
         case .uuid: return "UUID"
         case .metadata: return "metadata"
+        case .nova: return "Nova metadata"
         case .name: return "name"
         }
     }
@@ -206,11 +264,14 @@ public struct GuestFacts: Sendable, Hashable {
     public var uuid: GuestUUID
     public var name: String
     public var metadata: GuestMetadata?
+    /// OpenStack Nova's element, when the domain has one.
+    public var nova: NovaMetadata?
 
-    public init(uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil) {
+    public init(uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil, nova: NovaMetadata? = nil) {
         self.uuid = uuid
         self.name = name
         self.metadata = metadata
+        self.nova = nova
     }
 }
 

@@ -3,12 +3,13 @@ import KVMIBrokerCore
 extension Policy {
     /// `policy explain`: the decision, the deciding rule and its file:line, the resolved ids per
     /// generation, and every other rule that matched and why it did not decide.
-    public func explain(uuid: GuestUUID?, name: String?, metadata: GuestMetadata?) -> String {
+    public func explain(uuid: GuestUUID?, name: String?, metadata: GuestMetadata?, nova: NovaMetadata? = nil) -> String {
         var out: [String] = []
         let nameText = name.map { "\"\(escapedForLog($0))\"" } ?? "(unknown: name rules not consulted)"
         out.append("guest: uuid \(uuid?.description ?? "(unknown: UUID rules not consulted)"), name \(nameText)")
         out.append("metadata: \(metadata.map { escapedForLog($0.description, limit: 1024) } ?? "none")")
-        let decision = decide(uuid: uuid, name: name, metadata: metadata)
+        if let nova { out.append("nova: \(escapedForLog(nova.description, limit: 1024))") }
+        let decision = decide(uuid: uuid, name: name, metadata: metadata, nova: nova)
         switch (decision.outcome, decision.introspector) {
         case (.introspected, let introspector?):
             out.append("decision: introspected by '\(introspector.name)', \(decision.required ? "required" : "best-effort")")
@@ -34,8 +35,12 @@ extension Policy {
                 case .resolved(_, let commands, let events)?:
                     let table = KVMINames.commands(generation)
                     let eventTable = KVMINames.events(generation)
-                    out.append("  \(generation)\(inUse) commands: \(commands.map { "\($0)=\(table[$0] ?? -1)" }.joined(separator: " "))")
-                    out.append("  \(generation)\(inUse) events: \(events.map { "\($0)=\(eventTable[$0] ?? -1)" }.joined(separator: " "))")
+                    out.append(
+                        "  \(generation)\(inUse) commands: \(commands.map { "\($0)=\(table[$0] ?? Int32($0.dropFirst()) ?? -1)" }.joined(separator: " "))"
+                    )
+                    out.append(
+                        "  \(generation)\(inUse) events: \(events.map { "\($0)=\(eventTable[$0] ?? Int32($0.dropFirst()) ?? -1)" }.joined(separator: " "))"
+                    )
                 case .missing(let names)?:
                     out.append("  \(generation)\(inUse): cannot resolve \(names.joined(separator: ", "))")
                 case nil:
@@ -45,8 +50,8 @@ extension Policy {
             out.append("  always allowed: \(KVMINames.alwaysAllowed.joined(separator: " "))")
         }
         var lower: [String] = []
-        for matchClass in [MatchClass.uuid, .metadata, .name] where matchClass < (decision.matchedBy ?? .name) {
-            for position in matches(matchClass, uuid: uuid, name: name, metadata: metadata) {
+        for matchClass in MatchClass.strongestFirst where matchClass < (decision.matchedBy ?? .name) {
+            for position in matches(matchClass, uuid: uuid, name: name, metadata: metadata, nova: nova) {
                 lower.append("  \(rules[position].location) (matched by \(matchClass), outranked by the \(decision.matchedBy ?? .name) rule)")
             }
         }
@@ -69,7 +74,7 @@ extension Policy {
             if !entry.overrides.isEmpty { line += " (overrides \(entry.overrides.joined(separator: ", ")))" }
             out.append(line)
         }
-        out.append("# precedence: UUID rules, then metadata rules, then name rules; within a class the latest rule wins")
+        out.append("# precedence: UUID rules, then metadata rules, then Nova rules, then name rules; within a class the latest rule wins")
         out.append("# and the rules must agree on the introspector. No match: not introspected.")
         for name in introspectors.keys.sorted() {
             guard let config = introspectors[name] else { continue }
@@ -97,6 +102,11 @@ extension Policy {
             case .names(let names): out.append("MatchName=\(names.map(escapeListItem).joined(separator: ";"))")
             case .metadata(let values):
                 out.append("MatchMetadata=\(values.map { $0.map { "introspector:\($0)" } ?? "wanted" }.joined(separator: ";"))")
+            case .nova(let match):
+                if let projects = match.projects { out.append("MatchNovaProject=\(projects.joined(separator: ";"))") }
+                if let names = match.projectNames { out.append("MatchNovaProjectName=\(names.map(escapeListItem).joined(separator: ";"))") }
+                if let flavors = match.flavors { out.append("MatchNovaFlavor=\(flavors.map(escapeListItem).joined(separator: ";"))") }
+                if let images = match.images { out.append("MatchNovaImage=\(images.map(\.description).joined(separator: ";"))") }
             }
             out.append(rule.introspector.map { "Introspector=\($0)" } ?? "# Introspector: the one the domain's metadata names")
             out.append("Commands=\(rule.commands.map(escapeListItem).joined(separator: ";"))")

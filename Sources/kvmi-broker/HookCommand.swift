@@ -77,7 +77,7 @@ struct HookCommand: ParsableCommand {
         }
         let request = ControlProtocol.Request(
             operation: operation, uuid: "\(domain.uuid)", name: domain.name, metadataWanted: domain.metadata?.wanted,
-            metadataIntrospector: domain.metadata?.introspector, metadataRequired: domain.metadata?.required)
+            metadataIntrospector: domain.metadata?.introspector, metadataRequired: domain.metadata?.required, nova: domain.nova)
         switch ask(request, until: deadline) {
         case .success(let response):
             if mayVeto && !response.allow {
@@ -106,7 +106,7 @@ struct HookCommand: ParsableCommand {
         let metadata = domain.metadata.map { GuestMetadata(wanted: $0.wanted, introspector: $0.introspector, required: $0.required) }
         do {
             let (policy, _, _) = try PolicyStore.loadWithSecrets(sources)
-            let decision = policy.decide(GuestFacts(uuid: domain.uuid, name: domain.name, metadata: metadata))
+            let decision = policy.decide(GuestFacts(uuid: domain.uuid, name: domain.name, metadata: metadata, nova: domain.nova))
             let rule = decision.rule.map(\.description) ?? "the policy"
             switch decision.outcome {
             case .introspected where decision.required:

@@ -91,7 +91,8 @@ struct PolicyExplainCommand: ParsableCommand {
         abstract: "Show the decision for a guest, the rule behind it (file:line) and the command and event ids per ABI generation.",
         discussion: """
             GUEST is a UUID or a name. With --domain-xml (virsh dumpxml), the UUID, the name and the \
-            <introspection xmlns="\(GuestMetadata.namespace)"> metadata element are read from the XML.
+            <introspection xmlns="\(GuestMetadata.namespace)"> metadata element are read from the XML, and so is \
+            OpenStack Nova's <nova:instance> (project, flavor, image) for MatchNova*= rules.
             """)
 
     @OptionGroup var options: PolicyRootOptions
@@ -115,6 +116,7 @@ struct PolicyExplainCommand: ParsableCommand {
     func run() throws {
         var uuid: GuestUUID?
         var name: String?
+        var nova: NovaMetadata?
         var facts: GuestMetadata? = metadata.map { $0 == "wanted" ? GuestMetadata() : GuestMetadata(introspector: String($0.dropFirst(13))) }
         if let domainXML {
             do {
@@ -123,6 +125,7 @@ struct PolicyExplainCommand: ParsableCommand {
                 uuid = domain.uuid
                 name = domain.name
                 facts = domain.metadata.map { GuestMetadata(wanted: $0.wanted, introspector: $0.introspector, required: $0.required) } ?? facts
+                nova = domain.nova
             } catch let error as BrokerError {
                 printError("kvmi-broker policy explain: \(escapedForLog(domainXML)): \(escapedForLog(error.message, limit: 1024))")
                 throw ExitCode(1)
@@ -149,7 +152,7 @@ struct PolicyExplainCommand: ParsableCommand {
             }
         }
         let (policy, _) = try options.load("explain")
-        print(policy.explain(uuid: uuid, name: name, metadata: facts), terminator: "")
+        print(policy.explain(uuid: uuid, name: name, metadata: facts, nova: nova), terminator: "")
     }
 }
 
