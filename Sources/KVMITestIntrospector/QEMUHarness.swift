@@ -14,9 +14,11 @@ public final class QEMUProcess {
     public let logPath: String
     public let uuid: GuestUUID
 
+    /// With `runAs`, QEMU runs as that uid and gid with the user's groups (`setpriv`, which execs
+    /// it: the pid is QEMU's), as libvirt runs it under another user.
     public init(
         qemu: String, channelSocket: String, uuid: GuestUUID, name: String, extraArguments: [String] = [], kernelDouble: String? = nil,
-        objectOptions: String = ""
+        objectOptions: String = "", runAs: (uid: uid_t, gid: gid_t)? = nil
     ) throws {
         self.uuid = uuid
         let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
@@ -32,7 +34,13 @@ public final class QEMUProcess {
             ] + extraArguments
         var environment = ProcessInfo.processInfo.environment
         if let kernelDouble { environment["LD_PRELOAD"] = kernelDouble }
-        process = try SpawnedProcess(qemu, arguments, environment: environment, logPath: logPath)
+        if let runAs {
+            process = try SpawnedProcess(
+                "/usr/bin/setpriv", ["--reuid=\(runAs.uid)", "--regid=\(runAs.gid)", "--init-groups", "--", qemu] + arguments,
+                environment: environment, logPath: logPath)
+        } else {
+            process = try SpawnedProcess(qemu, arguments, environment: environment, logPath: logPath)
+        }
     }
 
     public var pid: Int32 { process.pid }

@@ -32,13 +32,20 @@ struct RealLibvirtdSmokeTests {
         let started = try #require(log.events.compactMap(\.lifecycle).first { $0.name == name && $0.kind == .started })
         let pid = try #require(started.domain?.qemuPID)
         // The identity check also reads the live XML: the emulator libvirt started, and the DAC
-        // label it runs QEMU under (scripts/libvirtd-ci sets qemu.conf's user and group to root).
+        // label it runs QEMU under. scripts/libvirtd-ci leaves Debian's qemu.conf as it ships (no
+        // user or group): libvirt's defaults, user and group libvirt-qemu, as numbers.
+        let user = try #require(getpwnam("libvirt-qemu"), "no user libvirt-qemu").pointee.pw_uid
+        let group = try #require(getgrnam("libvirt-qemu"), "no group libvirt-qemu").pointee.gr_gid
         var expected = try #require(started.domain)
         expected.emulator = try control.withDomain(name) { domain throws(BrokerError) in
             try DomainDescription(xml: try control.inactiveXML(of: domain, place: name)).emulator
         }
-        expected.processLabel = DACLabel("+0:+0")
+        expected.processLabel = DACLabel("+\(user):+\(group)")
         #expect(expected.emulator != nil)
+        // And QEMU runs as that, not as root.
+        let processStatus = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8).split(separator: "\n")
+        #expect(processStatus.contains { $0.hasPrefix("Uid:\t\(user)\t") }, "\(processStatus.filter { $0.hasPrefix("Uid:") })")
+        #expect(processStatus.contains { $0.hasPrefix("Gid:\t\(group)\t") }, "\(processStatus.filter { $0.hasPrefix("Gid:") })")
         #expect(await watcher.verifyPeer(uuid: started.uuid, pid: pid, timeout: patience) == .accepted(expected))
         #expect(await watcher.verifyPeer(uuid: started.uuid, pid: pid + 1, timeout: patience) != .accepted(expected))
 

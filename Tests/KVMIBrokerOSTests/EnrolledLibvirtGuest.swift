@@ -46,8 +46,11 @@ struct EnrolledLibvirtGuest {
         tree.write(
             "guests.d/50-virsh.conf",
             "[guest virsh]\nMatchUUID=\(uuid)\nIntrospector=tool\nCommands=VM_READ_PHYSICAL;VM_CONTROL_EVENTS\nEvents=UNHOOK\n")
-        channel = temporarySocketPath("libvirt-guest-channel")
-        var configuration = BrokerConfiguration(channelSocketPath: channel, policy: try PolicyStore(sources: tree.sources))
+        // libvirt runs QEMU as libvirt-qemu (the stock qemu.conf): the channel socket is root:kvm
+        // 0660 in a directory it may search, as the systemd unit makes it (`--socket-group kvm`).
+        channel = qemuReachableSocketPath("libvirt-guest-channel")
+        var configuration = BrokerConfiguration(
+            channelSocketPath: channel, channelSocketGroup: try StockQEMUAccount.lookUp().kvmGID, policy: try PolicyStore(sources: tree.sources))
         (identity, watcherTask) = LibvirtIdentity.start(uri: "qemu:///system", logger: Logger(label: "virsh-libvirt"))
         configuration.identity = identity
         // A test that reads the broker's lines must see every refusal, however many a retrying peer causes.

@@ -16,6 +16,12 @@ func virsh(_ arguments: [String]) throws -> (Int32, String, String) {
     try runProcess(URL(fileURLWithPath: "/usr/bin/virsh"), ["-c", "qemu:///system"] + arguments, timeout: 120)
 }
 
+/// A test domain's name: `$KVMIB_TEST_DOMAIN_PREFIX` (default `kvmib-`) and `base`, so that test
+/// runs from several worktrees sharing one libvirtd each define domains of their own names.
+func testDomainName(_ base: String) -> String {
+    (ProcessInfo.processInfo.environment["KVMIB_TEST_DOMAIN_PREFIX"] ?? "kvmib-") + base
+}
+
 /// Runs scripts/libvirtd-ci: its output goes to a file, not a pipe, because the daemons it
 /// starts keep their inherited descriptors open (a pipe would never reach end of file).
 func libvirtdCI(_ action: String) throws {
@@ -50,10 +56,21 @@ func removeDomain(_ name: String) {
     _ = try? virsh(["undefine", name])
 }
 
+/// Before libvirt starts a domain with these: everything its QEMU (libvirt-qemu, the stock
+/// qemu.conf) opens by itself is reachable by that user, or a clear error naming the path.
+func requireReachableByStockQEMU(channel: String, double: String, firmware: String? = nil) throws {
+    let account = try StockQEMUAccount.lookUp()
+    try account.requireReachable(try patchedQEMU(), "-x", what: "the patched QEMU (the domain's <emulator>)")
+    try account.requireReachable(double, "-r", what: "the kernel double (test equipment, LD_PRELOADed into QEMU)")
+    if let firmware { try account.requireReachable(firmware, "-r", what: "the test firmware") }
+    try account.requireReachable(channel, "-w", what: "the broker's channel socket")
+}
+
 /// A plain domain, enrolled with `kvmi-broker enroll` (metadata, chardev, object, emulator),
 /// then given the kernel double with `<qemu:env>` (test equipment only). `firmware` replaces
-/// SeaBIOS (`<loader type='rom'>`, QEMU's -bios).
+/// SeaBIOS (`<loader type='rom'>`, QEMU's -bios). The broker must be listening on `channel`.
 func defineEnrolledDomain(name: String, uuid: GuestUUID, channel: String, double: String, firmware: String? = nil) throws {
+    try requireReachableByStockQEMU(channel: channel, double: double, firmware: firmware)
     let loader = firmware.map { "<loader type='rom'>\($0)</loader>" } ?? ""
     try defineDomain(
         """
@@ -114,8 +131,12 @@ extension OSLayerTests {
             tree.write(
                 "guests.d/50-it.conf",
                 "[guest it]\nMatchUUID=\(enrolled)\nIntrospector=tool\nCommands=VM_READ_PHYSICAL;VM_CONTROL_EVENTS\nEvents=UNHOOK\n")
+            // QEMU runs as libvirt-qemu (the stock qemu.conf): it reaches the channel socket
+            // through its group kvm, as under the systemd unit (`--socket-group kvm`).
+            let account = try StockQEMUAccount.lookUp()
             var configuration = BrokerConfiguration(
-                channelSocketPath: temporarySocketPath("libvirt-channel"), policy: try PolicyStore(sources: tree.sources))
+                channelSocketPath: qemuReachableSocketPath("libvirt-channel"), channelSocketGroup: account.kvmGID,
+                policy: try PolicyStore(sources: tree.sources))
             let (identity, watcherTask) = LibvirtIdentity.start(uri: "qemu:///system", logger: Logger(label: "it-libvirt"))
             defer {
                 watcherTask.cancel()
@@ -127,28 +148,34 @@ extension OSLayerTests {
             let task = Task { await server.run(listener: listener) }
             defer { task.cancel() }
             let double = try kernelDouble()
-            try defineEnrolledDomain(name: "kvmib-it-enrolled", uuid: enrolled, channel: configuration.channelSocketPath, double: double)
-            try defineDomain(try domainXML(name: "kvmib-it-outsider", uuid: outsider, channel: configuration.channelSocketPath, double: double))
+            try defineEnrolledDomain(name: testDomainName("it-enrolled"), uuid: enrolled, channel: configuration.channelSocketPath, double: double)
+            try defineDomain(
+                try domainXML(name: testDomainName("it-outsider"), uuid: outsider, channel: configuration.channelSocketPath, double: double))
             defer {
-                removeDomain("kvmib-it-enrolled")
-                removeDomain("kvmib-it-outsider")
+                removeDomain(testDomainName("it-enrolled"))
+                removeDomain(testDomainName("it-outsider"))
             }
 
-            let (started, _, startErr) = try virsh(["start", "kvmib-it-enrolled"])
+            let (started, _, startErr) = try virsh(["start", testDomainName("it-enrolled")])
             #expect(started == 0, "\(startErr)")
             let hooked = await eventuallyAsync(timeout: .seconds(30)) {
                 await server.registry.snapshot().first { $0.uuid == "\(enrolled)" }?.hooked == true
             }
             let sessions = await server.registry.snapshot()
             #expect(hooked, "\(sessions)")
-            #expect(sessions.first?.name == "kvmib-it-enrolled", "the name comes from libvirt")
+            #expect(sessions.first?.name == testDomainName("it-enrolled"), "the name comes from libvirt")
+            // The broker accepted a QEMU that is not root: libvirt-qemu, as libvirt's DAC label says.
+            let qemuPID = try #require(sessions.first?.qemuPID)
+            let credentials = StockQEMUAccount.credentials(of: qemuPID)
+            #expect(
+                credentials?.uid == account.uid && credentials?.gid == account.gid, "QEMU pid \(qemuPID) runs as \(String(describing: credentials))")
             #expect(eventually { introspector.records.first?.kvmi?.checks["command:VM_WRITE_PHYSICAL"] == -1 }, "\(introspector.records)")
             #expect(introspector.records.first?.kvmi?.version == 1)
 
             // libvirtd restarts: the guest stays hooked (QEMU and the broker do not depend on it),
             // and the broker's libvirt view comes back (a new domain is identified after the restart).
             try restartLibvirtd()
-            let (outsiderStarted, _, outsiderErr) = try virsh(["start", "kvmib-it-outsider"])
+            let (outsiderStarted, _, outsiderErr) = try virsh(["start", testDomainName("it-outsider")])
             #expect(outsiderStarted == 0, "\(outsiderErr)")
             let leftAlone = await eventuallyAsync(timeout: .seconds(30)) {
                 await server.registry.snapshot().first { $0.uuid == "\(outsider)" }?.state == "not introspected"
@@ -184,12 +211,12 @@ extension OSLayerTests {
             }
             try restartLibvirtd()  // libvirt reads hooks when it starts
             try defineDomain(
-                try domainXML(name: "kvmib-it-required", uuid: requiredGuest, channel: "/tmp/kvmib-none.sock", double: try kernelDouble()))
-            defer { removeDomain("kvmib-it-required") }
-            let (status, _, err) = try virsh(["start", "kvmib-it-required"])
+                try domainXML(name: testDomainName("it-required"), uuid: requiredGuest, channel: "/tmp/kvmib-none.sock", double: try kernelDouble()))
+            defer { removeDomain(testDomainName("it-required")) }
+            let (status, _, err) = try virsh(["start", testDomainName("it-required")])
             #expect(status != 0)
             #expect(err.contains("requires introspection by tool") && err.contains("unreachable"), "virsh said: \(err)")
-            let (_, state, _) = try virsh(["domstate", "kvmib-it-required"])
+            let (_, state, _) = try virsh(["domstate", testDomainName("it-required")])
             #expect(state.contains("shut off"))
         }
     }

@@ -23,7 +23,7 @@ extension OSLayerTests {
     struct VirshNeverClosingToolTests {
         @Test("virsh suspend succeeds, the domain paused and unhooked after QEMU's unhook-timeout; virsh resume hooks it again")
         func suspendAndResume() async throws {
-            let guest = try EnrolledLibvirtGuest(name: "kvmib-virsh-suspend", uuid: GuestUUID("d0d0d0d0-5555-4555-8555-000000000001")!)
+            let guest = try EnrolledLibvirtGuest(name: testDomainName("virsh-suspend"), uuid: GuestUUID("d0d0d0d0-5555-4555-8555-000000000001")!)
             defer { guest.tearDown() }
             #expect(try virsh(["start", guest.name]).0 == 0)
             let first = try #require(await guest.waitForHook(from: 0), "\(guest.introspector.records)")
@@ -47,7 +47,7 @@ extension OSLayerTests {
 
         @Test("virsh save succeeds while the tool holds on; virsh restore brings the guest back, hooked again")
         func saveAndRestore() async throws {
-            let guest = try EnrolledLibvirtGuest(name: "kvmib-virsh-save", uuid: GuestUUID("d0d0d0d0-5555-4555-8555-000000000002")!)
+            let guest = try EnrolledLibvirtGuest(name: testDomainName("virsh-save"), uuid: GuestUUID("d0d0d0d0-5555-4555-8555-000000000002")!)
             defer { guest.tearDown() }
             let image = "\(privateSocketDirectory)/kvmib-virsh-save-\(UInt32.random(in: 0...UInt32.max)).img"
             defer { unlink(image) }
@@ -81,7 +81,7 @@ extension OSLayerTests {
         /// after its wait, so its success shows that QEMU exited on SIGTERM alone.
         @Test("virsh shutdown (ACPI) and virsh destroy --graceful (SIGTERM) end the domain while the tool holds on, without SIGKILL")
         func shutdownAndGracefulDestroy() async throws {
-            let guest = try EnrolledLibvirtGuest(name: "kvmib-virsh-shutdown", uuid: GuestUUID("d0d0d0d0-5555-4555-8555-000000000003")!)
+            let guest = try EnrolledLibvirtGuest(name: testDomainName("virsh-shutdown"), uuid: GuestUUID("d0d0d0d0-5555-4555-8555-000000000003")!)
             defer { guest.tearDown() }
             #expect(try virsh(["start", guest.name]).0 == 0)
             let first = try #require(await guest.waitForHook(from: 0), "\(guest.introspector.records)")
