@@ -125,13 +125,19 @@ public final class ControlServer: Sendable {
     private let statusAnswers = Atomic<Int>(0)
     /// Counts an unreachable introspector of a required guest; nil when metrics are off.
     let metrics: BrokerMetrics?
+    /// The daemon checks QEMUs against libvirt, so the guests it serves have the identity the
+    /// hook reports and per-guest endpoints are expanded (and probed) for them. False with
+    /// `--insecure-no-libvirt-identity`: the sessions refuse per-guest endpoints, so a required
+    /// guest with one is vetoed here too.
+    let libvirtIdentity: Bool
 
     public init(
         path: String, plans: any PlanSource, logger: Logger, probeTimeout: Duration = .seconds(2), io: AsyncSocketIO = AsyncSocketIO(),
         status: LiveStatusSource? = nil, readers: (gid: gid_t, name: String)? = nil, statusWriteTimeout: Duration = .seconds(10),
-        metrics: BrokerMetrics? = nil
+        metrics: BrokerMetrics? = nil, libvirtIdentity: Bool = false
     ) {
         self.metrics = metrics
+        self.libvirtIdentity = libvirtIdentity
         self.path = path
         self.plans = plans
         self.logger = logger
@@ -292,7 +298,7 @@ public final class ControlServer: Sendable {
         var logger = self.logger
         logger[metadataKey: "guest.uuid"] = "\(uuid)"
         logger[metadataKey: "guest.name"] = "\(name)"
-        let (decision, reason) = plans.decide(uuid: uuid, name: request.name, metadata: request.metadata)
+        let (decision, reason) = plans.decide(uuid: uuid, name: request.name, metadata: request.metadata, identityVerified: libvirtIdentity)
         let operation = escapedForLog(request.operation, limit: 32)
         guard request.operation == "prepare" || request.operation == "start" else {
             logger.info("libvirt: \(operation)", metadata: ["policy": "\(reason)"])

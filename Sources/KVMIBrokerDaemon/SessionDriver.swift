@@ -273,7 +273,10 @@ final class SessionDriver: Sendable {
     private func decideFirst(
         hello: Channel.Hello, name: String, metadata: GuestMetadata?, state: inout LoopState, logger: Logger
     ) -> [GuestSessionMachine.Action] {
-        let (decision, reason) = configuration.plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
+        // With libvirt, HELLO's UUID is the domain's (libvirt runs that domain as this very
+        // QEMU pid) and the name is libvirt's: per-guest endpoints are expanded from them.
+        let (decision, reason) = configuration.plans.decide(
+            uuid: hello.uuid, name: name, metadata: metadata, identityVerified: configuration.identity != nil)
         let plan = decision.plan
         state.failClosed = decision.failsClosed
         state.rule = decision.rule ?? "-"
@@ -469,7 +472,7 @@ final class SessionDriver: Sendable {
             actions = state.machine.handle(.unhookDeadline)
         case .policyReloaded:
             session.reload.pending.store(false, ordering: .releasing)
-            let (decision, reason) = plans.decide(uuid: hello.uuid, name: name, metadata: metadata)
+            let (decision, reason) = plans.decide(uuid: hello.uuid, name: name, metadata: metadata, identityVerified: configuration.identity != nil)
             let next = decision.plan
             state.failClosed = decision.failsClosed
             let same: Bool
