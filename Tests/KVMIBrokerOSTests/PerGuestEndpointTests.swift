@@ -108,7 +108,7 @@ extension OSLayerTests {
             }
             let secondHooked = await waitUntilHooked(server, second)
             var sessions = await server.registry.snapshot()
-            #expect(secondHooked, "\(sessions)")
+            #expect(secondHooked, "\(sessions) \(lines.messages.suffix(20))")
             let failing = await eventuallyAsync {
                 await server.registry.snapshot().first { $0.uuid == "\(first)" }?.lastFailure?.contains("\(first).sock") == true
             }
