@@ -195,14 +195,20 @@ public final class ControlServer: Sendable {
     let metrics: BrokerMetrics?
     /// The drains the sessions apply (nil: `drain` is answered with an error).
     let drains: IntrospectorDrains?
+    /// The daemon checks QEMUs against libvirt, so the guests it serves have the identity the
+    /// hook reports and per-guest endpoints are expanded (and probed) for them. False with
+    /// `--insecure-no-libvirt-identity`: the sessions refuse per-guest endpoints, so a required
+    /// guest with one is vetoed here too.
+    let libvirtIdentity: Bool
 
     public init(
         path: String, plans: any PlanSource, logger: Logger, probeTimeout: Duration = .seconds(2), io: AsyncSocketIO = AsyncSocketIO(),
         status: LiveStatusSource? = nil, readers: (gid: gid_t, name: String)? = nil, statusWriteTimeout: Duration = .seconds(10),
-        metrics: BrokerMetrics? = nil, drains: IntrospectorDrains? = nil
+        metrics: BrokerMetrics? = nil, drains: IntrospectorDrains? = nil, libvirtIdentity: Bool = false
     ) {
         self.metrics = metrics
         self.drains = drains
+        self.libvirtIdentity = libvirtIdentity
         self.path = path
         self.plans = plans
         self.logger = logger
@@ -428,7 +434,8 @@ public final class ControlServer: Sendable {
         var logger = self.logger
         logger[metadataKey: "guest.uuid"] = "\(uuid)"
         logger[metadataKey: "guest.name"] = "\(name)"
-        let (decision, reason) = plans.decide(uuid: uuid, name: request.name, metadata: request.metadata, nova: request.nova)
+        let (decision, reason) = plans.decide(
+            uuid: uuid, name: request.name, metadata: request.metadata, nova: request.nova, identityVerified: libvirtIdentity)
         let operation = escapedForLog(request.operation, limit: 32)
         guard request.operation == "prepare" || request.operation == "start" else {
             logger.info("libvirt: \(operation)", metadata: ["policy": "\(reason)"])

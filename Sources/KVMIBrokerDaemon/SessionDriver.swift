@@ -284,7 +284,10 @@ final class SessionDriver: Sendable {
     private func decideFirst(
         hello: Channel.Hello, name: String, metadata: GuestMetadata?, nova: NovaMetadata?, state: inout LoopState, logger: Logger
     ) -> [GuestSessionMachine.Action] {
-        let (decided, why) = configuration.plans.decide(uuid: hello.uuid, name: name, metadata: metadata, nova: nova)
+        // With libvirt, HELLO's UUID is the domain's (libvirt runs that domain as this very
+        // QEMU pid) and the name is libvirt's: per-guest endpoints are expanded from them.
+        let (decided, why) = configuration.plans.decide(
+            uuid: hello.uuid, name: name, metadata: metadata, nova: nova, identityVerified: configuration.identity != nil)
         let (decision, reason) = configuration.drains.apply(decided, reason: why, hooked: hello.flags.contains(.hooked))
         let plan = decision.plan
         state.failClosed = decision.failsClosed
@@ -501,7 +504,8 @@ final class SessionDriver: Sendable {
             actions = state.machine.handle(.unhookDeadline)
         case .policyReloaded:
             session.reload.pending.store(false, ordering: .releasing)
-            let (decided, why) = plans.decide(uuid: hello.uuid, name: name, metadata: metadata, nova: nova)
+            let (decided, why) = plans.decide(
+                uuid: hello.uuid, name: name, metadata: metadata, nova: nova, identityVerified: configuration.identity != nil)
             let hooked = state.machine.state.isHooked || state.machine.state.isUnhookingOrUpdating
             let (decision, reason) = configuration.drains.apply(decided, reason: why, hooked: hooked)
             let next = decision.plan

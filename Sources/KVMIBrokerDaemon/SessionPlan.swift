@@ -101,36 +101,43 @@ extension SessionPlan {
 
 /// Decides sessions: the static configuration, or the allow-policy.
 public protocol PlanSource: Sendable {
-    /// The plan for a guest (nil: not introspected, which includes "required but unservable":
-    /// use `decide` to tell them apart) and the reason, for the audit log.
-    func plan(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (SessionPlan?, String)
     /// The decision with "required but unservable" explicit, and the reason (one line, peer
     /// text escaped). `nova`: OpenStack Nova's metadata, for `MatchNova*=` rules.
-    func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?, nova: NovaMetadata?) -> (PlanDecision, String)
+    /// `identityVerified`: the UUID and name are libvirt's (checked against the peer), not
+    /// QEMU's HELLO alone; per-guest endpoints are expanded only then.
+    func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?, nova: NovaMetadata?, identityVerified: Bool) -> (
+        PlanDecision, String
+    )
 }
 
 extension PlanSource {
-    public func plan(uuid: GuestUUID, name: String) -> (SessionPlan?, String) { plan(uuid: uuid, name: name, metadata: nil) }
-
-    /// A source that never fails closed: a plan or nothing.
-    public func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?, nova: NovaMetadata?) -> (PlanDecision, String) {
-        let (plan, reason) = plan(uuid: uuid, name: name, metadata: metadata)
-        return (plan.map(PlanDecision.introspect) ?? .notIntrospected, reason)
+    /// The plan for a guest (nil: not introspected, which includes "required but unservable":
+    /// use `decide` to tell them apart) and the reason, for the audit log.
+    public func plan(
+        uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil, nova: NovaMetadata? = nil, identityVerified: Bool = false
+    ) -> (SessionPlan?, String) {
+        let (decision, reason) = decide(uuid: uuid, name: name, metadata: metadata, nova: nova, identityVerified: identityVerified)
+        return (decision.plan, reason)
     }
 
-    /// Without Nova metadata.
+    /// The decision without Nova metadata, for an identity libvirt did not verify (per-guest
+    /// endpoints refused).
     public func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (PlanDecision, String) {
-        decide(uuid: uuid, name: name, metadata: metadata, nova: nil)
+        decide(uuid: uuid, name: name, metadata: metadata, nova: nil, identityVerified: false)
     }
 }
 
 extension BrokerConfiguration: PlanSource {
-    public func plan(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (SessionPlan?, String) {
-        guard introspects(uuid) else { return (nil, "not in the --guest list") }
+    /// One fixed endpoint for every guest: never fails closed, a plan or nothing.
+    public func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?, nova: NovaMetadata?, identityVerified: Bool) -> (
+        PlanDecision, String
+    ) {
+        guard introspects(uuid) else { return (.notIntrospected, "not in the --guest list") }
         return (
-            SessionPlan(
-                introspectorName: "command-line", endpoint: introspector, cookie: cookie, allowLists: allowLists, handshakeTimeout: handshakeTimeout,
-                unhookTimeout: .seconds(5), backoff: backoff, required: false, rule: "the command line"),
+            .introspect(
+                SessionPlan(
+                    introspectorName: "command-line", endpoint: introspector, cookie: cookie, allowLists: allowLists,
+                    handshakeTimeout: handshakeTimeout, unhookTimeout: .seconds(5), backoff: backoff, required: false, rule: "the command line")),
             "introspected by the command-line configuration"
         )
     }
@@ -214,35 +221,41 @@ public final class PolicyStore: PlanSource {
         return (policy, cookies, warnings)
     }
 
-    public func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?, nova: NovaMetadata?) -> (PlanDecision, String) {
-        Self.decide(snapshot, uuid: uuid, name: name, metadata: metadata, nova: nova)
-    }
-
-    public func plan(uuid: GuestUUID, name: String, metadata: GuestMetadata?) -> (SessionPlan?, String) {
-        Self.plan(snapshot, uuid: uuid, name: name, metadata: metadata)
+    public func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?, nova: NovaMetadata?, identityVerified: Bool) -> (
+        PlanDecision, String
+    ) {
+        Self.decide(snapshot, uuid: uuid, name: name, metadata: metadata, nova: nova, identityVerified: identityVerified)
     }
 
     /// One decision from one snapshot: a session never mixes two policies.
-    public static func plan(_ snapshot: Snapshot, uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil) -> (SessionPlan?, String) {
-        let (decision, reason) = decide(snapshot, uuid: uuid, name: name, metadata: metadata)
+    public static func plan(
+        _ snapshot: Snapshot, uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil, nova: NovaMetadata? = nil,
+        identityVerified: Bool = false
+    ) -> (SessionPlan?, String) {
+        let (decision, reason) = decide(snapshot, uuid: uuid, name: name, metadata: metadata, nova: nova, identityVerified: identityVerified)
         return (decision.plan, reason)
     }
 
-    /// The same, with "required but unservable" explicit.
+    /// The same, with "required but unservable" explicit. The plan's endpoint is the
+    /// introspector's, expanded for this guest when it is per guest (so pacing, back-off and
+    /// hand-overs are per expanded endpoint).
     public static func decide(
-        _ snapshot: Snapshot, uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil, nova: NovaMetadata? = nil
+        _ snapshot: Snapshot, uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil, nova: NovaMetadata? = nil,
+        identityVerified: Bool = false
     ) -> (PlanDecision, String) {
-        let decision = snapshot.policy.decide(GuestFacts(uuid: uuid, name: name, metadata: metadata, nova: nova))
+        let decision = snapshot.policy.decide(
+            GuestFacts(uuid: uuid, name: name, metadata: metadata, nova: nova, identityVerified: identityVerified))
         let where_ = decision.rule.map { " by \($0)" } ?? ""
         switch decision.outcome {
         case .introspected:
-            guard let introspector = decision.introspector, let lists = decision.allowLists else { break }
+            guard let introspector = decision.introspector, let lists = decision.allowLists, let endpoint = decision.endpoint else { break }
             let plan = SessionPlan(
-                introspectorName: introspector.name, endpoint: introspector.endpoint,
+                introspectorName: introspector.name, endpoint: endpoint,
                 cookie: introspector.secretFile.flatMap { snapshot.cookies[$0] }, allowLists: lists,
                 handshakeTimeout: introspector.handshakeTimeout, unhookTimeout: introspector.unhookTimeout, backoff: introspector.backoff,
                 required: decision.required, rule: decision.rule.map(\.description) ?? "-", allowedPeers: introspector.allowedPeers)
-            return (.introspect(plan), "introspected by \(introspector.name)\(where_) (policy generation \(snapshot.generation))")
+            let at = introspector.endpoint.isPerGuest ? " at \(escapedForLog(endpoint.description))" : ""
+            return (.introspect(plan), "introspected by \(introspector.name)\(at)\(where_) (policy generation \(snapshot.generation))")
         case .requiredButUnservable:
             let rule = decision.rule.map(\.description) ?? "the domain's metadata (required=\"yes\")"
             return (

@@ -125,9 +125,9 @@ struct PolicyCompiler {
 
     mutating func compileIntrospector(_ name: String, _ location: RuleLocation, _ section: inout SectionReader, clean: Bool) {
         let before = diagnostics.count
-        let endpoint: IntrospectorEndpoint? = section.required("Endpoint", &self, example: "Endpoint=vsock:3:1234").flatMap { text in
+        let template: EndpointTemplate? = section.required("Endpoint", &self, example: "Endpoint=vsock:3:1234").flatMap { text in
             do throws(BrokerError) {
-                return try IntrospectorEndpoint(parsing: text)
+                return try EndpointTemplate(parsing: text)
             } catch {
                 self.error(location.file, section.lines["Endpoint"], error.message)
                 return nil
@@ -154,29 +154,34 @@ struct PolicyCompiler {
         } catch {
             self.error(location.file, section.lines["BackoffMax"] ?? section.lines["BackoffInitial"], error.message)
         }
-        let peers = allowedPeers(endpoint, location, &section)
-        let authentication = self.authentication(name, endpoint, secretFile: secretFile, location, &section)
+        // Kind checks (AllowedPeer, authentication) hold for every expansion of a per-guest
+        // endpoint: placeholders only ever sit in a unix path or abstract name.
+        let endpoint = template?.sample
+        let peers = allowedPeers(endpoint, written: template?.text, location, &section)
+        let authentication = self.authentication(name, template?.text, secretFile: secretFile, location, &section)
         let summary = section.string("Description", &self)
-        guard clean, diagnostics.count == before, let endpoint, let abi, let authentication else {
+        guard clean, diagnostics.count == before, let template, let abi, let authentication else {
             brokenIntrospectors.insert(name)
             return
         }
         if authentication == .unauthenticated {
             warning(
                 location.file, section.lines["Authentication"],
-                "[\(location.section)] has Authentication=none: the introspector is not authenticated; any process that can listen at \(endpoint) gets the guests' introspection"
+                "[\(location.section)] has Authentication=none: the introspector is not authenticated; any process that can listen at \(template) gets the guests' introspection"
             )
         }
         if let earlier = introspectors[name] { replacedIntrospectors[name] = earlier.location }
         introspectors[name] = IntrospectorConfig(
-            name: name, endpoint: endpoint, secretFile: secretFile, secretFileLine: section.lines["SecretFile"], authentication: authentication,
+            name: name, endpoint: template, secretFile: secretFile, secretFileLine: section.lines["SecretFile"], authentication: authentication,
             abi: abi, handshakeTimeout: handshake, unhookTimeout: unhook, backoff: backoff, allowedPeers: peers, summary: summary,
             location: location)
     }
 
     /// `AllowedPeer=`: uid/user for unix endpoints (required for abstract names), cid for vsock,
     /// nothing for tcp (no peer uid travels over TCP).
-    mutating func allowedPeers(_ endpoint: IntrospectorEndpoint?, _ location: RuleLocation, _ section: inout SectionReader) -> [AllowedPeer] {
+    mutating func allowedPeers(
+        _ endpoint: IntrospectorEndpoint?, written: String?, _ location: RuleLocation, _ section: inout SectionReader
+    ) -> [AllowedPeer] {
         let before = diagnostics.count
         let line = section.lines["AllowedPeer"]
         var peers: [AllowedPeer] = []
@@ -216,7 +221,7 @@ struct PolicyCompiler {
         if case .unix(let path)? = endpoint, path.hasPrefix("@"), peers.isEmpty, diagnostics.count == before {
             error(
                 location.file, section.lines["Endpoint"],
-                "the abstract unix endpoint unix:\(shown(path)) needs AllowedPeer=uid:N or AllowedPeer=user:NAME: any local process can bind an abstract name before the introspector does, and only the listener's uid tells them apart"
+                "the abstract unix endpoint \(shown(written ?? "unix:" + path)) needs AllowedPeer=uid:N or AllowedPeer=user:NAME: any local process can bind an abstract name before the introspector does, and only the listener's uid tells them apart"
             )
         }
         return peers
@@ -224,7 +229,7 @@ struct PolicyCompiler {
 
     /// `SecretFile=` or an explicit `Authentication=none`; nil after an error.
     mutating func authentication(
-        _ name: String, _ endpoint: IntrospectorEndpoint?, secretFile: String?, _ location: RuleLocation, _ section: inout SectionReader
+        _ name: String, _ endpoint: String?, secretFile: String?, _ location: RuleLocation, _ section: inout SectionReader
     ) -> IntrospectorAuthentication? {
         let line = section.lines["Authentication"]
         switch section.string("Authentication", &self) {
@@ -243,7 +248,7 @@ struct PolicyCompiler {
             guard section.lines["SecretFile"] != nil else {
                 error(
                     location.file, line ?? location.line,
-                    "[\(shown(location.section))] has no SecretFile=: add SecretFile=/etc/kvmi-broker/secrets/\(name).key (the handshake cookie), or Authentication=none to trust whatever answers at \(endpoint.map(\.description) ?? "the endpoint")"
+                    "[\(shown(location.section))] has no SecretFile=: add SecretFile=/etc/kvmi-broker/secrets/\(name).key (the handshake cookie), or Authentication=none to trust whatever answers at \(endpoint.map { shown($0) } ?? "the endpoint")"
                 )
                 return nil
             }

@@ -45,19 +45,54 @@ extension Policy {
     /// The decision for a guest: the strongest precedence class with a match decides; within it
     /// the rules must agree on the introspector, and the latest rule in policy order wins.
     public func decide(_ guest: GuestFacts) -> PolicyDecision {
-        decide(uuid: guest.uuid, name: guest.name, metadata: guest.metadata, nova: guest.nova)
+        decide(uuid: guest.uuid, name: guest.name, metadata: guest.metadata, nova: guest.nova, identityVerified: guest.identityVerified)
     }
 
-    /// The same with partial facts (`explain` may know only a UUID or only a name).
-    public func decide(uuid: GuestUUID?, name: String?, metadata: GuestMetadata?, nova: NovaMetadata? = nil) -> PolicyDecision {
+    /// The same with partial facts (`explain` may know only a UUID or only a name). A
+    /// per-guest endpoint is expanded when the facts it needs are given and `identityVerified`
+    /// (they are libvirt's); without them `endpoint` stays nil.
+    public func decide(
+        uuid: GuestUUID?, name: String?, metadata: GuestMetadata?, nova: NovaMetadata? = nil, identityVerified: Bool
+    ) -> PolicyDecision {
         for matchClass in MatchClass.strongestFirst {
             let matched = matches(matchClass, uuid: uuid, name: name, metadata: metadata, nova: nova)
-            if !matched.isEmpty { return decide(matchClass, matched, metadata: metadata) }
+            if !matched.isEmpty {
+                var decision = decide(matchClass, matched, metadata: metadata)
+                expandEndpoint(&decision, uuid: uuid, name: name, identityVerified: identityVerified)
+                return decision
+            }
         }
         if let problem = nova?.problem, !index.novaRules.isEmpty {
             return .denied("no rule matches (the domain's Nova metadata cannot be read: \(problem)): not introspected (deny by default)")
         }
         return .denied("no rule matches: not introspected (deny by default)")
+    }
+
+    /// Sets the decision's endpoint for this guest. A per-guest endpoint needs the verified
+    /// identity; if it is unverified, or the expansion is refused (a name holding '/', too long,
+    /// ...), the guest is not introspected (fail closed when required), with the reason.
+    private func expandEndpoint(_ decision: inout PolicyDecision, uuid: GuestUUID?, name: String?, identityVerified: Bool) {
+        guard decision.introspected, let introspector = decision.introspector else { return }
+        let template = introspector.endpoint
+        if let fixed = template.fixed {
+            decision.endpoint = fixed
+            return
+        }
+        let place = decision.rule.map { " (\($0))" } ?? ""
+        guard identityVerified else {
+            decision.introspected = false
+            decision.reason =
+                "introspector '\(introspector.name)' has the per-guest endpoint \(escapedForLog(template.text)), which is expanded only from the identity libvirt verified; this guest's UUID and name are QEMU's own, unverified (libvirt identity check off)\(place): not introspected"
+            return
+        }
+        // `explain` may lack a fact the template needs: the decision stands, the value is unknown.
+        guard uuid != nil || !template.placeholders.contains(.uuid), name != nil || !template.placeholders.contains(.name) else { return }
+        do throws(BrokerError) {
+            decision.endpoint = try template.expanded(uuid: uuid ?? .zero, name: name ?? "")
+        } catch {
+            decision.introspected = false
+            decision.reason = "\(error)\(place): not introspected"
+        }
     }
 
     /// Rule positions of one class matching the guest, in policy order.

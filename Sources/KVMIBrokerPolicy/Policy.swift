@@ -120,7 +120,8 @@ public enum IntrospectorAuthentication: String, Sendable, Equatable {
 /// An `[introspector NAME]` section.
 public struct IntrospectorConfig: Sendable, Equatable {
     public var name: String
-    public var endpoint: IntrospectorEndpoint
+    /// `Endpoint=`: fixed, or per guest (`{uuid}`, `{name}`), expanded by `Policy.decide`.
+    public var endpoint: EndpointTemplate
     /// The shared-secret file; the daemon loads it (the policy only records the path).
     public var secretFile: String?
     /// The line of `SecretFile=` in `location.file`, for errors about the secret itself.
@@ -266,12 +267,19 @@ public struct GuestFacts: Sendable, Hashable {
     public var metadata: GuestMetadata?
     /// OpenStack Nova's element, when the domain has one.
     public var nova: NovaMetadata?
+    /// The UUID and name come from libvirt (the broker checked that this QEMU is that domain's),
+    /// not from QEMU's unverified HELLO. Only then are per-guest endpoints (`{uuid}`, `{name}`)
+    /// expanded; otherwise a guest whose introspector has one is not introspected.
+    public var identityVerified: Bool
 
-    public init(uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil, nova: NovaMetadata? = nil) {
+    public init(
+        uuid: GuestUUID, name: String, metadata: GuestMetadata? = nil, nova: NovaMetadata? = nil, identityVerified: Bool = false
+    ) {
         self.uuid = uuid
         self.name = name
         self.metadata = metadata
         self.nova = nova
+        self.identityVerified = identityVerified
     }
 }
 
@@ -279,6 +287,9 @@ public struct GuestFacts: Sendable, Hashable {
 public struct PolicyDecision: Sendable, Equatable {
     public var introspected: Bool
     public var introspector: IntrospectorConfig?
+    /// The introspector's endpoint for this guest (`Endpoint=` with `{uuid}` and `{name}`
+    /// expanded). Nil when not introspected, or when `explain` lacks a fact the template needs.
+    public var endpoint: IntrospectorEndpoint?
     public var allowLists: Channel.AllowLists?
     /// The guest must not run unmonitored. Also true when a conflict or an unresolvable name
     /// keeps a required rule from applying: the policy fails closed.
@@ -314,7 +325,8 @@ public struct PolicyDecision: Sendable, Equatable {
 
     static func denied(_ reason: String) -> PolicyDecision {
         PolicyDecision(
-            introspected: false, introspector: nil, allowLists: nil, required: false, rule: nil, matchedBy: nil, conflicts: [], shadowed: [],
+            introspected: false, introspector: nil, endpoint: nil, allowLists: nil, required: false, rule: nil, matchedBy: nil, conflicts: [],
+            shadowed: [],
             reason: reason)
     }
 }

@@ -3,13 +3,15 @@ import KVMIBrokerCore
 extension Policy {
     /// `policy explain`: the decision, the deciding rule and its file:line, the resolved ids per
     /// generation, and every other rule that matched and why it did not decide.
+    /// A per-guest endpoint is shown as written and as expanded for these facts, taken as
+    /// libvirt's (the daemon expands only from identity libvirt verified).
     public func explain(uuid: GuestUUID?, name: String?, metadata: GuestMetadata?, nova: NovaMetadata? = nil) -> String {
         var out: [String] = []
         let nameText = name.map { "\"\(escapedForLog($0))\"" } ?? "(unknown: name rules not consulted)"
         out.append("guest: uuid \(uuid?.description ?? "(unknown: UUID rules not consulted)"), name \(nameText)")
         out.append("metadata: \(metadata.map { escapedForLog($0.description, limit: 1024) } ?? "none")")
         if let nova { out.append("nova: \(escapedForLog(nova.description, limit: 1024))") }
-        let decision = decide(uuid: uuid, name: name, metadata: metadata, nova: nova)
+        let decision = decide(uuid: uuid, name: name, metadata: metadata, nova: nova, identityVerified: true)
         switch (decision.outcome, decision.introspector) {
         case (.introspected, let introspector?):
             out.append("decision: introspected by '\(introspector.name)', \(decision.required ? "required" : "best-effort")")
@@ -25,7 +27,19 @@ extension Policy {
         for location in decision.conflicts { out.append("conflicts with: \(location)") }
         for location in decision.shadowed { out.append("shadows: \(location)") }
         if let introspector = decision.introspector {
-            out.append("introspector: \(introspector.location): endpoint \(introspector.endpoint), ABI \(introspector.abi)")
+            let template = introspector.endpoint
+            let perGuest = template.isPerGuest ? " (per guest)" : ""
+            out.append("introspector: \(introspector.location): endpoint \(escapedForLog(template.text))\(perGuest), ABI \(introspector.abi)")
+            if template.isPerGuest {
+                if let endpoint = decision.endpoint {
+                    out.append("endpoint for this guest: \(escapedForLog(endpoint.description))")
+                } else if decision.introspected {
+                    let needed = template.placeholders.map { "{\($0.rawValue)}" }.joined(separator: " and ")
+                    out.append("endpoint for this guest: unknown: \(needed) needs the guest's UUID and name (give both with --domain-xml)")
+                } else {
+                    out.append("endpoint for this guest: none (see the reason)")
+                }
+            }
         }
         if let location = decision.rule, let rule = rules.first(where: { $0.location == location }) {
             out.append("allow-lists:")

@@ -106,7 +106,9 @@ struct HookCommand: ParsableCommand {
         let metadata = domain.metadata.map { GuestMetadata(wanted: $0.wanted, introspector: $0.introspector, required: $0.required) }
         do {
             let (policy, _, _) = try PolicyStore.loadWithSecrets(sources)
-            let decision = policy.decide(GuestFacts(uuid: domain.uuid, name: domain.name, metadata: metadata, nova: domain.nova))
+            // The domain XML comes from libvirt (the hook runs under libvirtd): its identity.
+            let decision = policy.decide(
+                GuestFacts(uuid: domain.uuid, name: domain.name, metadata: metadata, nova: domain.nova, identityVerified: true))
             let rule = decision.rule.map(\.description) ?? "the policy"
             switch decision.outcome {
             case .introspected where decision.required:

@@ -315,7 +315,7 @@ struct RunCommand: AsyncParsableCommand {
             case "handshakes-per-introspector":
                 if let number = Int(value), !(1...4096).contains(number) { return "must be from 1 to 4096" }
             case "introspector":
-                do { _ = try IntrospectorEndpoint(parsing: value) } catch { return "'\(shown)': \(error.message)" }
+                do { _ = try Self.staticEndpoint(value) } catch { return "'\(shown)': \(error.message)" }
             case "commands", "events":
                 do { _ = try ids(value, "--" + key) } catch {
                     return error.message.hasPrefix("--\(key): ") ? String(error.message.dropFirst("--\(key): ".count)) : error.message
@@ -403,6 +403,12 @@ struct RunCommand: AsyncParsableCommand {
             logger.warning(
                 "IDENTITY CHECK OFF (--insecure-no-libvirt-identity): QEMUs are trusted on /proc alone (executable and -uuid), which a local process can imitate"
             )
+            let perGuest = (configuration.policy?.snapshot.policy.introspectors.values.filter(\.endpoint.isPerGuest) ?? []).map(\.name).sorted()
+            if !perGuest.isEmpty {
+                logger.warning(
+                    "introspector\(perGuest.count == 1 ? "" : "s") \(perGuest.joined(separator: ", ")) \(perGuest.count == 1 ? "has a" : "have") per-guest endpoint ({uuid}, {name}), expanded only from the identity libvirt verifies: their guests are not introspected (required ones fail closed)"
+                )
+            }
         } else {
             let (identity, task) = LibvirtIdentity.start(uri: libvirtUri, logger: logger)
             configuration.identity = identity
@@ -439,7 +445,7 @@ struct RunCommand: AsyncParsableCommand {
                 drains: configuration.drains)
             let controlServer = ControlServer(
                 path: controlSocket, plans: configuration.plans, logger: logger, status: status, readers: readers,
-                metrics: metrics, drains: configuration.drains)
+                metrics: metrics, drains: configuration.drains, libvirtIdentity: configuration.identity != nil)
             do {
                 control = (controlServer, try controlServer.bind())
             } catch {
@@ -521,7 +527,7 @@ struct RunCommand: AsyncParsableCommand {
                 statusFile: statusFile.isEmpty ? nil : statusFile)
         }
         let generation = ABIGeneration(parsing: abi ?? BrokerDefaults.abi)!
-        let endpoint = try IntrospectorEndpoint(parsing: introspector)
+        let endpoint = try Self.staticEndpoint(introspector)
         var cookie: CookieHash?
         if let secretFile { cookie = CookieHash(secret: try SecretFile.load(secretFile)) }
         // validate() makes both explicit in static mode.
@@ -536,6 +542,18 @@ struct RunCommand: AsyncParsableCommand {
                 multiplier: 2, jitter: 0.2),
             handshakeTimeout: .milliseconds(Int64((handshakeTimeout ?? BrokerDefaults.handshakeTimeout) * 1000)),
             verifier: PeerVerifier(emulators: emulators), statusFile: statusFile.isEmpty ? nil : statusFile)
+    }
+
+    /// `--introspector`: one endpoint for every guest. Placeholders are refused rather than
+    /// taken as literal braces: per-guest endpoints are a policy feature (`Endpoint=`).
+    private static func staticEndpoint(_ text: String) throws(BrokerError) -> IntrospectorEndpoint {
+        let template = try EndpointTemplate(parsing: text)
+        guard let fixed = template.fixed else {
+            throw BrokerError(
+                .invalidEndpoint,
+                "per-guest endpoints ({uuid}, {name}) are expanded only in policy mode (Endpoint= in introspectors.d), not with --introspector")
+        }
+        return fixed
     }
 
     private static func ids(_ text: String, _ option: String) throws(BrokerError) -> [Int32] {

@@ -135,7 +135,7 @@ struct IntrospectorTests {
         #expect(warnings.isEmpty)
         let acme = try #require(policy.introspectors["acme"])
         #expect(acme.summary == "ACME scanner")
-        #expect(acme.endpoint == .unix(path: "/run/acme.sock"))
+        #expect(acme.endpoint == EndpointTemplate(.unix(path: "/run/acme.sock")))
         #expect(acme.abi == .v12)
         #expect(acme.secretFile == "/etc/kvmi-broker/secrets/acme.key")
         #expect(acme.handshakeTimeout == .milliseconds(2500))

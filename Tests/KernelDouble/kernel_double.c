@@ -654,8 +654,11 @@ static int kd_hook(int vm_fd, enum kd_gen gen, const struct kd_introspection_hoo
 	vm->next = kd_vms;
 	kd_vms = vm;
 	__atomic_store_n(&kd_nr_vms, kd_nr_vms + 1, __ATOMIC_RELEASE);
-	kd_log("vm fd %d: HOOK (%s) on socket fd %d: hooked", vm_fd,
-	       gen == KD_GEN_V7 ? "v7" : "v12", hk.fd);
+	/* the UUID as the kernel logs it: tests compare it with the domain's */
+	kd_log("vm fd %d: HOOK (%s) uuid %02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x on socket fd %d: hooked",
+	       vm_fd, gen == KD_GEN_V7 ? "v7" : "v12",
+	       hk.uuid[0], hk.uuid[1], hk.uuid[2], hk.uuid[3], hk.uuid[4], hk.uuid[5], hk.uuid[6], hk.uuid[7],
+	       hk.uuid[8], hk.uuid[9], hk.uuid[10], hk.uuid[11], hk.uuid[12], hk.uuid[13], hk.uuid[14], hk.uuid[15], hk.fd);
 	return 0;
 }
 
