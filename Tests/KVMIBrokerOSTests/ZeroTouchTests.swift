@@ -186,7 +186,8 @@ extension OSLayerTests {
             let released = await eventuallyAsync(timeout: .seconds(60)) {
                 await server.registry.snapshot().first { $0.uuid == "\(outsider)" }?.state == "not introspected"
             }
-            #expect(released, "\(await server.registry.snapshot())")
+            let sessions = await server.registry.snapshot()
+            #expect(released, "\(sessions)")
             #expect(try virsh(["domstate", outsiderName]).1.contains("running"))
             #expect(!introspector.records.contains { $0.handshake?.uuid == outsider }, "the outsider got no handshake")
         }
