@@ -104,13 +104,15 @@ extension OSLayerTests {
         let introspected = GuestUUID("d0d0d0d0-7777-4777-8777-0000000000a1")!
         let outsider = GuestUUID("d0d0d0d0-7777-4777-8777-0000000000a2")!
 
-        /// A domain as a management layer writes it: no metadata, no <qemu:commandline>.
+        /// A domain as a management layer writes it: no metadata, no <qemu:commandline>. `<acpi/>`:
+        /// without it libvirt 9.0 passes -no-acpi, which QEMU 10 no longer knows.
         func plainXML(name: String, uuid: GuestUUID, emulator: String) -> String {
             """
             <domain type='kvm'>
               <name>\(name)</name><uuid>\(uuid)</uuid>
               <memory unit='MiB'>64</memory><vcpu>1</vcpu>
               <os><type arch='x86_64' machine='pc'>hvm</type></os>
+              <features><acpi/></features>
               <devices><emulator>\(emulator)</emulator><memballoon model='none'/></devices>
             </domain>
             """
