@@ -18,10 +18,24 @@ struct EnrollCommand: ParsableCommand {
             Running it again with the same options changes nothing; with other options it replaces what it added. \
             A running domain picks the changes up at its next start. The policy still decides whether and how \
             the guest is introspected.
+
+            With --host-wide instead of a domain: zero-touch enrolment of every guest. Writes \
+            \(HostWideEnrollment.defaultPath) (or --host-config), which the patched QEMU reads whenever it \
+            starts, also under libvirt's -no-user-config: every KVM guest started with -uuid connects to \
+            --channel-socket unless its command line has an introspection-broker object of its own (that one \
+            wins). Nothing in the domains' XML changes, so it survives Nova's and KubeVirt's XML rewrites. \
+            libvirt must start the patched QEMU: make it the default emulator (/usr/bin/qemu-system-x86_64), \
+            see qemu-patches.md, "Zero-touch enrolment". Guests pick the change up at their next start.
             """)
 
-    @Argument(help: "The domain's name or UUID.")
-    var domain: String
+    @Argument(help: "The domain's name or UUID (not with --host-wide).")
+    var domain: String?
+
+    @Flag(help: "Enroll every guest the patched QEMU starts on this host, through QEMU's host-wide file, instead of one domain.")
+    var hostWide = false
+
+    @Option(help: "The host-wide file --host-wide writes (the patched QEMU reads \(HostWideEnrollment.defaultPath)).")
+    var hostConfig = HostWideEnrollment.defaultPath
 
     @Option(help: "The introspector the domain asks for (a name the policy defines).")
     var introspector: String?
@@ -46,8 +60,29 @@ struct EnrollCommand: ParsableCommand {
     @Option(name: .customLong("connect"), help: "The libvirt URI.")
     var uri = "qemu:///system"
 
+    func validate() throws {
+        if hostWide {
+            guard domain == nil else { throw ValidationError("give either a domain or --host-wide, not both") }
+            guard introspector == nil, emulator == nil else {
+                throw ValidationError(
+                    "--introspector and --qemu are per domain: the policy names the introspector, and libvirt's default emulator runs")
+            }
+        } else {
+            guard domain != nil else { throw ValidationError("give the domain's name or UUID, or --host-wide") }
+            guard hostConfig == HostWideEnrollment.defaultPath else { throw ValidationError("--host-config goes with --host-wide") }
+        }
+    }
+
     func run() throws {
         do {
+            guard let domain else {
+                try writeHostWide(
+                    path: hostConfig, text: HostWideEnrollment.fileText(enabled: true, channelSocket: channelSocket, required: required))
+                print("host-wide enrolment on in \(hostConfig): every KVM guest the patched QEMU starts connects to \(channelSocket)")
+                print("  guests running now pick it up at their next start; the policy decides which are introspected")
+                print("  libvirt runs its default emulator for domains that name no other: it must be the patched QEMU")
+                return
+            }
             let emulator = emulator ?? (FileManager.default.isExecutableFile(atPath: Self.packagedQEMU) ? Self.packagedQEMU : nil)
             let options = try EnrollmentOptions(introspector: introspector, required: required, emulator: emulator, channelSocket: channelSocket)
             if let emulator, !FileManager.default.isExecutableFile(atPath: emulator) {
@@ -68,20 +103,52 @@ struct UnenrollCommand: ParsableCommand {
         commandName: "unenroll",
         abstract: "Remove from a libvirt domain exactly what 'kvmi-broker enroll' added, restoring the emulator it replaced.")
 
-    @Argument(help: "The domain's name or UUID.")
-    var domain: String
+    @Argument(help: "The domain's name or UUID (not with --host-wide).")
+    var domain: String?
+
+    @Flag(help: "Turn host-wide enrolment off: 'enabled = \"off\"' in the host-wide file.")
+    var hostWide = false
+
+    @Option(help: "The host-wide file --host-wide writes.")
+    var hostConfig = HostWideEnrollment.defaultPath
+
+    @Option(help: "With --host-wide: the channel socket the file keeps naming.")
+    var channelSocket = EnrollmentOptions.defaultChannelSocket
 
     @Option(name: .customLong("connect"), help: "The libvirt URI.")
     var uri = "qemu:///system"
 
+    func validate() throws {
+        guard hostWide != (domain != nil) else { throw ValidationError("give either a domain or --host-wide") }
+    }
+
     func run() throws {
         do {
+            guard let domain else {
+                try writeHostWide(path: hostConfig, text: HostWideEnrollment.fileText(enabled: false, channelSocket: channelSocket))
+                print("host-wide enrolment off in \(hostConfig): guests started from now on do not connect to the broker by themselves")
+                return
+            }
             let enroller = try DomainEnroller(connection: LibvirtConnection.open(uri, readOnly: false))
             printReport(try enroller.unenroll(domain), verb: "unenrolled")
         } catch {
             FileHandle.standardError.write(Data("kvmi-broker unenroll: \(error)\n".utf8))
             throw ExitCode(1)
         }
+    }
+}
+
+/// Writes the host-wide file whole (a temporary file renamed over it), mode 0644: QEMU reads it
+/// as whatever user libvirt runs it as.
+private func writeHostWide(path: String, text: String) throws(BrokerError) {
+    let temporary = path + ".kvmi-broker-new"
+    guard FileManager.default.createFile(atPath: temporary, contents: Data(text.utf8), attributes: [.posixPermissions: 0o644]) else {
+        throw BrokerError(.io, "cannot write \(temporary) (its directory must exist; root is needed for /etc/qemu)", at: path)
+    }
+    guard rename(temporary, path) == 0 else {
+        let error = errno
+        unlink(temporary)
+        throw BrokerError(.io, "cannot rename \(temporary) to \(path)", at: path, errno: error)
     }
 }
 

@@ -253,17 +253,21 @@ class Env:
         return Channel(conn)
 
     def start(self, obj_opts='', extra=(), stopped=True, name='demo',
-              uid=None, qmp_name='qmp', double=False, env_extra=None):
+              uid=None, qmp_name='qmp', double=False, env_extra=None,
+              qemu=None, broker=True):
+        """broker=False: no -chardev/-object (the host-wide file's turn)"""
         uid = uid or str(uuidlib.uuid4())
         qmp_path = os.path.join(self.dir, qmp_name + '.sock')
-        args = [self.qemu, '-accel', 'kvm', '-L', '/usr/share/seabios',
+        args = [qemu or self.qemu, '-accel', 'kvm',
+                '-L', '/usr/share/seabios',
                 '-m', '64', '-display', 'none', '-nodefaults',
-                '-uuid', uid, '-name', 'guest=' + name,
-                '-chardev', 'socket,id=chr0,path=%s,reconnect-ms=500'
-                % self.sock_path,
-                '-object', 'introspection-broker,id=vmi0,chardev=chr0' +
-                obj_opts,
-                '-qmp', 'unix:%s,server=on,wait=off' % qmp_path]
+                '-uuid', uid, '-name', 'guest=' + name]
+        if broker:
+            args += ['-chardev', 'socket,id=chr0,path=%s,reconnect-ms=500'
+                     % self.sock_path,
+                     '-object', 'introspection-broker,id=vmi0,chardev=chr0' +
+                     obj_opts]
+        args += ['-qmp', 'unix:%s,server=on,wait=off' % qmp_path]
         if stopped:
             args.append('-S')
         args += list(extra)
@@ -300,6 +304,45 @@ class Env:
         if self.listener:
             self.listener.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def host_wide_qemu(env, conf):
+    """
+    The patched QEMU with a host-wide introspection-broker.conf of its
+    own: a link to the binary beside a qemu-bundle/ tree, which QEMU
+    reads instead of the installed paths (its convention for running
+    from a build tree), so the host's /etc/qemu is never touched.
+    conf=None: no file.
+    """
+    d = tempfile.mkdtemp(prefix='host-wide-', dir=env.dir)
+    qemu = os.path.join(d, 'qemu-system-x86_64')
+    try:
+        os.link(env.qemu, qemu)
+    except OSError:
+        shutil.copy2(env.qemu, qemu)
+    etc = os.path.join(d, 'qemu-bundle', 'etc', 'qemu')
+    os.makedirs(etc)
+    share = os.path.join(d, 'qemu-bundle', 'usr', 'share')
+    os.makedirs(share)
+    for fw in ('seabios', 'qemu'):
+        os.symlink('/usr/share/' + fw, os.path.join(share, fw))
+    if conf is not None:
+        with open(os.path.join(etc, 'introspection-broker.conf'), 'w') as f:
+            f.write(conf)
+    return qemu, os.path.join(etc, 'introspection-broker.conf')
+
+
+def host_conf(path, extra=''):
+    return ('# host-wide\n[introspection-broker]\n  enabled = "on"\n'
+            '  path = "%s"\n  reconnect-ms = "500"\n%s' % (path, extra))
+
+
+def objects(qmp):
+    """The ids of the introspection-broker objects and of the chardevs"""
+    objs = [o['name'] for o in qmp.cmd('qom-list', path='/objects')
+            if o['type'] == 'child<introspection-broker>']
+    chrs = [c['label'] for c in qmp.cmd('query-chardev')]
+    return objs, chrs
 
 
 def handshake(env, p=None, timeout=10.0, version=1):
@@ -398,6 +441,142 @@ def t_config_errors(env):
     ch.expect(HELLO)
     ch.close()
     env.stop(p)
+
+
+def t_host_wide(env):
+    """host-wide file: QEMU connects by itself; off or absent: nothing"""
+    env.listen()
+    qemu, conf = host_wide_qemu(env, host_conf(env.sock_path))
+    p, qmp = env.start(qemu=qemu, broker=False)
+    ch, h = handshake(env)
+    check(h['pid'] == p.pid and h['uuid'] == p.uid and h['name'] == 'demo',
+          'HELLO names this QEMU: %r' % h)
+    check(h['flags'] == 0, 'flags %#x (paused, not required)' % h['flags'])
+    check(objects(qmp)[0] == ['introspection-broker-host'],
+          'objects %r' % (objects(qmp),))
+    check('connecting to the broker at %s (host-wide, %s)'
+          % (env.sock_path, conf) in env.stderr(p), env.stderr(p))
+    # the broker's requests work as with an explicit object
+    a, b = tool_pair()
+    r = ch.request(HOOK, lists(), fds=[a.fileno()])
+    check((r['step'], r['error']) == ('STATE', errno.EBUSY), r)
+    check(ch.request(RELEASE)['error'] == 0, 'RELEASE')
+    ch.close()
+    env.stop(p)
+    # required=on and a timeout from the file reach the object
+    qemu, _ = host_wide_qemu(env, host_conf(
+        env.sock_path, '  required = "on"\n  unhook-timeout = "7"\n'))
+    p, qmp = env.start(qemu=qemu, broker=False, qmp_name='qmp-required')
+    ch, h = handshake(env)
+    check(h['flags'] & 6 == 6, 'REQUIRED|HELD %#x' % h['flags'])
+    check(qmp.cmd('qom-get', path='/objects/introspection-broker-host',
+                  property='unhook-timeout') == 7, 'unhook-timeout')
+    ch.close()
+    env.stop(p)
+    for name, text in (('off', host_conf(env.sock_path).replace(
+                            '"on"', '"off"')),
+                       ('absent', None)):
+        qemu, _ = host_wide_qemu(env, text)
+        p, qmp = env.start(qemu=qemu, broker=False, qmp_name='qmp-' + name)
+        check(objects(qmp)[0] == [], '%s: objects %r' % (name, objects(qmp)))
+        check(all('introspection' not in c for c in objects(qmp)[1]),
+              '%s: chardevs %r' % (name, objects(qmp)[1]))
+        env.stop(p)
+
+
+def t_host_wide_explicit(env):
+    """an explicit object wins over the host-wide file: one connection"""
+    env.listen()
+    other = os.path.join(env.dir, 'host-wide.sock')
+    lsock = socket.socket(socket.AF_UNIX)
+    lsock.bind(other)
+    lsock.listen(8)
+    lsock.setblocking(False)
+    qemu, _ = host_wide_qemu(env, host_conf(other))
+    p, qmp = env.start(qemu=qemu)
+    ch, h = handshake(env)
+    check(h['pid'] == p.pid, 'HELLO from this QEMU on the explicit chardev')
+    objs, chrs = objects(qmp)
+    check(objs == ['vmi0'], 'objects %r' % objs)
+    check('introspection-broker-host' not in chrs, 'chardevs %r' % chrs)
+    # The object and its chardev are created at start-up, before QMP
+    # answers: no host-wide chardev means nothing will connect there.
+    try:
+        lsock.accept()
+        raise Fail('QEMU also connected to the host-wide socket')
+    except BlockingIOError:
+        pass
+    lsock.close()
+    ch.close()
+    env.stop(p)
+
+
+def t_host_wide_no_broker(env):
+    """host-wide file, no broker: the guest runs; the broker comes later"""
+    absent = os.path.join(env.dir, 'later.sock')
+    qemu, _ = host_wide_qemu(env, host_conf(absent))
+    p, qmp = env.start(qemu=qemu, broker=False, stopped=False)
+    check(qmp.status() == 'running', 'status %s' % qmp.status())
+    check(objects(qmp)[0] == ['introspection-broker-host'], 'object')
+    env.sock_path = absent
+    env.listen()
+    ch, h = handshake(env)
+    check(h['pid'] == p.pid and h['flags'] & 8, 'HELLO says running')
+    ch.close()
+    env.stop(p)
+
+
+def t_host_wide_errors(env):
+    """a bad host-wide file stops QEMU naming file:line; -uuid/KVM gate"""
+    env.listen()
+    good = host_conf(env.sock_path)
+    cases = [
+        (good + '  colour = "red"\n', ":6: unknown key 'colour'"),
+        (good + '  path = "/x"\n', ":6: 'path' is set twice"),
+        (good + 'path /x\n', ':6: parse error'),
+        ('path = "/x"\n', ":1: 'path' outside the [introspection-broker]"),
+        ('[chardev "x"]\n', ':1: unknown group'),
+        (good.replace('"on"', '"maybe"'), ':3: Parameter \'enabled\''),
+        (good.replace(env.sock_path, 'relative.sock'), ":4: 'path' must"),
+        (good + '  unhook-timeout = "0"\n', ':6: property \'unhook-timeout\''
+         ' must be at least 1'),
+        (good + '  required = "perhaps"\n', ':6: '),
+        (good.replace('"500"', '"0"'), 'must be a client socket'),
+    ]
+    for text, msg in cases:
+        qemu, conf = host_wide_qemu(env, text)
+        r = subprocess.run([qemu, '-accel', 'kvm', '-m', '64', '-display',
+                            'none', '-nodefaults', '-S', '-uuid',
+                            str(uuidlib.uuid4())],
+                           capture_output=True, text=True, timeout=20)
+        where = conf + msg if msg.startswith(':') else conf
+        check(r.returncode != 0 and where in r.stderr and msg in r.stderr,
+              '%r: rc=%d %s' % (text, r.returncode, r.stderr.strip()))
+    qemu, conf = host_wide_qemu(env, good)
+    os.chmod(conf, 0)
+    if os.geteuid() != 0:
+        r = subprocess.run([qemu, '-accel', 'kvm', '-nodefaults', '-S',
+                            '-display', 'none', '-uuid',
+                            str(uuidlib.uuid4())],
+                           capture_output=True, text=True, timeout=20)
+        check(r.returncode != 0 and 'cannot open ' + conf in r.stderr,
+              r.stderr)
+    os.chmod(conf, 0o644)
+    # Not enrolled: a QEMU without -uuid (libvirt's capability probe) and
+    # a TCG guest
+    for extra, name in ((['-machine', 'none'], 'no-uuid'),
+                        (['-uuid', str(uuidlib.uuid4())], 'tcg')):
+        qmp_path = os.path.join(env.dir, name + '.sock')
+        accel = 'tcg' if name == 'tcg' else 'kvm'
+        p = subprocess.Popen([qemu, '-accel', accel, '-nodefaults', '-S',
+                              '-display', 'none', '-qmp',
+                              'unix:%s,server=on,wait=off' % qmp_path] +
+                             extra, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        env.procs.append(p)
+        qmp = QMP(qmp_path)
+        check(objects(qmp)[0] == [], '%s: objects %r' % (name, objects(qmp)))
+        env.stop(p)
 
 
 def t_hook_real_kernel(env):
@@ -1234,7 +1413,9 @@ def t_d_required(env):
 
 BASE = [t_hello, t_config_errors, t_hook_real_kernel, t_stop_cont_reset, t_reconnect,
         t_required_cont, t_required_no_s, t_migration, t_savevm, t_shutdown,
-        t_welcome_timeout, t_slow_broker, t_stuck_broker, t_object_del]
+        t_welcome_timeout, t_slow_broker, t_stuck_broker, t_object_del,
+        t_host_wide, t_host_wide_explicit, t_host_wide_no_broker,
+        t_host_wide_errors]
 DOUBLE = [t_d_hello_hooked, t_d_applied, t_d_version1, t_d_hangup, t_d_stop_waits, t_d_unhook_timeout,
           t_d_tool_never_closes, t_d_shutdown_bound,
           t_d_hmp_stop, t_d_preunhook_enoent, t_d_migration,
