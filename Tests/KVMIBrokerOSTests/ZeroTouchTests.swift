@@ -23,7 +23,7 @@ struct HostWideQEMU {
     let configPath: String
 
     init(tag: String) throws {
-        directory = "/tmp/kvmib-wtzerotouch-\(tag)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        directory = "/tmp/kvmib-zerotouch-\(tag)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         binary = directory + "/qemu-system-x86_64"
         configPath = directory + "/qemu-bundle/etc/qemu/introspection-broker.conf"
         let files = FileManager.default
@@ -51,7 +51,7 @@ private func brokerCommand(_ arguments: [String]) throws -> (Int32, String, Stri
 struct HostWideCommandTests {
     @Test("enroll --host-wide writes QEMU's host-wide file; unenroll --host-wide turns it off; bad input changes nothing")
     func writesAndRefuses() throws {
-        let directory = "/tmp/kvmib-wtzerotouch-cli-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let directory = "/tmp/kvmib-zerotouch-cli-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let path = directory + "/introspection-broker.conf"
@@ -130,8 +130,11 @@ extension OSLayerTests {
             tree.write(
                 "guests.d/50-zerotouch.conf",
                 "[guest zerotouch]\nMatchUUID=\(introspected)\nIntrospector=tool\nCommands=VM_READ_PHYSICAL\nEvents=UNHOOK\n")
-            let channel = temporarySocketPath("zerotouch-channel")
-            var configuration = BrokerConfiguration(channelSocketPath: channel, policy: try PolicyStore(sources: tree.sources))
+            // QEMU runs as libvirt-qemu (Debian's qemu.conf): the socket in a directory it may
+            // search, group kvm, as the unit's --socket-group kvm makes it.
+            let channel = qemuReachableSocketPath("zerotouch-channel")
+            var configuration = BrokerConfiguration(
+                channelSocketPath: channel, channelSocketGroup: try StockQEMUAccount.lookUp().kvmGID, policy: try PolicyStore(sources: tree.sources))
             let (identity, watcherTask) = LibvirtIdentity.start(uri: "qemu:///system", logger: Logger(label: "zerotouch-libvirt"))
             defer {
                 watcherTask.cancel()
@@ -149,8 +152,8 @@ extension OSLayerTests {
 
             // Enrolled once by hand, then redefined from XML without our pieces, as Nova does on a
             // hard reboot; the emulator stays (on a real host: the patched QEMU as libvirt's default).
-            let name = "wtzerotouch-guest"
-            let outsiderName = "wtzerotouch-outsider"
+            let name = testDomainName("zerotouch-guest")
+            let outsiderName = testDomainName("zerotouch-outsider")
             removeDomain(name)
             removeDomain(outsiderName)
             defer {
