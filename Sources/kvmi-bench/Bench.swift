@@ -115,7 +115,9 @@ struct HookBench: AsyncParsableCommand {
         defer { introspector.stop() }
         let configuration = BrokerConfiguration(
             channelSocketPath: "\(work)/channel.sock", introspector: introspector.endpoint, cookie: CookieHash(secret: secret),
-            allowLists: try Channel.AllowLists(abi: .v12, commands: [12, 7, 10], events: [0, 17]))
+            allowLists: try Channel.AllowLists(abi: .v12, commands: [12, 7, 10], events: [0, 17]),
+            // No libvirt here: the patched QEMU is trusted by its executable, as with --emulator.
+            verifier: PeerVerifier(emulators: [qemu]))
         let server = ChannelServer(configuration: configuration, logger: Logger(label: "bench"))
         let listener = try server.bind()
         let task = Task { await server.run(listener: listener) }
