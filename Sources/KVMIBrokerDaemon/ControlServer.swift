@@ -386,13 +386,7 @@ public final class ControlServer: Sendable {
                 code: "unknown-introspector")
         }
         func progress() async -> (hooked: Int, required: Int) {
-            var hooked = 0
-            var required = 0
-            for session in await registry.unsortedSnapshot() where session.hooked && session.introspector == name {
-                hooked += 1
-                if session.required == true { required += 1 }
-            }
-            return (hooked, required)
+            DrainProgress.count(await registry.unsortedSnapshot(), introspector: name)
         }
         let before = await progress()
         let metadata: Logger.Metadata = ["introspector": "\(shown)", "peer.uid": "\(uid)", "peer.pid": "\(pid)"]
@@ -415,7 +409,8 @@ public final class ControlServer: Sendable {
             let unhookTimeout = store?.snapshot.policy.introspectors[name]?.unhookTimeout ?? .seconds(5)
             let deadline = ContinuousClock.now.advanced(by: unhookTimeout + .seconds(15))
             while now.hooked > (allowUnmonitored ? 0 : now.required), ContinuousClock.now < deadline {
-                try? await Task.sleep(for: .milliseconds(100))
+                // Cancelled (the broker stops): answer with the progress so far, at once.
+                guard (try? await Task.sleep(for: .milliseconds(100))) != nil else { break }
                 now = await progress()
             }
         }
@@ -434,8 +429,11 @@ public final class ControlServer: Sendable {
         var logger = self.logger
         logger[metadataKey: "guest.uuid"] = "\(uuid)"
         logger[metadataKey: "guest.name"] = "\(name)"
-        let (decision, reason) = plans.decide(
+        let (decided, why) = plans.decide(
             uuid: uuid, name: request.name, metadata: request.metadata, nova: request.nova, identityVerified: libvirtIdentity)
+        // A guest being started is not hooked: while its introspector drains, a required one is
+        // vetoed here (it would otherwise start and wait unmonitored), a best-effort one starts.
+        let (decision, reason) = drains?.apply(decided, reason: why, hooked: false) ?? (decided, why)
         let operation = escapedForLog(request.operation, limit: 32)
         guard request.operation == "prepare" || request.operation == "start" else {
             logger.info("libvirt: \(operation)", metadata: ["policy": "\(reason)"])
@@ -475,5 +473,28 @@ public final class ControlServer: Sendable {
             logger.audit.warning("vetoing the start: \(why)", metadata: ["policy.rule": "\(plan.rule)", "introspector": "\(plan.introspectorName)"])
             return .init(allow: false, reason: why)
         }
+    }
+}
+
+/// What `drain --wait` counts as not yet let go: guests hooked to the introspector, and guests
+/// still being unhooked (PREUNHOOK sent, QEMU's UNHOOK not yet done: the kernel still holds
+/// them, so stopping the tool now would drop hooked guests). An unhooking session shows no
+/// introspector any more (the drained decision has none), so every unhooking one counts: a
+/// wait may last for another introspector's unhook too, never end too early.
+public enum DrainProgress {
+    static let unhookingStates: Set<String> = [
+        GuestSessionMachine.State.unhooking.description, GuestSessionMachine.State.updating.description,
+    ]
+
+    public static func count(_ sessions: [SessionStatus], introspector name: String) -> (hooked: Int, required: Int) {
+        var hooked = 0
+        var required = 0
+        for session in sessions {
+            let holding = session.hooked && session.introspector == name
+            guard holding || unhookingStates.contains(session.state) else { continue }
+            hooked += 1
+            if holding && session.required == true { required += 1 }
+        }
+        return (hooked, required)
     }
 }

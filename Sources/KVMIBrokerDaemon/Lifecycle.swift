@@ -104,12 +104,17 @@ public struct StopService: Service, CustomStringConvertible {
         notifier?.stopping()
         let seconds = Double(stopTimeout.components.seconds) + Double(stopTimeout.components.attoseconds) / 1e18
         let shown = stopTimeout.humanReadable
-        logger.notice("stopping: the sockets close; hooked guests stay hooked", metadata: ["stop-timeout": "\(shown)"])
         let logger = self.logger
+        // Armed before anything is logged: a notice waits for room when the log writer's queue is
+        // full (stderr nobody drains), and the bound must hold even then.
         DispatchQueue.global().asyncAfter(deadline: .now() + seconds) {
-            logger.error("the stop took longer than --stop-timeout (\(shown)); exiting now (hooked guests stay hooked)")
+            // Logged from another thread, so that a full log queue cannot keep the exit from happening.
+            DispatchQueue.global().async {
+                logger.error("the stop took longer than --stop-timeout (\(shown)); exiting now (hooked guests stay hooked)")
+            }
             LogWriter.shared.flush(timeout: .seconds(1))
             exit(1)
         }
+        logger.notice("stopping: the sockets close; hooked guests stay hooked", metadata: ["stop-timeout": "\(shown)"])
     }
 }

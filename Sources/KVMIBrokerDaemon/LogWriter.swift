@@ -9,7 +9,7 @@ import Logging
 /// cooperative threads, and with it every guest on that thread. Formatting moves off the
 /// session path too: a boot storm writes two audit records per guest.
 ///
-/// The queue is bounded (`capacity` records). When it is full, records below `notice` (the
+/// The queue is bounded (`capacity` records, those being written included). When it is full, records below `notice` (the
 /// broker's info and debug chatter) are dropped and counted, and the count is logged as a
 /// warning once the writer catches up; records at `notice` and above (the audit trail,
 /// warnings, errors) are never dropped: their caller waits for room, the back-pressure a
@@ -30,6 +30,9 @@ public final class LogWriter: @unchecked Sendable {
     // Guarded by `condition`.
     private var pending: [Pending] = []
     private var draining = false
+    /// Records taken by the writer and not yet written: they count against `capacity` too, so
+    /// at most `capacity` records are held in all.
+    private var inFlight = 0
     private var dropped = 0
     /// Where the drop warning goes: the handler of the last record dropped.
     private var dropHandler: (any LogHandler)?
@@ -44,14 +47,14 @@ public final class LogWriter: @unchecked Sendable {
     /// is at `notice` or above (then it waits for room).
     public func write(_ event: LogEvent, with handler: any LogHandler) {
         condition.lock()
-        if pending.count >= capacity {
+        if pending.count + inFlight >= capacity {
             guard event.level >= .notice else {
                 dropped += 1
                 dropHandler = handler
                 condition.unlock()
                 return
             }
-            while pending.count >= capacity { condition.wait() }
+            while pending.count + inFlight >= capacity { condition.wait() }
         }
         pending.append(Pending(handler: handler, event: event))
         let start = !draining
@@ -77,6 +80,7 @@ public final class LogWriter: @unchecked Sendable {
     private func drain() {
         while true {
             condition.lock()
+            inFlight = 0
             let batch = pending
             pending.removeAll(keepingCapacity: true)
             let lost = dropped
@@ -89,7 +93,10 @@ public final class LogWriter: @unchecked Sendable {
                 condition.unlock()
                 return
             }
-            // Room again: wake callers waiting to queue a notice-or-above record.
+            inFlight = batch.count
+            // Room again (woken here, when a batch is taken, so a drop is reported after the
+            // records queued before it and before those queued after): wake callers waiting
+            // to queue a notice-or-above record.
             condition.broadcast()
             condition.unlock()
             for record in batch { record.handler.log(event: record.event) }

@@ -102,15 +102,15 @@ public final class EndpointWatcher: Sendable {
     /// Removes a waiter and returns its wake-up; drops the directory's watch with its last waiter.
     private func take(_ token: UInt64) -> (@Sendable () -> Void)? {
         state.withLock { state in
-            guard let (wd, name) = state.tokens.removeValue(forKey: token), var directory = state.directories[wd] else { return nil }
-            let wake = directory.waiters[name]?.removeValue(forKey: token)
-            if directory.waiters[name]?.isEmpty == true { directory.waiters[name] = nil }
-            directory.count -= 1
-            if directory.count == 0 {
+            guard let (wd, name) = state.tokens.removeValue(forKey: token), state.directories[wd] != nil else { return nil }
+            // Edited in place (no copy of the directory's table): O(1) per waiter however many
+            // guests wait in the same directory (per-guest sockets).
+            let wake = state.directories[wd]!.waiters[name]?.removeValue(forKey: token)
+            if state.directories[wd]!.waiters[name]?.isEmpty == true { state.directories[wd]!.waiters[name] = nil }
+            state.directories[wd]!.count -= 1
+            if state.directories[wd]!.count == 0 {
                 state.forget(wd)
                 _ = inotify_rm_watch(descriptor.raw, wd)
-            } else {
-                state.directories[wd] = directory
             }
             return wake
         }
@@ -122,7 +122,11 @@ public final class EndpointWatcher: Sendable {
             let count = buffer.withUnsafeMutableBytes { read(descriptor.raw, $0.baseAddress, $0.count) }
             if count < 0 {
                 guard errno == EAGAIN || errno == EINTR else { return }
-                if errno == EAGAIN { _ = try? await reactor.wait(for: .readable, on: descriptor.raw) }
+                if errno == EAGAIN {
+                    // The reactor cannot watch the descriptor (or the task is cancelled): stop here
+                    // rather than spin on EAGAIN; every wait falls back to its back-off timer.
+                    guard (try? await reactor.wait(for: .readable, on: descriptor.raw)) != nil else { return }
+                }
                 continue
             }
             for wake in woken(by: buffer[..<count]) { wake() }
@@ -164,19 +168,17 @@ public final class EndpointWatcher: Sendable {
                     wakeAll(wd, dropWatch: true)
                     continue
                 }
-                guard var directory = state.directories[wd], let name = String(validating: nameBytes, as: UTF8.self),
-                    let waiters = directory.waiters.removeValue(forKey: name)
+                guard state.directories[wd] != nil, let name = String(validating: nameBytes, as: UTF8.self),
+                    let waiters = state.directories[wd]!.waiters.removeValue(forKey: name)
                 else { continue }
                 for (token, wake) in waiters {
                     state.tokens[token] = nil
                     wakes.append(wake)
                 }
-                directory.count -= waiters.count
-                if directory.count == 0 {
+                state.directories[wd]!.count -= waiters.count
+                if state.directories[wd]!.count == 0 {
                     state.forget(wd)
                     _ = inotify_rm_watch(descriptor.raw, wd)
-                } else {
-                    state.directories[wd] = directory
                 }
             }
         }

@@ -145,10 +145,25 @@ private func writeHostWide(path: String, text: String) throws(BrokerError) {
     guard FileManager.default.createFile(atPath: temporary, contents: Data(text.utf8), attributes: [.posixPermissions: 0o644]) else {
         throw BrokerError(.io, "cannot write \(temporary) (its directory must exist; root is needed for /etc/qemu)", at: path)
     }
+    // On disk before the rename: every patched QEMU on the host reads this file at start, and an
+    // empty one left by a crash would stop them all (no path: a fatal error).
+    let fd = open(temporary, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0, fsync(fd) == 0 else {
+        let error = errno
+        if fd >= 0 { close(fd) }
+        unlink(temporary)
+        throw BrokerError(.io, "cannot flush \(temporary) to disk", at: path, errno: error)
+    }
+    close(fd)
     guard rename(temporary, path) == 0 else {
         let error = errno
         unlink(temporary)
         throw BrokerError(.io, "cannot rename \(temporary) to \(path)", at: path, errno: error)
+    }
+    let directory = open((path as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    if directory >= 0 {
+        _ = fsync(directory)
+        close(directory)
     }
 }
 

@@ -1,11 +1,12 @@
 import Foundation
 import KVMIBrokerCore
-import KVMIBrokerDaemon
 import KVMIBrokerOS
 import KVMIBrokerPolicy
 import KVMITestIntrospector
 import Logging
 import Testing
+
+@testable import KVMIBrokerDaemon
 
 #if canImport(Glibc)
     import Glibc
@@ -34,6 +35,10 @@ extension OSLayerTests {
             let tree = try PolicyTree(toolSocket: "\(introspector.endpoint)".replacingOccurrences(of: "unix:", with: ""))
             defer { tree.cleanUp() }
             tree.write("guests.d/50-lab.conf", "[guest lab]\nMatchUUID=\(uuid)\nIntrospector=tool\nEvents=UNHOOK\nCommands=VM_READ_PHYSICAL\n")
+            let requiredGuest = GuestUUID("6b1e5d2a-0000-4000-8000-0000000000aa")!
+            tree.write(
+                "guests.d/60-vault.conf",
+                "[guest vault]\nMatchUUID=\(requiredGuest)\nIntrospector=tool\nMode=required\nEvents=UNHOOK\nCommands=VM_READ_PHYSICAL\n")
             let store = try PolicyStore(sources: tree.sources)
             let procRoot = try DaemonChannelTests().fakeProc(cmdlineUUID: uuid)
             defer { try? FileManager.default.removeItem(atPath: procRoot) }
@@ -89,6 +94,16 @@ extension OSLayerTests {
             let status = try #require(try? await source.status(guest: nil).get())
             #expect(status.broker.draining?.map(\.introspector) == ["tool"])
             #expect(status.text().contains("draining: tool for "), "\(status.text())")
+            // libvirt's hook while draining: a required guest is vetoed (it would wait unmonitored),
+            // a best-effort one starts.
+            let vetoed = await controlServer.answer(
+                .init(
+                    operation: "prepare", uuid: "\(requiredGuest)", name: "vault", metadataWanted: nil, metadataIntrospector: nil,
+                    metadataRequired: nil))
+            #expect(!vetoed.allow && vetoed.reason.contains("draining"), "\(vetoed.reason)")
+            let allowed = await controlServer.answer(
+                .init(operation: "prepare", uuid: "\(uuid)", name: "lab", metadataWanted: nil, metadataIntrospector: nil, metadataRequired: nil))
+            #expect(allowed.allow, "\(allowed.reason)")
             // No new hook while draining: a reload re-decides, and the drain holds.
             #expect(await server.reloadPolicy())
             #expect(qemu.receive(timeout: .zero) == nil)
@@ -102,6 +117,22 @@ extension OSLayerTests {
             #expect(configuration.drains.all.isEmpty)
             let (notDraining, _, notDrainingError) = try await broker(["undrain", "tool", "--control-socket", control])
             #expect(notDraining == 6 && notDrainingError.contains("is not draining"), "\(notDrainingError)")
+        }
+
+        @Test("drain --wait counts a guest still being unhooked (PREUNHOOK sent, UNHOOK not done) as not let go")
+        func unhookingIsNotLetGo() {
+            func session(_ state: String, hooked: Bool, introspector: String?, required: Bool? = nil) -> SessionStatus {
+                SessionStatus(
+                    uuid: "6b1e5d2a-0000-4000-8000-00000000000\(Int.random(in: 0...9))", name: "g", qemuPID: 1, state: state, hooked: hooked,
+                    failures: 0, lastFailure: nil, required: required, startTime: 1, since: Date(), introspector: introspector)
+            }
+            let hooked = GuestSessionMachine.State.hooked(.v12).description
+            let unhooking = GuestSessionMachine.State.unhooking.description
+            // The drained decision has no introspector: while QEMU unhooks, the session names none.
+            #expect(DrainProgress.count([session(unhooking, hooked: false, introspector: nil)], introspector: "tool") == (1, 0))
+            #expect(DrainProgress.count([session(hooked, hooked: true, introspector: "tool", required: true)], introspector: "tool") == (1, 1))
+            #expect(DrainProgress.count([session(hooked, hooked: true, introspector: "other")], introspector: "tool") == (0, 0))
+            #expect(DrainProgress.count([session("not introspected", hooked: false, introspector: nil)], introspector: "tool") == (0, 0))
         }
 
         @Test("a required guest: kept hooked (or held when not hooked) unless --allow-unmonitored")

@@ -266,6 +266,7 @@ struct JournalFieldsTests {
         let logger = Logger(label: "kvmi-broker") { _ in QueuedLogHandler(wrapping: stuck, writer: writer) }
         logger.notice("r0")
         #expect(eventually { stuck.written == ["r0"] })  // the writer is now inside a write that does not return
+        // r0 is being written: r1-r3 fill the bound (4 records in all); r4-r6 are dropped.
         for index in 1...6 { logger.info("r\(index)") }  // a synchronous handler would block here, on r1
         // A notice past the bound waits for room (never dropped): from another thread.
         let noticeQueued = NSCondition()
@@ -278,11 +279,11 @@ struct JournalFieldsTests {
         #expect(eventually { noticeQueued.withLock { queued } })
         #expect(writer.flush())
         // The drop is reported where it happened: after the records queued before it, before n7
-        // (which could only be queued once the writer took r1-r4).
+        // (which could only be queued once the writer took r1-r3).
         #expect(
             stuck.written == [
-                "r0", "r1", "r2", "r3", "r4",
-                "2 log records below notice dropped: the log writer fell behind (the audit trail, warnings and errors are never dropped)",
+                "r0", "r1", "r2", "r3",
+                "3 log records below notice dropped: the log writer fell behind (the audit trail, warnings and errors are never dropped)",
                 "audit: n7",
             ])
         // Caught up: nothing dropped any more, and a flush with nothing queued returns at once.
