@@ -121,8 +121,10 @@ public struct EndpointTemplate: Sendable, Hashable, CustomStringConvertible {
             guard !name.isEmpty else { throw fail("the domain name is empty") }
             guard !name.utf8.contains(0) else { throw fail("the domain name \(shown) contains a NUL byte") }
             guard !name.contains("/") else { throw fail("the domain name \(shown) contains '/', which would reach another directory") }
-            guard !name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else {
-                throw fail("the domain name \(shown) contains a control character")
+            // Control characters, and what a log would have to escape (line separators,
+            // bidirectional overrides, a byte-order mark): the socket path is logged and shown.
+            guard !name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }), !needsEscapingForLog(name) else {
+                throw fail("the domain name \(shown) contains a control character or one a log must escape")
             }
         }
         let path = substitute(uuid: uuid.description, name: name)

@@ -34,7 +34,7 @@ public enum IntrospectorEndpoint: Sendable, Hashable, CustomStringConvertible {
     /// Parses an endpoint string; the error says which part is wrong and why.
     public init(parsing text: String) throws(BrokerError) {
         func fail(_ why: String) -> BrokerError {
-            BrokerError(.invalidEndpoint, "invalid introspector endpoint '\(text)': \(why)")
+            BrokerError(.invalidEndpoint, "invalid introspector endpoint '\(escapedForLog(text))': \(why)")
         }
         guard let colon = text.firstIndex(of: ":") else {
             throw fail("expected 'unix:/path', 'vsock:CID:PORT' or 'tcp:HOST:PORT'")
@@ -48,6 +48,10 @@ public enum IntrospectorEndpoint: Sendable, Hashable, CustomStringConvertible {
                 throw fail("the unix socket path must be absolute (or '@name' for the abstract namespace)")
             }
             guard !rest.utf8.contains(0) else { throw fail("the unix socket path contains a NUL byte") }
+            // The endpoint is logged and shown as written: nothing a log would have to escape.
+            guard !needsEscapingForLog(rest) else {
+                throw fail("the unix socket path contains a control character (or a line separator, a bidirectional override, a byte-order mark)")
+            }
             guard rest.utf8.count <= Self.maximumUnixPathBytes else {
                 throw fail("the unix socket path is \(rest.utf8.count) bytes; at most \(Self.maximumUnixPathBytes) fit in sun_path")
             }

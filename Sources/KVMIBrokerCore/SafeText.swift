@@ -16,6 +16,13 @@
 ///
 /// Everything else, backslashes included, is kept as it is: the output is for people, and
 /// escaping is idempotent (escaping an escaped text changes nothing but a length marker).
+/// Whether `escapedForLog` would change `text`'s characters (a control character, a line or
+/// paragraph separator, a bidirectional override, a byte-order mark): text that must not be
+/// used where it is shown or logged as it is.
+public func needsEscapingForLog(_ text: some StringProtocol) -> Bool {
+    text.unicodeScalars.contains { SafeText.mustEscape($0.value) }
+}
+
 public func escapedForLog(_ text: some StringProtocol, limit: Int = 256) -> String {
     let utf8 = text.utf8
     // Fast path: short printable ASCII needs no copy into an array.

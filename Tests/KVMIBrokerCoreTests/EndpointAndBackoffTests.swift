@@ -31,6 +31,8 @@ struct EndpointTests {
             ("http:1.2.3.4:80", "unknown scheme 'http'"),
             ("unix:", "path is empty"),
             ("unix:relative/path", "must be absolute"),
+            ("unix:/run/tool\n.sock", "contains a control character"),
+            ("unix:/run/tool\u{202E}kcos.sock", "a bidirectional override"),
             ("unix:/" + String(repeating: "a", count: 107), "is 108 bytes; at most 107"),
             ("vsock:1", "expected 'vsock:CID:PORT'"),
             ("vsock:x:1", "CID 'x' is not a number"),
@@ -54,7 +56,8 @@ struct EndpointTests {
             Issue.record("'\(input)' was accepted")
         } catch {
             #expect(error.code == .invalidEndpoint)
-            #expect(error.message.contains("'\(input)'"), "the error names the input: \(error.message)")
+            // Named as written, escaped where a log must escape it.
+            #expect(error.message.contains("'\(escapedForLog(input))'"), "the error names the input: \(error.message)")
             #expect(error.message.contains(expected), "\(error.message)")
         }
     }

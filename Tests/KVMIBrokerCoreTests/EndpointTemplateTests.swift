@@ -64,6 +64,10 @@ struct EndpointTemplateTests {
             ("unix:/run/acme/{name}.sock", "a\nb", "contains a control character"),
             ("unix:/run/acme/{name}.sock", "a\u{1B}[31m", "contains a control character"),
             ("unix:/run/acme/{name}.sock", "a\u{85}b", "contains a control character"),
+            // What a log must escape: a bidirectional override, a line separator, a byte-order mark.
+            ("unix:/run/acme/{name}.sock", "invoice\u{202E}fdp.exe", "one a log must escape"),
+            ("unix:/run/acme/{name}.sock", "a\u{2028}b", "one a log must escape"),
+            ("unix:/run/acme/{name}.sock", "\u{FEFF}web", "one a log must escape"),
             ("unix:/run/acme/{name}.sock", "", "the domain name is empty"),
             ("unix:/run/acme/{name}.sock", String(repeating: "n", count: 93), "expands to 108 bytes"),
             ("unix:@acme-{name}", String(repeating: "n", count: 102), "expands to 108 bytes"),
