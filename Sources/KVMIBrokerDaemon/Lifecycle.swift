@@ -102,7 +102,7 @@ public struct StopService: Service, CustomStringConvertible {
         // Cancelled instead (another part failed): the group is ending anyway.
         guard (try? await gracefulShutdown()) != nil else { return }
         notifier?.stopping()
-        let seconds = Double(stopTimeout.components.seconds) + Double(stopTimeout.components.attoseconds) / 1e18
+        let seconds = stopTimeout.secondsDouble
         let shown = stopTimeout.humanReadable
         let logger = self.logger
         // Armed before anything is logged: a notice waits for room when the log writer's queue is

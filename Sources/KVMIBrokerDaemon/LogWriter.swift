@@ -67,8 +67,7 @@ public final class LogWriter: @unchecked Sendable {
     /// on a full pipe must not keep the process from exiting). True when all were written.
     @discardableResult
     public func flush(timeout: Duration = .seconds(5)) -> Bool {
-        let (seconds, attoseconds) = timeout.components
-        let deadline = Date(timeIntervalSinceNow: Double(seconds) + Double(attoseconds) / 1e18)
+        let deadline = Date(timeIntervalSinceNow: timeout.secondsDouble)
         condition.lock()
         defer { condition.unlock() }
         while draining || !pending.isEmpty {
@@ -81,8 +80,9 @@ public final class LogWriter: @unchecked Sendable {
         while true {
             condition.lock()
             inFlight = 0
+            // The batch takes the buffer; a new one starts (no copy of the records).
             let batch = pending
-            pending.removeAll(keepingCapacity: true)
+            pending = []
             let lost = dropped
             let lostHandler = dropHandler
             dropped = 0
