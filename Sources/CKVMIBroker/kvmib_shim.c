@@ -5,6 +5,7 @@
 #include "kvmib_shim.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <string.h>
 #include <fcntl.h>
 #include <unistd.h>
@@ -292,4 +293,9 @@ int kvmib_sd_journal_sendv(const struct iovec *iov, int n)
 int kvmib_unix_dgram_socket(void)
 {
     return socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+}
+
+void kvmib_name_thread(const char *name)
+{
+    pthread_setname_np(pthread_self(), name);
 }

@@ -1,9 +1,9 @@
-import Dispatch
 import Foundation
 import KVMIBrokerCore
+import KVMIBrokerOS
 import Logging
 
-/// Writes the broker's log records on a serial queue of its own, so that a log call never
+/// Writes the broker's log records on a thread of its own (`WorkThread`), so that a log call never
 /// blocks the thread that makes it: a write to stderr (a pipe nobody drains quickly) or to the
 /// journal's socket (journald busy or rate-limiting) would otherwise stall one of Swift's two
 /// cooperative threads, and with it every guest on that thread. Formatting moves off the
@@ -25,7 +25,7 @@ public final class LogWriter: @unchecked Sendable {
     }
 
     private let capacity: Int
-    private let queue: DispatchQueue
+    private let thread: WorkThread
     private let condition = NSCondition()
     // Guarded by `condition`.
     private var pending: [Pending] = []
@@ -37,10 +37,11 @@ public final class LogWriter: @unchecked Sendable {
     /// Where the drop warning goes: the handler of the last record dropped.
     private var dropHandler: (any LogHandler)?
 
-    public init(capacity: Int, label: String = "kvmi-broker.log-writer") {
+    /// - Parameter label: the writer thread's name (at most 15 bytes).
+    public init(capacity: Int, label: String = "kvmib-log") {
         precondition(capacity > 0)
         self.capacity = capacity
-        queue = DispatchQueue(label: label)
+        thread = WorkThread(name: label)
     }
 
     /// Queues `event` for `handler`. Returns at once unless the queue is full and the record
@@ -60,7 +61,7 @@ public final class LogWriter: @unchecked Sendable {
         let start = !draining
         draining = true
         condition.unlock()
-        if start { queue.async { self.drain() } }
+        if start { thread.submit { self.drain() } }
     }
 
     /// Waits until every record queued so far is written, or `timeout` passed (a writer stuck
@@ -115,7 +116,7 @@ public final class LogWriter: @unchecked Sendable {
 }
 
 /// A handler that hands each record to a `LogWriter` and returns: `base` formats and writes it
-/// on the writer's queue. Metadata from the base's provider (task-local values) is read here,
+/// on the writer's thread. Metadata from the base's provider (task-local values) is read here,
 /// on the caller's task, where it is set.
 public struct QueuedLogHandler: LogHandler {
     public var base: any LogHandler

@@ -83,7 +83,7 @@ public struct StatusDocument: Sendable, Codable, Equatable {
 /// Sessions keyed by guest UUID: at most one live channel per guest, and the status view.
 ///
 /// Every operation costs O(1) in the number of guests: the status file is written at most
-/// once per `statusInterval`, by a dispatch queue (not Swift's cooperative pool), from a
+/// once per `statusInterval`, on a thread of its own (not Swift's cooperative pool), from a
 /// copy of the table, so a boot storm's claims never wait for JSON encoding.
 public actor SessionRegistry {
     private var sessions: [GuestUUID: (token: UInt64, status: SessionStatus)] = [:]
@@ -99,6 +99,9 @@ public actor SessionRegistry {
     /// The sessions by what they wait for, kept up to date on every change (the service status).
     private var counts = SessionCounts()
     private let notifier: ServiceNotifier?
+    /// Told every change of a session's status (`observe`): for a benchmark that waits for an
+    /// event instead of polling the registry.
+    private var observer: (@Sendable (SessionStatus) -> Void)?
 
     /// Writes the status file at once (no sessions yet), so that `kvmi-broker status` works
     /// and a status file that cannot be written is reported at start.
@@ -174,6 +177,13 @@ public actor SessionRegistry {
         sessions[uuid] = entry
         count(from: before, to: entry.status)
         persist()
+        observer?(entry.status)
+    }
+
+    /// Calls `body` with a session's status after each change of it (one observer; nil removes
+    /// it). Called inside the registry: `body` must be quick and must not wait.
+    public func observe(_ body: (@Sendable (SessionStatus) -> Void)?) {
+        observer = body
     }
 
     /// Hands `input` to the live session of `uuid` (tests only); false when there is none.
@@ -238,16 +248,16 @@ public actor SessionRegistry {
     }
 }
 
-/// Encodes and writes the status file on its own serial queue, atomically (a temporary file,
+/// Encodes and writes the status file on a thread of its own (`WorkThread`), atomically (a temporary file,
 /// then rename), and says when writing starts failing (or fails differently), how long it goes
 /// on failing, and when it works again (`RepeatingFailureLog`), never a line per write.
 final class StatusFileWriter: @unchecked Sendable {
     private let path: String
     private let logger: Logger?
     private let broker: BrokerStatus
-    private let queue = DispatchQueue(label: "kvmi-broker.status-writer")
+    private let thread = WorkThread(name: "kvmib-status")
     private let failures: RepeatingFailureLog
-    /// Each session's JSON object as last written, by UUID (confined to `queue`): only the
+    /// Each session's JSON object as last written, by UUID (confined to `thread`): only the
     /// sessions that changed are encoded again.
     private var encoded: [String: (status: SessionStatus, object: [UInt8])] = [:]
 
@@ -259,12 +269,12 @@ final class StatusFileWriter: @unchecked Sendable {
     }
 
     func enqueue(_ sessions: [SessionStatus]) {
-        queue.async { self.write(sessions) }
+        thread.submit { self.write(sessions) }
     }
 
     func write(_ sessions: [SessionStatus]) async {
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-            queue.async {
+            thread.submit {
                 self.write(sessions)
                 done.resume()
             }

@@ -1,23 +1,22 @@
-import Dispatch
-
-/// Runs blocking calls (reading /proc, loading files) on a serial dispatch queue of its own,
+/// Runs blocking calls (reading /proc, loading files) on a thread of its own (`WorkThread`),
 /// so they never occupy one of Swift's cooperative threads (two on this machine: one blocked
 /// read would halve the broker). Serial on purpose: the work is short, and one thread keeps
 /// the broker's thread count bounded however many guests arrive at once.
 public final class BlockingWork: Sendable {
-    public static let shared = BlockingWork(label: "kvmi-broker.blocking")
+    public static let shared = BlockingWork(label: "kvmib-blocking")
 
-    private let queue: DispatchQueue
+    private let thread: WorkThread
 
+    /// - Parameter label: the thread's name (at most 15 bytes).
     public init(label: String) {
-        queue = DispatchQueue(label: label)
+        thread = WorkThread(name: label)
     }
 
-    /// Runs `body` on the queue and returns its result. Not cancellable once started: keep
+    /// Runs `body` on the queue and returns its result. Not cancellable once queued: keep
     /// `body` short and bounded.
     public func run<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
         await withCheckedContinuation { (continuation: CheckedContinuation<T, Never>) in
-            queue.async { continuation.resume(returning: body()) }
+            thread.submit { continuation.resume(returning: body()) }
         }
     }
 }

@@ -79,8 +79,10 @@ public final class IOReactor: Sendable {
         wakeFD = kvmib_eventfd()
         precondition(epollFD >= 0 && wakeFD >= 0, "cannot create the I/O reactor: \(String(cString: strerror(errno)))")
         precondition(kvmib_epoll_add(epollFD, wakeFD, IOEvents.readable.rawValue, Self.wakeToken) == 0)
-        let thread = Thread { [self] in self.run() }
-        thread.name = "kvmi-io-reactor"
+        let thread = Thread { [self] in
+            kvmib_name_thread("kvmib-reactor")
+            self.run()
+        }
         thread.start()
     }
 

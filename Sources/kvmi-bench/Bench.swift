@@ -96,12 +96,17 @@ struct HookBench: AsyncParsableCommand {
     @Option(help: "Pause/resume cycles (each one hook).")
     var cycles = 300
 
+    @Option(
+        help: ArgumentHelp(
+            "A firmware image for the guest (QEMU -bios), e.g. one whose vCPU halts: the C floor runs no guest code.",
+            discussion: "Without it the guest runs SeaBIOS, which is still in its POST here and keeps one vCPU busy."))
+    var bios: String?
+
     func run() async throws {
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = .error
-            return handler
-        }
+        // The broker's records go through the log writer as the daemon's do (`kvmi-broker run
+        // --log-level warning`): the audit trail is written, off the sessions' threads.
+        LoggingSystem.bootstrap { label in BrokerLog.handler(label: label, level: .warning, journal: false) }
+        defer { BrokerLog.flush() }
         // A private directory: the broker refuses to put its socket where others may write.
         var template = Array("/tmp/kvmi-bench-XXXXXX".utf8CString)
         guard let made = mkdtemp(&template) else { throw BrokerError(.io, "mkdtemp failed", errno: errno) }
@@ -120,42 +125,95 @@ struct HookBench: AsyncParsableCommand {
             verifier: PeerVerifier(emulators: [qemu]))
         let server = ChannelServer(configuration: configuration, logger: Logger(label: "bench"))
         let listener = try server.bind()
+        let hooks = HookWaiter()
+        await server.registry.observe { status in hooks.record(status) }
         let task = Task { await server.run(listener: listener) }
         defer { task.cancel() }
         let uuid = GuestUUID("9a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d")!
-        let vm = try QEMUProcess(qemu: qemu, channelSocket: configuration.channelSocketPath, uuid: uuid, name: "bench", kernelDouble: double)
+        let vm = try QEMUProcess(
+            qemu: qemu, channelSocket: configuration.channelSocketPath, uuid: uuid, name: "bench", extraArguments: bios.map { ["-bios", $0] } ?? [],
+            kernelDouble: double)
         defer { vm.stop() }
-        func waitHooks(_ count: Int) async throws -> SessionStatus {
-            let deadline = ContinuousClock.now.advanced(by: .seconds(30))
-            while ContinuousClock.now < deadline {
-                if let status = await server.registry.snapshot().first, status.hooked, status.hooks >= count { return status }
-                try await Task.sleep(for: .milliseconds(2))
-            }
-            throw BrokerError(.timedOut, "not hooked (\(count)); QEMU log: \(vm.log)")
-        }
-        let qmp = try QMPClient(path: vm.qmpPath)
-        _ = try qmp.execute(#"{"execute":"cont"}"#, timeout: 30)
-        let firstStatus = try await waitHooks(1)
-        var samples: [Int64] = [firstStatus.lastHookMicroseconds ?? 0]
-        var requestSamples: [Int64] = [firstStatus.lastHookRequestMicroseconds ?? 0]
-        for cycle in 0..<cycles {
-            _ = try qmp.execute(#"{"execute":"stop"}"#, timeout: 30)
+        let qmpPath = vm.qmpPath
+        let cycles = self.cycles
+        // QEMU's monitor is driven from a thread of its own, as libvirt drives it from another
+        // process, and each hook is awaited as an event: a QMP round trip or a polling loop on
+        // one of Swift's two cooperative threads would slow the very sessions being measured.
+        let measured = await offCooperativePool { () throws -> ([Int64], [Int64]) in
+            let qmp = try QMPClient(path: qmpPath)
             _ = try qmp.execute(#"{"execute":"cont"}"#, timeout: 30)
-            let status = try await waitHooks(cycle + 2)
-            samples.append(status.lastHookMicroseconds ?? 0)
-            requestSamples.append(status.lastHookRequestMicroseconds ?? 0)
+            var samples: [Int64] = []
+            var requestSamples: [Int64] = []
+            for cycle in 0...cycles {
+                if cycle > 0 {
+                    _ = try qmp.execute(#"{"execute":"stop"}"#, timeout: 30)
+                    _ = try qmp.execute(#"{"execute":"cont"}"#, timeout: 30)
+                }
+                guard let hook = hooks.wait(forHooks: cycle + 1, timeout: .seconds(30)) else {
+                    throw BrokerError(.timedOut, "not hooked (\(cycle + 1))")
+                }
+                samples.append(hook.total)
+                requestSamples.append(hook.request)
+            }
+            return (samples, requestSamples)
         }
-        requestSamples.removeFirst()
-        requestSamples.sort()
-        let first = samples.removeFirst()
-        samples.sort()
+        let samples: [Int64]
+        let requestSamples: [Int64]
+        switch measured {
+        case .success(let values): (samples, requestSamples) = values
+        case .failure(let error): throw BrokerError(.timedOut, "\(error); QEMU log: \(vm.log)")
+        }
+        var hookSamples = samples
+        var qemuSamples = requestSamples
+        qemuSamples.removeFirst()
+        qemuSamples.sort()
+        let first = hookSamples.removeFirst()
+        hookSamples.sort()
         print("first hook after the first start: \(first) us")
         print(
-            "broker + patched QEMU: \(samples.count) hooks after RESUMED, p50 \(samples[samples.count / 2]) us  p99 \(samples[Int(Double(samples.count) * 0.99)]) us  max \(samples.last ?? 0) us"
+            "broker + patched QEMU: \(hookSamples.count) hooks after RESUMED, p50 \(hookSamples[hookSamples.count / 2]) us  p99 \(hookSamples[Int(Double(hookSamples.count) * 0.99)]) us  max \(hookSamples.last ?? 0) us"
         )
         print(
-            "  of which HOOK request -> QEMU's RESULT: p50 \(requestSamples[requestSamples.count / 2]) us  p99 \(requestSamples[Int(Double(requestSamples.count) * 0.99)]) us  max \(requestSamples.last ?? 0) us"
+            "  of which HOOK request -> QEMU's RESULT: p50 \(qemuSamples[qemuSamples.count / 2]) us  p99 \(qemuSamples[Int(Double(qemuSamples.count) * 0.99)]) us  max \(qemuSamples.last ?? 0) us"
         )
+    }
+}
+
+/// The hooks the broker has made so far, as the registry reports them (`SessionRegistry.observe`),
+/// for a thread that waits for the next one.
+private final class HookWaiter: @unchecked Sendable {
+    private let condition = NSCondition()
+    // Guarded by `condition`.
+    private var hooks = 0
+    private var last = (total: Int64(0), request: Int64(0))
+
+    func record(_ status: SessionStatus) {
+        guard status.hooked else { return }
+        condition.lock()
+        if status.hooks > hooks {
+            hooks = status.hooks
+            last = (status.lastHookMicroseconds ?? 0, status.lastHookRequestMicroseconds ?? 0)
+            condition.broadcast()
+        }
+        condition.unlock()
+    }
+
+    /// The timings of hook number `count` once the broker has made it; nil after `timeout`.
+    func wait(forHooks count: Int, timeout: Duration) -> (total: Int64, request: Int64)? {
+        let deadline = Date(timeIntervalSinceNow: timeout.secondsDouble)
+        condition.lock()
+        defer { condition.unlock() }
+        while hooks < count {
+            if !condition.wait(until: deadline) { return nil }
+        }
+        return last
+    }
+}
+
+/// Runs `body` on a thread of its own and returns what it returns or throws.
+private func offCooperativePool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async -> Result<T, any Error> {
+    await withCheckedContinuation { (continuation: CheckedContinuation<Result<T, any Error>, Never>) in
+        Thread { continuation.resume(returning: Result { try body() }) }.start()
     }
 }
 

@@ -207,6 +207,8 @@ private struct ProcessSample {
     var rssKiB: Int
     var highWaterKiB: Int
     var threads: Int
+    /// The threads' names (`/proc/PID/task/TID/comm`), counted: which threads make the count.
+    var threadNames: String
     var descriptors: Int
     var cpuSeconds: Double
 
@@ -221,6 +223,12 @@ private struct ProcessSample {
         rssKiB = field("VmRSS")
         highWaterKiB = field("VmHWM")
         threads = field("Threads")
+        var names: [String: Int] = [:]
+        for task in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? [] {
+            let comm = readProcFile("/proc/\(pid)/task/\(task)/comm")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+            names[comm, default: 0] += 1
+        }
+        threadNames = names.sorted { $0.key < $1.key }.map { $0.value == 1 ? $0.key : "\($0.key) x\($0.value)" }.joined(separator: ", ")
         descriptors = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1
         // Fields after "comm)": state is field 3, utime 14, stime 15.
         let fields = stat[stat.index(after: closing)...].split(separator: " ")
@@ -553,6 +561,9 @@ private struct Report {
             "RSS high-water MiB (after)", floor.after.map { mib($0.highWaterKiB) } ?? "?", broker.after.map { mib($0.highWaterKiB) } ?? "?",
             ratio(floor.after.map { Double($0.highWaterKiB) }, broker.after.map { Double($0.highWaterKiB) }))
         row("threads baseline / live / after", samples(floor) { "\($0.threads)" }, samples(broker) { "\($0.threads)" })
+        for result in [floor, broker] {
+            if let live = result.live { Swift.print("\(result.name): threads live: \(live.threadNames)") }
+        }
         row("descriptors baseline / live / after", samples(floor) { "\($0.descriptors)" }, samples(broker) { "\($0.descriptors)" })
         let perSession = [floor, broker].map { result -> String in
             guard let baseline = result.baseline, let live = result.live, result.launched > 0 else { return "?" }

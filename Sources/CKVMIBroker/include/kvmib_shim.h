@@ -55,6 +55,9 @@ int kvmib_pidfd_open(pid_t pid);
 /* 1 while the process of `pidfd` has not exited (pidfd_send_signal with 0). */
 int kvmib_pidfd_alive(int pidfd);
 
+/* Names the calling thread (at most 15 bytes kept), for ps -L and top -H. */
+void kvmib_name_thread(const char *name);
+
 /*
  * sendmsg() of `len` bytes with at most one descriptor as SCM_RIGHTS
  * (pass -1 for none). MSG_NOSIGNAL | MSG_DONTWAIT. Returns bytes or -1/errno.

@@ -1,0 +1,93 @@
+import CKVMIBroker
+import Foundation
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// One thread of its own that runs the jobs given to it, in order. What the broker keeps off
+/// Swift's cooperative threads (blocking `/proc` reads, log writes) runs on one of these rather
+/// than on a dispatch queue: a serial dispatch queue borrows a worker from libdispatch's
+/// overcommit pool each time it becomes busy, and that pool grows with the number of queues
+/// busy at once and keeps idle workers around, so the broker's thread count depended on timing.
+/// A `WorkThread` is exactly one thread, started when the first job arrives (a component
+/// that is never used costs none), named for `top -H` and `ps -L`, and ended when its owner
+/// goes away.
+public final class WorkThread: Sendable {
+    private let box: Box
+
+    /// - Parameter name: the thread's name, at most 15 bytes (what the kernel keeps).
+    public init(name: String) {
+        precondition(name.utf8.count <= 15, "a thread name holds at most 15 bytes: \(name)")
+        box = Box(name: name)
+    }
+
+    deinit {
+        box.close()
+    }
+
+    /// Queues `job`; it runs on the thread after the jobs queued before it. Never blocks
+    /// (the queue is the caller's to bound).
+    public func submit(_ job: @escaping @Sendable () -> Void) {
+        box.submit(job)
+    }
+
+    /// The queue and the thread's state, shared by the owner and the thread (the thread must
+    /// not keep the owner alive).
+    private final class Box: @unchecked Sendable {
+        let name: String
+        // Guarded by `condition`.
+        private let condition = NSCondition()
+        private var jobs: [@Sendable () -> Void] = []
+        private var started = false
+        private var idle = false
+        private var closed = false
+
+        init(name: String) {
+            self.name = name
+        }
+
+        func submit(_ job: @escaping @Sendable () -> Void) {
+            condition.lock()
+            jobs.append(job)
+            let start = !started
+            started = true
+            // Only a thread waiting for work needs a wake-up (no system call otherwise).
+            if idle { condition.signal() }
+            condition.unlock()
+            if start {
+                let thread = Thread { [self] in run() }
+                thread.start()
+            }
+        }
+
+        func close() {
+            condition.lock()
+            closed = true
+            condition.signal()
+            condition.unlock()
+        }
+
+        private func run() {
+            kvmib_name_thread(name)
+            var batch: [@Sendable () -> Void] = []
+            while true {
+                condition.lock()
+                while jobs.isEmpty && !closed {
+                    idle = true
+                    condition.wait()
+                    idle = false
+                }
+                if jobs.isEmpty {
+                    condition.unlock()
+                    return
+                }
+                // Takes every job queued so far at once: one lock per batch, not per job.
+                swap(&batch, &jobs)
+                condition.unlock()
+                for job in batch { job() }
+                batch.removeAll(keepingCapacity: true)
+            }
+        }
+    }
+}

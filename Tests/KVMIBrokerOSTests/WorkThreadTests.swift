@@ -1,0 +1,105 @@
+import Foundation
+import Logging
+import Synchronization
+import Testing
+
+@testable import KVMIBrokerDaemon
+@testable import KVMIBrokerOS
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// The calling thread's name and id, from /proc.
+private func currentThread() -> (name: String, tid: Int32) {
+    let name = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+    // /proc/thread-self links to "PID/task/TID".
+    let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/thread-self")) ?? ""
+    return (name ?? "?", Int32(link.split(separator: "/").last ?? "") ?? -1)
+}
+
+/// A handler that notes the thread each record is written on.
+private struct ThreadNotingHandler: LogHandler {
+    let seen: Seen<String>
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(event: LogEvent) {
+        let name = currentThread().name
+        seen.value.withLock { $0.append(name) }
+    }
+}
+
+/// What jobs on other threads saw, shared with the test.
+private final class Seen<Element: Sendable>: Sendable {
+    let value = Mutex<[Element]>([])
+}
+
+extension OSLayerTests {
+    @Suite("Threads of their own: blocking work and log writes")
+    struct WorkThreadTests {
+        @Test("a work thread runs its jobs in order, on one thread with its name, started by the first job")
+        func jobsInOrderOnOneNamedThread() async throws {
+            let before = threadNames().filter { $0 == "kvmib-t-order" }.count
+            let thread = WorkThread(name: "kvmib-t-order")
+            // Not started before it has work: a component that is never used costs no thread.
+            #expect(threadNames().filter { $0 == "kvmib-t-order" }.count == before)
+            let seen = Seen<(Int, String, Int32)>()
+            await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+                for index in 0..<1_000 {
+                    thread.submit {
+                        let (name, tid) = currentThread()
+                        seen.value.withLock { $0.append((index, name, tid)) }
+                        if index == 999 { done.resume() }
+                    }
+                }
+            }
+            let jobs = seen.value.withLock { $0 }
+            #expect(jobs.map(\.0) == Array(0..<1_000))
+            #expect(Set(jobs.map(\.1)) == ["kvmib-t-order"])
+            #expect(Set(jobs.map(\.2)).count == 1)
+        }
+
+        @Test("a work thread ends when its owner goes away")
+        func endsWithItsOwner() async throws {
+            var thread: WorkThread? = WorkThread(name: "kvmib-t-end")
+            let tid = await withCheckedContinuation { (done: CheckedContinuation<Int32, Never>) in
+                thread?.submit { done.resume(returning: currentThread().tid) }
+            }
+            #expect(FileManager.default.fileExists(atPath: "/proc/self/task/\(tid)"))
+            thread = nil
+            // Waits for the thread's exit (no event to wait on from outside; bounded generously).
+            let deadline = ContinuousClock.now.advanced(by: .seconds(60))
+            while FileManager.default.fileExists(atPath: "/proc/self/task/\(tid)") && ContinuousClock.now < deadline {
+                await Task.yield()
+                usleep(1_000)
+            }
+            #expect(!FileManager.default.fileExists(atPath: "/proc/self/task/\(tid)"), "thread \(tid) is still there")
+            _ = thread
+        }
+
+        @Test("/proc reads and log records run on the broker's own threads, not on libdispatch's workers")
+        func brokerThreadsAreItsOwn() async throws {
+            let blocking = await BlockingWork.shared.run { currentThread().name }
+            #expect(blocking == "kvmib-blocking")
+            let seen = Seen<String>()
+            let writer = LogWriter(capacity: 16)
+            writer.write(
+                LogEvent(level: .info, message: "where am I", metadata: nil, source: "test", file: #fileID, function: #function, line: #line),
+                with: ThreadNotingHandler(seen: seen))
+            #expect(writer.flush(timeout: .seconds(60)))
+            #expect(seen.value.withLock { $0 } == ["kvmib-log"])
+        }
+    }
+}
+
+/// The names of this process's threads.
+private func threadNames() -> [String] {
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+    return tasks.compactMap { task in
+        (try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
