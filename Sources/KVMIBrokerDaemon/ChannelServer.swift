@@ -70,8 +70,11 @@ public final class ChannelServer: Sendable {
         let decisions = configuration.policy.map { "the allow-policy (generation \($0.snapshot.generation))" } ?? "\(configuration.introspector)"
         logger.notice("listening for QEMU", metadata: ["channel.socket": "\(configuration.channelSocketPath)", "decisions": "\(decisions)"])
         let socketFile = ServerSocket.fileIdentity(configuration.channelSocketPath)
-        await serveConnections(on: listener, io: io, logger: logger, what: "channel", admission: admission) { connection in
-            await self.serve(connection)
+        // The sessions run on the reactor's thread (an event loop: `IOReactor`'s TaskExecutor).
+        await withTaskExecutorPreference(io.reactor) {
+            await serveConnections(on: listener, io: io, logger: logger, what: "channel", admission: admission) { connection in
+                await self.serve(connection)
+            }
         }
         ServerSocket.remove(path: configuration.channelSocketPath, ifStill: socketFile)
     }

@@ -52,7 +52,9 @@ public enum BrokerLog {
     /// underneath still takes the audit identifier).
     public static func auditHandler(wrapping handler: any LogHandler) -> any LogHandler {
         if let queued = handler as? QueuedLogHandler {
-            return QueuedLogHandler(wrapping: AuditLogHandler(wrapping: queued.base), writer: queued.writer)
+            var audit = QueuedLogHandler(wrapping: AuditLogHandler(wrapping: queued.base), writer: queued.writer)
+            audit.metadata = queued.metadata
+            return audit
         }
         return AuditLogHandler(wrapping: handler)
     }

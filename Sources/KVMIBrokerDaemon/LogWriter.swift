@@ -118,11 +118,19 @@ public final class LogWriter: @unchecked Sendable {
 /// A handler that hands each record to a `LogWriter` and returns: `base` formats and writes it
 /// on the writer's thread. Metadata from the base's provider (task-local values) is read here,
 /// on the caller's task, where it is set.
+///
+/// The logger's metadata is kept here, not in `base`, and handed to `base` with each record:
+/// swift-log's stream handler renders all of its metadata again on every change of one key, and
+/// a session sets several keys (guest, QEMU pid, introspector) as it learns them.
 public struct QueuedLogHandler: LogHandler {
     public var base: any LogHandler
     let writer: LogWriter
+    public var metadata: Logger.Metadata
 
     public init(wrapping base: any LogHandler, writer: LogWriter = .shared) {
+        var base = base
+        metadata = base.metadata
+        if !base.metadata.isEmpty { base.metadata = [:] }
         self.base = base
         self.writer = writer
     }
@@ -130,23 +138,23 @@ public struct QueuedLogHandler: LogHandler {
     public func log(event: LogEvent) {
         var event = event
         var handler = base
+        var all = Logger.Metadata()
         if let provider = base.metadataProvider {
-            var metadata = provider.get()
-            if let explicit = event.metadata { metadata.merge(explicit) { $1 } }
-            event.metadata = metadata
+            all = provider.get()
             handler.metadataProvider = nil
         }
+        // The provider's, then the logger's, then the call's own: as swift-log's handlers merge them.
+        if !metadata.isEmpty { all.merge(metadata) { $1 } }
+        if let explicit = event.metadata {
+            if all.isEmpty { all = explicit } else { all.merge(explicit) { $1 } }
+        }
+        event.metadata = all.isEmpty ? event.metadata : all
         writer.write(event, with: handler)
     }
 
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { base[metadataKey: key] }
-        set { base[metadataKey: key] = newValue }
-    }
-
-    public var metadata: Logger.Metadata {
-        get { base.metadata }
-        set { base.metadata = newValue }
+        get { metadata[key] }
+        set { metadata[key] = newValue }
     }
 
     public var metadataProvider: Logger.MetadataProvider? {

@@ -175,13 +175,14 @@ final class SessionDriver: Sendable {
         let token: UInt64
         let inputs = AsyncChannel<Input>()
         let reload = ReloadFlag()
+        let reactor = socket.reactor
         // One hop to the registry claims the guest and registers the session's inputs.
         let claim = await registry.claim(
             hello.uuid, status: status,
             onPolicyChange: {
                 // Coalesced: however many reloads happen, at most one notice waits for the session.
                 if !reload.pending.exchange(true, ordering: .acquiringAndReleasing) {
-                    Task { await inputs.send(.policyReloaded) }
+                    Task(executorPreference: reactor) { await inputs.send(.policyReloaded) }
                 }
             },
             injector: { input in await inputs.send(input) })
@@ -739,7 +740,7 @@ final class SessionDriver: Sendable {
 
     /// A task that sleeps, then hands `input` to the session (unless cancelled first).
     private func timer(after delay: Duration, _ inputs: AsyncChannel<Input>, _ input: Input) -> Task<Void, Never> {
-        Task {
+        Task(executorPreference: socket.reactor) {
             if (try? await Task.sleep(for: delay)) != nil { await inputs.send(input) }
         }
     }
@@ -806,7 +807,8 @@ final class SessionDriver: Sendable {
             let attempt = state.newID()
             state.handshakeTask?.cancel()
             state.handshakeAttempt = attempt
-            state.handshakeTask = Task {
+            // On the session's executor (the reactor's thread), as the session is.
+            state.handshakeTask = Task(executorPreference: socket.reactor) {
                 let outcome: Result<HandshakeOutcome, BrokerError>
                 do {
                     outcome = .success(try await connector.connectAndHandshake(to: endpoint, parameters))
@@ -848,8 +850,9 @@ final class SessionDriver: Sendable {
                     delay = min(delay, .milliseconds(50 << state.quickRetries))
                     state.quickRetries += 1
                 }
+                let reactor = socket.reactor
                 state.watchToken = configuration.endpointWatcher?.watch(watch.path, ifPresent: watch.ifPresent) {
-                    Task { await inputs.send(.endpointAppeared(timer: id)) }
+                    Task(executorPreference: reactor) { await inputs.send(.endpointAppeared(timer: id)) }
                 }
             }
             if !state.wokenByEndpoint { state.quickRetries = 0 }

@@ -10,6 +10,8 @@ import KVMIBrokerCore
 public final class ChannelSocket: Sendable {
     public let descriptor: Descriptor
     private let io: AsyncSocketIO
+    /// The reactor this channel's waits go through: the executor its session's tasks prefer.
+    public var reactor: IOReactor { io.reactor }
 
     public init(_ descriptor: Descriptor, io: AsyncSocketIO = AsyncSocketIO()) {
         self.descriptor = descriptor

@@ -19,7 +19,9 @@ public struct IOEvents: OptionSet, Sendable {
     public static let error = IOEvents(rawValue: UInt32(KVMIB_EV_ERR))
 }
 
-/// One epoll thread that turns descriptor readiness and deadlines into resumed tasks.
+/// One epoll thread that turns descriptor readiness and deadlines into resumed tasks, and
+/// runs the tasks that prefer it as their executor (the guests' sessions: see the
+/// `TaskExecutor` conformance below).
 ///
 /// Every socket the broker drives is non-blocking; a task tries its system call first and,
 /// on EAGAIN, awaits readiness here. So there is no thread per connection and nothing blocks
@@ -73,6 +75,15 @@ public final class IOReactor: Sendable {
     private let wakeFD: Int32
     private static let wakeToken = UInt64.max
     private let state = Mutex(State())
+    /// Jobs of tasks that prefer this reactor as their executor (`TaskExecutor`).
+    private let jobs = Mutex(JobQueue())
+
+    private struct JobQueue {
+        var pending: [UnownedJob] = []
+        /// The reactor's thread is in (or about to enter) `epoll_wait` with nothing queued: a
+        /// job queued now must wake it.
+        var sleeping = false
+    }
 
     public init() {
         epollFD = kvmib_epoll_create()
@@ -195,8 +206,14 @@ public final class IOReactor: Sendable {
     private func run() {
         var tokens = [UInt64](repeating: 0, count: 128)
         var events = [UInt32](repeating: 0, count: 128)
+        var batch: [UnownedJob] = []
+        let executor = asUnownedTaskExecutor()
         while true {
-            let timeout = state.withLock { state -> Int32 in
+            // The jobs queued so far (those they queue run after the next look at the descriptors).
+            jobs.withLock { swap(&batch, &$0.pending) }
+            for job in batch { job.runSynchronously(on: executor) }
+            batch.removeAll(keepingCapacity: true)
+            var timeout = state.withLock { state -> Int32 in
                 while let first = state.deadlines.min, state.tokens[first.token] == nil {
                     _ = state.deadlines.removeMin()
                     state.staleDeadlines -= 1
@@ -206,7 +223,14 @@ public final class IOReactor: Sendable {
                 if remaining <= .zero { return 0 }
                 return Int32(min((remaining.millisecondsDouble).rounded(.up), 60_000))
             }
+            let idle = jobs.withLock { queue -> Bool in
+                guard queue.pending.isEmpty else { return false }
+                queue.sleeping = true
+                return true
+            }
+            if !idle { timeout = 0 }
             let count = kvmib_epoll_wait(epollFD, &tokens, &events, Int32(events.count), timeout)
+            if idle { jobs.withLock { $0.sleeping = false } }
             if count < 0 && errno != EINTR {
                 fatalError("epoll_wait failed: \(String(cString: strerror(errno)))")
             }
@@ -265,5 +289,23 @@ public final class IOReactor: Sendable {
         }
         state.deadlines = Heap(live)
         state.staleDeadlines = 0
+    }
+}
+
+/// The reactor is also an executor: a task that prefers it (`withTaskExecutorPreference`) runs
+/// on the reactor's thread, between two looks at the descriptors, as an event loop's callbacks
+/// do. The sessions run there: a socket that becomes ready resumes its task on the same thread,
+/// with no hand-over to another thread and no wake-up, which in a boot storm was most of the
+/// broker's cost. Blocking work still goes to `BlockingWork` (its result comes back here).
+extension IOReactor: TaskExecutor {
+    public func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        let wakeNeeded = jobs.withLock { queue -> Bool in
+            queue.pending.append(job)
+            guard queue.sleeping else { return false }
+            queue.sleeping = false
+            return true
+        }
+        if wakeNeeded { wake() }
     }
 }

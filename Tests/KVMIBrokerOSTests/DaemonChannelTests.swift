@@ -210,3 +210,32 @@ extension OSLayerTests {
         }
     }
 }
+
+extension OSLayerTests.DaemonChannelTests {
+    @Test("a guest's session runs on the reactor's thread (an event loop), not handed between threads at each socket event")
+    func sessionsRunOnTheReactor() async throws {
+        let procRoot = try fakeProc(cmdlineUUID: uuid)
+        defer { try? FileManager.default.removeItem(atPath: procRoot) }
+        let introspector = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("tool")), secret: testSecret))
+        defer { introspector.stop() }
+        let (server, broker, socketPath) = try startBroker(procRoot: procRoot, introspector: introspector.endpoint)
+        // The registry is an actor: it runs on the executor of the session task that calls it.
+        let threads = Seen<String>()
+        await server.registry.observe { _ in
+            let name = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "?"
+            threads.value.withLock { $0.append(name.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        }
+        let qemu = try FakeQEMU(connectingTo: socketPath)
+        qemu.send(hello(uuid: uuid))
+        #expect(qemu.receive()?.0.knownType == .welcome)
+        let (hook, fds) = try #require(qemu.receive())
+        #expect(hook.knownType == .hook)
+        fds.forEach { close($0) }
+        let seen = threads.value.withLock { $0 }
+        #expect(!seen.isEmpty)
+        #expect(Set(seen) == ["kvmib-reactor"], "\(seen)")
+        qemu.socket.close()
+        broker.cancel()
+        await broker.value
+    }
+}

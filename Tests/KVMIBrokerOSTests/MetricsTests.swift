@@ -257,8 +257,13 @@ extension OSLayerTests {
                 Channel.Frame(
                     .event, seq: 1,
                     payload: Channel.Event(kind: .toolHangup, error: 0, startTime: 1_795_000_000, hooked: false, running: true).encoded()))
+            // The counter and the gauges are updated one after the other (a scrape is no
+            // transaction): wait until the scrape shows all three.
             let unhooked = try #require(
-                eventuallyScraped(metrics) { $0.value("kvmi_broker_unhooks_total", tool.merging(["reason": "introspector-closed"]) { $1 }) == 1 })
+                eventuallyScraped(metrics) {
+                    $0.value("kvmi_broker_unhooks_total", tool.merging(["reason": "introspector-closed"]) { $1 }) == 1
+                        && $0.value("kvmi_broker_sessions", ["state": "hooked"]) == 0 && $0.value("kvmi_broker_sessions", ["state": "waiting"]) == 1
+                })
             #expect(unhooked.value("kvmi_broker_sessions", ["state": "hooked"]) == 0)
             #expect(unhooked.value("kvmi_broker_sessions", ["state": "waiting"]) == 1)
             try hooked(qemu)
@@ -267,7 +272,12 @@ extension OSLayerTests {
 
             // The guest leaves: the gauges drop to 0, the counters stay.
             qemu.socket.close()
-            let gone = try #require(eventuallyScraped(metrics) { $0.value("kvmi_broker_sessions", ["state": "hooked"]) == 0 })
+            let gone = try #require(
+                eventuallyScraped(metrics) {
+                    $0.value("kvmi_broker_sessions", ["state": "hooked"]) == 0 && $0.value("kvmi_broker_sessions", ["state": "waiting"]) == 0
+                        && $0.value("kvmi_broker_introspector_sessions", tool.merging(["state": "hooked"]) { $1 }) == 0
+                        && $0.value("kvmi_broker_introspector_sessions", tool.merging(["state": "waiting"]) { $1 }) == 0
+                })
             #expect(gone.value("kvmi_broker_sessions", ["state": "waiting"]) == 0)
             #expect(gone.value("kvmi_broker_introspector_sessions", tool.merging(["state": "hooked"]) { $1 }) == 0)
             #expect(gone.value("kvmi_broker_introspector_sessions", tool.merging(["state": "waiting"]) { $1 }) == 0)
@@ -280,7 +290,12 @@ extension OSLayerTests {
             back.send(channel.hello(uuid: channel.uuid))
             #expect(back.receive()?.0.knownType == .welcome)
             let failing = try #require(
-                eventuallyScraped(metrics) { $0.value("kvmi_broker_failures_total", tool.merging(["reason": "connect-failed"]) { $1 }) ?? 0 >= 1 })
+                eventuallyScraped(metrics) {
+                    $0.value("kvmi_broker_failures_total", tool.merging(["reason": "connect-failed"]) { $1 }) ?? 0 >= 1
+                        && $0.value("kvmi_broker_introspector_unreachable_total", tool) ?? 0 >= 1
+                        && $0.value("kvmi_broker_sessions", ["state": "waiting"]) == 1
+                        && $0.value("kvmi_broker_introspector_sessions", tool.merging(["state": "waiting"]) { $1 }) == 1
+                })
             #expect(failing.value("kvmi_broker_introspector_unreachable_total", tool) ?? 0 >= 1)
             #expect(failing.value("kvmi_broker_sessions", ["state": "waiting"]) == 1)
             #expect(failing.value("kvmi_broker_introspector_sessions", tool.merging(["state": "waiting"]) { $1 }) == 1)

@@ -34,7 +34,7 @@ private struct ThreadNotingHandler: LogHandler {
 }
 
 /// What jobs on other threads saw, shared with the test.
-private final class Seen<Element: Sendable>: Sendable {
+final class Seen<Element: Sendable>: Sendable {
     let value = Mutex<[Element]>([])
 }
 
@@ -79,6 +79,22 @@ extension OSLayerTests {
             }
             #expect(!FileManager.default.fileExists(atPath: "/proc/self/task/\(tid)"), "thread \(tid) is still there")
             _ = thread
+        }
+
+        @Test("a task that prefers the reactor runs on its thread, before and after a socket wait")
+        func reactorIsAnExecutor() async throws {
+            let reactor = IOReactor.shared
+            var fds: [Int32] = [0, 0]
+            #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &fds) == 0)
+            defer { fds.forEach { close($0) } }
+            let peer = fds[1]
+            let names = try await withTaskExecutorPreference(reactor) { () async throws -> [String] in
+                let before = currentThread().name
+                Thread { _ = send(peer, "x", 1, 0) }.start()
+                _ = try await reactor.wait(for: .readable, on: fds[0])
+                return [before, currentThread().name]
+            }
+            #expect(names == ["kvmib-reactor", "kvmib-reactor"])
         }
 
         @Test("/proc reads and log records run on the broker's own threads, not on libdispatch's workers")
