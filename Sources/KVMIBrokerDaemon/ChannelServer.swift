@@ -53,7 +53,7 @@ public final class ChannelServer: Sendable {
                 "policy reloaded", metadata: ["policy.generation": "\(snapshot.generation)", "policy.rules": "\(snapshot.policy.rules.count)"])
             configuration.notifier?.reloaded(generation: snapshot.generation, failed: false)
             configuration.metrics?.policy(generation: snapshot.generation)
-            await registry.broadcastPolicyChange()
+            registry.broadcastPolicyChange()
             return true
         case .failure(let error):
             for diagnostic in error.diagnostics { logger.error("policy: \(diagnostic)") }

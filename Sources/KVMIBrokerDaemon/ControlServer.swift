@@ -386,14 +386,14 @@ public final class ControlServer: Sendable {
                 code: "unknown-introspector")
         }
         func progress() async -> (hooked: Int, required: Int) {
-            DrainProgress.count(await registry.unsortedSnapshot(), introspector: name)
+            DrainProgress.count(registry.unsortedSnapshot(), introspector: name)
         }
         let before = await progress()
         let metadata: Logger.Metadata = ["introspector": "\(shown)", "peer.uid": "\(uid)", "peer.pid": "\(pid)"]
         guard draining else {
             guard drains.undrain(name) != nil else { return .init(error: "introspector '\(shown)' is not draining", code: "not-draining") }
             logger.audit.notice("undrain \(shown): guests may be hooked to it again", metadata: metadata)
-            await registry.broadcastPolicyChange()
+            registry.broadcastPolicyChange()
             return .init(
                 introspector: name, draining: false, allowUnmonitored: false, hookedBefore: before.hooked, stillHooked: before.hooked, requiredKept: 0
             )
@@ -403,7 +403,7 @@ public final class ControlServer: Sendable {
         logger.audit.notice(
             "drain \(shown): no new guest is hooked to it; its \(before.hooked) hooked guest\(before.hooked == 1 ? "" : "s") are let go (PREUNHOOK, unhook timeout, UNHOOK)\(allowUnmonitored ? ", required ones too (--allow-unmonitored: they run unmonitored)" : "; required ones stay hooked")",
             metadata: metadata)
-        await registry.broadcastPolicyChange()
+        registry.broadcastPolicyChange()
         var now = await progress()
         if request.wait == true {
             let unhookTimeout = store?.snapshot.policy.introspectors[name]?.unhookTimeout ?? .seconds(5)

@@ -95,7 +95,7 @@ public struct LiveStatusSource: Sendable {
     /// The status now: O(guests) once (a copy inside the registry, the sorting and filtering
     /// outside it).
     public func status(guest: String?) async -> Result<LiveStatus, UnknownGuest> {
-        var sessions = await registry.unsortedSnapshot()
+        var sessions = registry.unsortedSnapshot()
         var counts = SessionCounts()
         for session in sessions {
             if session.hooked {

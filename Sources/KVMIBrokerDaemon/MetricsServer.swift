@@ -125,7 +125,7 @@ public final class MetricsServer: Sendable {
         let response: [UInt8]
         switch Self.route(request) {
         case .metrics(let head):
-            let counts = await sessions?.sessionCounts ?? SessionCounts()
+            let counts = sessions?.sessionCounts ?? SessionCounts()
             let descriptors = await BlockingWork.shared.run { BrokerMetrics.countOpenDescriptors() }
             let body = metrics.exposition(counts: counts, descriptors: descriptors)
             response = Self.response(200, "OK", body: body, type: "text/plain; version=0.0.4; charset=utf-8", head: head)

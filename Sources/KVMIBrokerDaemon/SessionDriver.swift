@@ -57,7 +57,7 @@ final class SessionDriver: Sendable {
         // (HELLO, the checks, the claim) is not held by a thousand waiting sessions.
         guard let admitted = await admit() else { return }
         await drive(admitted)
-        await registry.release(admitted.hello.uuid, token: admitted.token)
+        registry.release(admitted.hello.uuid, token: admitted.token)
     }
 
     /// A guest past HELLO, the identity checks and the claim.
@@ -177,7 +177,7 @@ final class SessionDriver: Sendable {
         let reload = ReloadFlag()
         let reactor = socket.reactor
         // One hop to the registry claims the guest and registers the session's inputs.
-        let claim = await registry.claim(
+        let claim = registry.claim(
             hello.uuid, status: status,
             onPolicyChange: {
                 // Coalesced: however many reloads happen, at most one notice waits for the session.
@@ -719,7 +719,7 @@ final class SessionDriver: Sendable {
         }
         guard published != state.published else { return }
         state.published = published
-        await registry.update(uuid, token: token) { status in
+        registry.update(uuid, token: token) { status in
             let now = Date()
             if status.state != published.state { status.since = now }
             if published.hooked != status.hooked { status.hookedSince = published.hooked ? now : nil }

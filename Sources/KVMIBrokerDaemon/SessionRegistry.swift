@@ -2,6 +2,7 @@ import Foundation
 import KVMIBrokerCore
 import KVMIBrokerOS
 import Logging
+import Synchronization
 
 #if canImport(Glibc)
     import Glibc
@@ -85,23 +86,34 @@ public struct StatusDocument: Sendable, Codable, Equatable {
 /// Every operation costs O(1) in the number of guests: the status file is written at most
 /// once per `statusInterval`, on a thread of its own (not Swift's cooperative pool), from a
 /// copy of the table, so a boot storm's claims never wait for JSON encoding.
-public actor SessionRegistry {
-    private var sessions: [GuestUUID: (token: UInt64, status: SessionStatus)] = [:]
-    private var listeners: [UInt64: @Sendable () -> Void] = [:]
-    /// Each live session's input, for tests that must reproduce an ordering (a timeout handled
-    /// after the RESULT it was armed for) that timing alone cannot produce reliably.
-    private var injectors: [GuestUUID: @Sendable (SessionDriver.Input) async -> Void] = [:]
-    private var nextToken: UInt64 = 1
+///
+/// A lock, not an actor: the sessions run on the reactor's thread (`IOReactor`'s executor), and
+/// an actor runs on the thread of the task that calls it. A task of the control or metrics
+/// server (or a test) calling an actor that a session held would have run there, on the
+/// reactor's thread, and gone on running there after the call (a task without a preference
+/// runs anywhere), so that a blocking call in it would have stopped every socket of the broker.
+/// Each operation here is short and never waits while holding the lock.
+public final class SessionRegistry: Sendable {
+    private struct State {
+        var sessions: [GuestUUID: (token: UInt64, status: SessionStatus)] = [:]
+        var listeners: [UInt64: @Sendable () -> Void] = [:]
+        /// Each live session's input, for tests that must reproduce an ordering (a timeout
+        /// handled after the RESULT it was armed for) that timing alone cannot produce reliably.
+        var injectors: [GuestUUID: @Sendable (SessionDriver.Input) async -> Void] = [:]
+        var nextToken: UInt64 = 1
+        var writeScheduled = false
+        /// The sessions by what they wait for, kept up to date on every change (the service status).
+        var counts = SessionCounts()
+        /// Told every change of a session's status (`observe`): for a benchmark that waits for
+        /// an event instead of polling the registry.
+        var observer: (@Sendable (SessionStatus) -> Void)?
+    }
+
+    private let state = Mutex(State())
     private let statusFile: String?
     private let statusInterval: Duration
-    private var writeScheduled = false
     private let writer: StatusFileWriter?
-    /// The sessions by what they wait for, kept up to date on every change (the service status).
-    private var counts = SessionCounts()
     private let notifier: ServiceNotifier?
-    /// Told every change of a session's status (`observe`): for a benchmark that waits for an
-    /// event instead of polling the registry.
-    private var observer: (@Sendable (SessionStatus) -> Void)?
 
     /// Writes the status file at once (no sessions yet), so that `kvmi-broker status` works
     /// and a status file that cannot be written is reported at start.
@@ -117,20 +129,20 @@ public actor SessionRegistry {
     }
 
     /// The sessions by what they wait for.
-    public var sessionCounts: SessionCounts { counts }
+    public var sessionCounts: SessionCounts { state.withLock { $0.counts } }
 
     /// Moves one session between the counts: `from` leaves (nil: a new session), `to` arrives
     /// (nil: it ended). O(1); the notifier coalesces what it sends.
-    private func count(from old: SessionStatus?, to new: SessionStatus?) {
-        let before = counts
-        if let old { adjust(old, by: -1) }
-        if let new { adjust(new, by: 1) }
-        if counts != before { notifier?.sessionsChanged(counts) }
+    private func count(from old: SessionStatus?, to new: SessionStatus?, in state: inout State) {
+        let before = state.counts
+        if let old { Self.adjust(&state.counts, old, by: -1) }
+        if let new { Self.adjust(&state.counts, new, by: 1) }
+        if state.counts != before { notifier?.sessionsChanged(state.counts) }
     }
 
     private static let notIntrospected = GuestSessionMachine.State.notIntrospected.description
 
-    private func adjust(_ status: SessionStatus, by delta: Int) {
+    private static func adjust(_ counts: inout SessionCounts, _ status: SessionStatus, by delta: Int) {
         if status.hooked {
             counts.hooked += delta
         } else if status.state == Self.notIntrospected {
@@ -156,67 +168,77 @@ public actor SessionRegistry {
         _ uuid: GuestUUID, status: SessionStatus, onPolicyChange: (@Sendable () -> Void)? = nil,
         injector: (@Sendable (SessionDriver.Input) async -> Void)? = nil
     ) -> Result<UInt64, ClaimRefusal> {
-        if let existing = sessions[uuid] {
-            return .failure(existing.status.qemuPID == status.qemuPID ? .alreadyConnected : .otherProcess(pid: existing.status.qemuPID))
+        let result = state.withLock { state -> Result<UInt64, ClaimRefusal> in
+            if let existing = state.sessions[uuid] {
+                return .failure(existing.status.qemuPID == status.qemuPID ? .alreadyConnected : .otherProcess(pid: existing.status.qemuPID))
+            }
+            let token = state.nextToken
+            state.nextToken += 1
+            state.sessions[uuid] = (token, status)
+            count(from: nil, to: status, in: &state)
+            state.listeners[token] = onPolicyChange
+            state.injectors[uuid] = injector
+            persist(&state)
+            return .success(token)
         }
-        let token = nextToken
-        nextToken += 1
-        sessions[uuid] = (token, status)
-        count(from: nil, to: status)
-        listeners[token] = onPolicyChange
-        injectors[uuid] = injector
-        persist()
-        return .success(token)
+        return result
     }
 
     public func update(_ uuid: GuestUUID, token: UInt64, _ change: (inout SessionStatus) -> Void) {
-        guard var entry = sessions[uuid], entry.token == token else { return }
-        let before = entry.status
-        change(&entry.status)
-        guard entry.status != before else { return }
-        sessions[uuid] = entry
-        count(from: before, to: entry.status)
-        persist()
-        observer?(entry.status)
+        let observed = state.withLock { state -> (SessionStatus, (@Sendable (SessionStatus) -> Void))? in
+            guard var entry = state.sessions[uuid], entry.token == token else { return nil }
+            let before = entry.status
+            change(&entry.status)
+            guard entry.status != before else { return nil }
+            state.sessions[uuid] = entry
+            count(from: before, to: entry.status, in: &state)
+            persist(&state)
+            return state.observer.map { (entry.status, $0) }
+        }
+        if let (status, observer) = observed { observer(status) }
     }
 
     /// Calls `body` with a session's status after each change of it (one observer; nil removes
-    /// it). Called inside the registry: `body` must be quick and must not wait.
+    /// it). Called on the session's thread, outside the registry's lock: `body` must be quick
+    /// and must not wait.
     public func observe(_ body: (@Sendable (SessionStatus) -> Void)?) {
-        observer = body
+        state.withLock { $0.observer = body }
     }
 
     /// Hands `input` to the live session of `uuid` (tests only); false when there is none.
     func inject(_ input: SessionDriver.Input, into uuid: GuestUUID) async -> Bool {
-        guard let inject = injectors[uuid] else { return false }
+        guard let inject = state.withLock({ $0.injectors[uuid] }) else { return false }
         await inject(input)
         return true
     }
 
     /// Tells every live session that the policy changed; each re-decides from one snapshot.
     public func broadcastPolicyChange() {
-        for notify in listeners.values { notify() }
+        let listeners = state.withLock { Array($0.listeners.values) }
+        for notify in listeners { notify() }
     }
 
     public func release(_ uuid: GuestUUID, token: UInt64) {
-        listeners[token] = nil
-        guard let entry = sessions[uuid], entry.token == token else { return }
-        sessions[uuid] = nil
-        count(from: entry.status, to: nil)
-        injectors[uuid] = nil
-        persist()
+        state.withLock { state in
+            state.listeners[token] = nil
+            guard let entry = state.sessions[uuid], entry.token == token else { return }
+            state.sessions[uuid] = nil
+            count(from: entry.status, to: nil, in: &state)
+            state.injectors[uuid] = nil
+            persist(&state)
+        }
     }
 
-    public var count: Int { sessions.count }
+    public var count: Int { state.withLock { $0.sessions.count } }
 
     public func snapshot() -> [SessionStatus] {
-        Self.sorted(sessions.values.map(\.status))
+        Self.sorted(unsortedSnapshot())
     }
 
-    /// The sessions in no order: O(guests) inside the actor; the caller sorts outside it, so
-    /// a status request holds the sessions' updates up no longer than the copy.
+    /// The sessions in no order: O(guests) under the lock; the caller sorts outside it, so a
+    /// status request holds the sessions' updates up no longer than the copy.
     public func unsortedSnapshot() -> [SessionStatus] {
-        sessions.values.map(\.status)
+        state.withLock { $0.sessions.values.map(\.status) }
     }
 
     static func sorted(_ sessions: [SessionStatus]) -> [SessionStatus] {
@@ -226,14 +248,17 @@ public actor SessionRegistry {
     /// Writes the status file now (tests, shutdown), waiting until it is on disk.
     public func flush() async {
         guard let writer else { return }
-        writeScheduled = false
-        await writer.write(Array(sessions.values.map(\.status)))
+        let sessions = state.withLock { state -> [SessionStatus] in
+            state.writeScheduled = false
+            return state.sessions.values.map(\.status)
+        }
+        await writer.write(sessions)
     }
 
     /// Schedules one write within `statusInterval` (bounded staleness); later changes ride along.
-    private func persist() {
-        guard writer != nil, !writeScheduled else { return }
-        writeScheduled = true
+    private func persist(_ state: inout State) {
+        guard writer != nil, !state.writeScheduled else { return }
+        state.writeScheduled = true
         let interval = statusInterval
         Task {
             try? await Task.sleep(for: interval)
@@ -242,9 +267,13 @@ public actor SessionRegistry {
     }
 
     private func writeNow() {
-        guard writeScheduled, let writer else { return }
-        writeScheduled = false
-        writer.enqueue(Array(sessions.values.map(\.status)))
+        guard let writer else { return }
+        let sessions = state.withLock { state -> [SessionStatus]? in
+            guard state.writeScheduled else { return nil }
+            state.writeScheduled = false
+            return state.sessions.values.map(\.status)
+        }
+        if let sessions { writer.enqueue(sessions) }
     }
 }
 

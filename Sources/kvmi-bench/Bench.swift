@@ -126,7 +126,7 @@ struct HookBench: AsyncParsableCommand {
         let server = ChannelServer(configuration: configuration, logger: Logger(label: "bench"))
         let listener = try server.bind()
         let hooks = HookWaiter()
-        await server.registry.observe { status in hooks.record(status) }
+        server.registry.observe { status in hooks.record(status) }
         let task = Task { await server.run(listener: listener) }
         defer { task.cancel() }
         let uuid = GuestUUID("9a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d")!

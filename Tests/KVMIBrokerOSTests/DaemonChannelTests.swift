@@ -221,7 +221,7 @@ extension OSLayerTests.DaemonChannelTests {
         let (server, broker, socketPath) = try startBroker(procRoot: procRoot, introspector: introspector.endpoint)
         // The registry is an actor: it runs on the executor of the session task that calls it.
         let threads = Seen<String>()
-        await server.registry.observe { _ in
+        server.registry.observe { _ in
             let name = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "?"
             threads.value.withLock { $0.append(name.trimmingCharacters(in: .whitespacesAndNewlines)) }
         }

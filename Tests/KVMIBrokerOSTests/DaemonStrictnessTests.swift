@@ -57,8 +57,8 @@ extension OSLayerTests.DaemonChannelTests {
             let (_, second) = try greet(socketPath, uuid: uuid)
             #expect(second?.knownType == .refuse)
             #expect(second?.payload.read(Int32.self, at: 0, order: .little) == EBUSY)
-            #expect(await server.registry.count == 1)
-            #expect(introspector.records.count == 1, "one handshake, not one per channel")
+            #expect(server.registry.count == 1)
+            #expect(introspector.waitForRecords(1).count == 1, "one handshake, not one per channel")
         }
     }
 
@@ -84,7 +84,7 @@ extension OSLayerTests.DaemonChannelTests {
                     .result, seq: hook.seq &+ 41,
                     payload: Channel.Result(requestType: 0x10, step: .none, hooked: true, error: 0, failedID: -1).encoded()))
             #expect(qemu.receive(timeout: .seconds(30)) == nil, "the broker closes the channel")
-            #expect(await server.registry.snapshot().first?.hooked != true)
+            #expect(server.registry.snapshot().first?.hooked != true)
         }
     }
 
@@ -98,7 +98,7 @@ extension OSLayerTests.DaemonChannelTests {
             qemu.send(
                 Channel.Frame(
                     .result, seq: hook.seq, payload: Channel.Result(requestType: 0x10, step: .none, hooked: true, error: 0, failedID: -1).encoded()))
-            #expect(await eventuallyAsync { await server.registry.snapshot().first?.hooked == true })
+            #expect(await eventuallyAsync { server.registry.snapshot().first?.hooked == true })
             // The timer armed for that HOOK fires late, after its RESULT was handled.
             #expect(await server.registry.inject(.resultTimeout(seq: hook.seq), into: uuid))
             // A barrier: a pause is still handled by the same, live session.
@@ -106,8 +106,8 @@ extension OSLayerTests.DaemonChannelTests {
                 Channel.Frame(
                     .event, seq: 1,
                     payload: Channel.Event(kind: .paused, error: 0, startTime: 1_795_000_000, hooked: false, running: false).encoded()))
-            #expect(await eventuallyAsync { await server.registry.snapshot().first?.state.contains("PAUSED") == true })
-            #expect(await server.registry.count == 1)
+            #expect(await eventuallyAsync { server.registry.snapshot().first?.state.contains("PAUSED") == true })
+            #expect(server.registry.count == 1)
         }
     }
 
@@ -119,7 +119,7 @@ extension OSLayerTests.DaemonChannelTests {
         try await withBroker(tool: .silent) { server, socketPath, _ in
             let (qemu, welcome) = try greet(socketPath, uuid: uuid)
             #expect(welcome?.knownType == .welcome)
-            #expect(await eventuallyAsync { await server.registry.snapshot().first?.state.hasPrefix("connecting") == true })
+            #expect(await eventuallyAsync { server.registry.snapshot().first?.state.hasPrefix("connecting") == true })
             // A late success from an attempt that was cancelled (attempt ids start at 1 per session; 999 never ran).
             let late = try await IntrospectorConnector().connectAndHandshake(to: other.endpoint, parameters())
             #expect(await server.registry.inject(.handshake(attempt: 999, .success(late)), into: uuid))
@@ -128,7 +128,7 @@ extension OSLayerTests.DaemonChannelTests {
                 Channel.Frame(
                     .event, seq: 1,
                     payload: Channel.Event(kind: .paused, error: 0, startTime: 1_795_000_000, hooked: false, running: false).encoded()))
-            #expect(await eventuallyAsync { await server.registry.snapshot().first?.state.contains("PAUSED") == true })
+            #expect(await eventuallyAsync { server.registry.snapshot().first?.state.contains("PAUSED") == true })
             // The stale outcome was handled before the pause: a HOOK for it would already be here.
             #expect(qemu.receive(timeout: .zero) == nil, "no HOOK for the superseded attempt")
         }
@@ -228,7 +228,7 @@ extension OSLayerTests.DaemonChannelTests {
         defer { child.terminate(SIGKILL, grace: 0) }
         #expect(eventually(timeout: .seconds(60)) { lines.messages.contains { $0.contains("not hooking") } }, "\(lines.messages)")
         #expect(lines.messages.contains { $0.contains("exec'd") }, "\(lines.messages)")
-        #expect(await eventuallyAsync(timeout: .seconds(60)) { await server.registry.count == 0 })
+        #expect(await eventuallyAsync(timeout: .seconds(60)) { server.registry.count == 0 })
         child.terminate(SIGKILL, grace: 0)
         broker.cancel()
         await broker.value

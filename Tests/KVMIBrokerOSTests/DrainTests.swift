@@ -66,7 +66,7 @@ extension OSLayerTests {
             qemu.send(
                 Channel.Frame(
                     .result, seq: hook.seq, payload: Channel.Result(requestType: 0x10, step: .none, hooked: true, error: 0, failedID: -1).encoded()))
-            #expect(await eventuallyAsync { await server.registry.snapshot().first?.hooked == true })
+            #expect(await eventuallyAsync { server.registry.snapshot().first?.hooked == true })
 
             // An unknown name: a clear error, exit 6, nothing drained.
             let (unknownCode, _, unknownError) = try await broker(["drain", "tol", "--control-socket", control])
@@ -89,7 +89,7 @@ extension OSLayerTests {
             let (code, out, err) = try await drained
             #expect(code == 0, "\(out) \(err)")
             #expect(out.contains("draining tool: 1 of 1 guest let go"), "\(out)")
-            let session = await server.registry.snapshot().first
+            let session = server.registry.snapshot().first
             #expect(session?.state == "not introspected" && session?.hooked == false)
             let status = try #require(try? await source.status(guest: nil).get())
             #expect(status.broker.draining?.map(\.introspector) == ["tool"])

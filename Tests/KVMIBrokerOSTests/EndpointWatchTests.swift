@@ -43,7 +43,7 @@ extension OSLayerTests {
         func status(_ server: ChannelServer, until condition: @escaping (SessionStatus) -> Bool) async -> SessionStatus? {
             var found: SessionStatus?
             _ = await eventuallyAsync {
-                found = await server.registry.snapshot().first
+                found = server.registry.snapshot().first
                 return found.map(condition) ?? false
             }
             return found.flatMap { condition($0) ? $0 : nil }
@@ -82,8 +82,10 @@ extension OSLayerTests {
             let hook = try #require(qemu.receive(), "no HOOK: the broker did not connect on the socket's creation")
             hook.1.forEach { close($0) }
             #expect(hook.0.knownType == .hook)
-            #expect(introspector.records.count == 1)
-            #expect(introspector.records.first?.handshake?.uuid == uuid)
+            // The tool records a handshake after its reply, so possibly after our HOOK: wait for it.
+            let records = introspector.waitForRecords(1)
+            #expect(records.count == 1)
+            #expect(records.first?.handshake?.uuid == uuid)
             #expect(EndpointWatcher.shared?.footprint.waiters == 0)
             #expect(EndpointWatcher.shared?.footprint.directories == 0)
         }
@@ -126,7 +128,7 @@ extension OSLayerTests {
                         payload: Channel.Event(kind: .toolHangup, error: 0, startTime: 1_795_000_000, hooked: false, running: true).encoded()))
                 // The failures in a row (the back-off's exponent) count up across hooks.
                 let after = await status(server) { $0.failures == round && !$0.hooked }
-                let seen = await server.registry.snapshot().first
+                let seen = server.registry.snapshot().first
                 #expect(after != nil, "round \(round): \(String(describing: seen))")
                 #expect((after?.flapping == true) == (round >= GuestSessionMachine.flappingThreshold))
             }
@@ -136,7 +138,7 @@ extension OSLayerTests {
             #expect(document.text().contains("flapping: tool"))
             let json = String(decoding: try LiveStatus.encoder(pretty: true).encode(document), as: UTF8.self)
             #expect(json.contains("\"flapping\" : true"))
-            #expect(introspector.records.count >= 4)
+            #expect(introspector.waitForRecords(4).count >= 4)
         }
     }
 }

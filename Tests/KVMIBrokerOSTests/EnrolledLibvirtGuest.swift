@@ -103,7 +103,7 @@ struct EnrolledLibvirtGuest {
 
     /// The broker's view of the guest (what `kvmi-broker status` prints).
     func session() async -> SessionStatus? {
-        await server.registry.snapshot().first { $0.uuid == "\(uuid)" }
+        server.registry.snapshot().first { $0.uuid == "\(uuid)" }
     }
 
     /// Waits until a KVMI session of connection `first` or later has enabled the unhook event

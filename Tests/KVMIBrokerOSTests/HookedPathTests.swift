@@ -41,7 +41,7 @@ extension OSLayerTests {
         }
 
         func hooked(_ server: ChannelServer, hooks: Int = 1) async -> Bool {
-            await eventuallyAsync { await server.registry.snapshot().first.map { $0.hooked && $0.hooks >= hooks } ?? false }
+            await eventuallyAsync { server.registry.snapshot().first.map { $0.hooked && $0.hooks >= hooks } ?? false }
         }
 
         @Test("hooked; GET_VERSION answered through the broker's socket; commands and events exactly per the allow-lists")
@@ -86,10 +86,10 @@ extension OSLayerTests {
             // By the time `stop` returned, the tool got the unhook event and closed.
             #expect(introspector.records.first?.kvmi?.unhookEventReceived == true, "\(String(describing: introspector.records.first?.kvmi))")
             #expect(try qemu.qmp(#"{"execute":"query-status"}"#).contains("\"paused\""))
-            #expect(await eventuallyAsync { await server.registry.snapshot().first?.state.contains("PAUSED") == true })
+            #expect(await eventuallyAsync { server.registry.snapshot().first?.state.contains("PAUSED") == true })
             _ = try qemu.qmp(#"{"execute":"cont"}"#)
             let rehooked = await hooked(server, hooks: 2)
-            let sessions = await server.registry.snapshot()
+            let sessions = server.registry.snapshot()
             #expect(rehooked, "\(sessions)")
             #expect(eventually { introspector.records.count == 2 && introspector.records[1].kvmi?.version == 1 })
             task.cancel()

@@ -161,7 +161,7 @@ extension OSLayerTests {
                     #expect(lines.messages.contains { $0.contains(reason) }, "\(lines.messages)")
                 }
                 #expect(introspector.records.isEmpty, "an impostor got a handshake")
-                #expect(await server.registry.count == 0)
+                #expect(server.registry.count == 0)
                 // The control: a domain whose <emulator> is Python (through a symlink, resolved) accepts Python.
                 let genuine = try arena.recordedPeer("genuine", of: control)
                 #expect(eventually { genuine.log.contains("HOOK fds=1") }, "\(genuine.log) \(lines.messages)")
@@ -231,7 +231,7 @@ extension OSLayerTests {
                 // The label names nobody:nogroup (resolved by name): that peer is the domain's QEMU.
                 let third = try arena.recordedPeer("nobody-domain", of: asNobody, launcher: nobody)
                 #expect(eventually { third.log.contains("HOOK fds=1") }, "\(third.log) \(lines.messages)")
-                #expect(introspector.records.count == 1)
+                #expect(introspector.waitForRecords(1).count == 1)
             }
         }
 
@@ -256,7 +256,8 @@ extension OSLayerTests {
                     "\(lines.messages)")
                 arena.open(gate)
                 #expect(eventually { real.log.contains("HOOK fds=1") }, "\(real.log) \(lines.messages)")
-                #expect(introspector.records.count == 1 && introspector.records.first?.handshake?.uuid == victim)
+                let records = introspector.waitForRecords(1)
+                #expect(records.count == 1 && records.first?.handshake?.uuid == victim)
             }
         }
 

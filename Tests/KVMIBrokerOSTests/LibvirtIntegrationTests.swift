@@ -159,9 +159,9 @@ extension OSLayerTests {
             let (started, _, startErr) = try virsh(["start", testDomainName("it-enrolled")])
             #expect(started == 0, "\(startErr)")
             let hooked = await eventuallyAsync(timeout: .seconds(30)) {
-                await server.registry.snapshot().first { $0.uuid == "\(enrolled)" }?.hooked == true
+                server.registry.snapshot().first { $0.uuid == "\(enrolled)" }?.hooked == true
             }
-            let sessions = await server.registry.snapshot()
+            let sessions = server.registry.snapshot()
             #expect(hooked, "\(sessions)")
             #expect(sessions.first?.name == testDomainName("it-enrolled"), "the name comes from libvirt")
             // The broker accepted a QEMU that is not root: libvirt-qemu, as libvirt's DAC label says.
@@ -178,9 +178,9 @@ extension OSLayerTests {
             let (outsiderStarted, _, outsiderErr) = try virsh(["start", testDomainName("it-outsider")])
             #expect(outsiderStarted == 0, "\(outsiderErr)")
             let leftAlone = await eventuallyAsync(timeout: .seconds(30)) {
-                await server.registry.snapshot().first { $0.uuid == "\(outsider)" }?.state == "not introspected"
+                server.registry.snapshot().first { $0.uuid == "\(outsider)" }?.state == "not introspected"
             }
-            let after = await server.registry.snapshot()
+            let after = server.registry.snapshot()
             #expect(leftAlone, "\(after)")
             #expect(after.first { $0.uuid == "\(enrolled)" }?.hooked == true)
             #expect(introspector.records.count == 1, "the outsider got no handshake")

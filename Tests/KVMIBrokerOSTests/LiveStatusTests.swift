@@ -232,7 +232,7 @@ extension OSLayerTests {
                     uuid: "\(uuid)", name: "guest-\(index)-\(padding)", qemuPID: Int32(10_000 + index), state: "hooked (ABI v12)", hooked: true,
                     failures: 0, lastFailure: nil, startTime: 1, since: Date(), introspector: "acme", commands: [-1], events: [0], hookedSince: Date()
                 )
-                _ = await registry.claim(uuid, status: session)
+                _ = registry.claim(uuid, status: session)
             }
             let configuration = BrokerConfiguration(
                 channelSocketPath: temporarySocketPath("unused"), introspector: .unix(path: "/nonexistent"), cookie: nil,

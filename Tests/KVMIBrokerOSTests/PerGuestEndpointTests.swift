@@ -30,7 +30,7 @@ extension OSLayerTests {
         }
 
         func waitUntilHooked(_ server: ChannelServer, _ uuid: GuestUUID) async -> Bool {
-            await eventuallyAsync(timeout: .seconds(60)) { await server.registry.snapshot().first { $0.uuid == "\(uuid)" }?.hooked == true }
+            await eventuallyAsync(timeout: .seconds(60)) { server.registry.snapshot().first { $0.uuid == "\(uuid)" }?.hooked == true }
         }
 
         @Test("plans carry each guest's expanded endpoint, so pacing (keyed by endpoint) and hand-overs are per guest")
@@ -108,12 +108,12 @@ extension OSLayerTests {
                 #expect(status == 0, "\(err)")
             }
             let secondHooked = await waitUntilHooked(server, second)
-            var sessions = await server.registry.snapshot()
+            var sessions = server.registry.snapshot()
             #expect(secondHooked, "\(sessions) \(lines.messages.suffix(20))")
             let failing = await eventuallyAsync {
-                await server.registry.snapshot().first { $0.uuid == "\(first)" }?.lastFailure?.contains("\(first).sock") == true
+                server.registry.snapshot().first { $0.uuid == "\(first)" }?.lastFailure?.contains("\(first).sock") == true
             }
-            sessions = await server.registry.snapshot()
+            sessions = server.registry.snapshot()
             #expect(failing, "the first guest fails at its own socket: \(sessions)")
             #expect(sessions.first { $0.uuid == "\(first)" }?.hooked == false)
 
@@ -131,7 +131,7 @@ extension OSLayerTests {
             let firstTool = try tool(at: "\(directory)/\(first).sock")
             defer { firstTool.stop() }
             let firstHooked = await waitUntilHooked(server, first)
-            sessions = await server.registry.snapshot()
+            sessions = server.registry.snapshot()
             #expect(firstHooked, "\(sessions)")
             #expect(firstTool.records.allSatisfy { $0.handshake?.uuid == first }, "\(firstTool.records)")
             #expect(secondTool.records.allSatisfy { $0.handshake?.uuid == second }, "\(secondTool.records)")
@@ -150,7 +150,7 @@ extension OSLayerTests {
             defer { qemu.stop() }
             #expect(eventually { lines.messages.contains { $0.contains("libvirt runs no domain with UUID \(impostor)") } }, "\(lines.messages)")
             #expect(impostorTool.records.isEmpty)
-            #expect(await server.registry.snapshot().contains { $0.uuid == "\(impostor)" } == false)
+            #expect(server.registry.snapshot().contains { $0.uuid == "\(impostor)" } == false)
         }
     }
 }

@@ -79,7 +79,7 @@ extension OSLayerTests {
             qemu.send(
                 Channel.Frame(
                     .result, seq: hook.seq, payload: Channel.Result(requestType: 0x10, step: .none, hooked: true, error: 0, failedID: -1).encoded()))
-            #expect(await eventuallyAsync { await server.registry.snapshot().first?.hooked == true })
+            #expect(await eventuallyAsync { server.registry.snapshot().first?.hooked == true })
 
             // The lists change: SET_ALLOWED with exactly the new lists, the session stays.
             tree.write("guests.d/50-lab.conf", rule.replacingOccurrences(of: "VM_READ_PHYSICAL;", with: "VM_READ_PHYSICAL;VM_WRITE_PHYSICAL;"))
@@ -93,7 +93,7 @@ extension OSLayerTests {
                 Channel.Frame(
                     .result, seq: update.seq, payload: Channel.Result(requestType: 0x11, step: .none, hooked: true, error: 0, failedID: -1).encoded())
             )
-            #expect(await eventuallyAsync { await server.registry.snapshot().first?.state == "hooked (ABI v12)" })
+            #expect(await eventuallyAsync { server.registry.snapshot().first?.state == "hooked (ABI v12)" })
 
             // A bad file: the reload fails as a whole and nothing reaches QEMU.
             let generation = store.snapshot.generation
@@ -120,7 +120,7 @@ extension OSLayerTests {
                 Channel.Frame(
                     .result, seq: unhook.seq, payload: Channel.Result(requestType: 0x13, step: .none, hooked: false, error: 0, failedID: -1).encoded()
                 ))
-            #expect(await eventuallyAsync { await server.registry.snapshot().first?.state == "not introspected" })
+            #expect(await eventuallyAsync { server.registry.snapshot().first?.state == "not introspected" })
         }
 
         @Test("reloads racing with decisions: every decision comes whole from one policy, never a mix")

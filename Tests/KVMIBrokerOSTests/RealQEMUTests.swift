@@ -57,9 +57,9 @@ extension OSLayerTests {
                 let qemu = qemu!
                 // The first attempt: the tool sees QEMU's identity, QEMU reports the real errno.
                 #expect(
-                    await eventuallyAsync { await server.registry.snapshot().first?.failures ?? 0 >= 1 },
+                    await eventuallyAsync { server.registry.snapshot().first?.failures ?? 0 >= 1 },
                     "no failed HOOK reported; QEMU log:\n\(qemu.log)")
-                let status = try #require(await server.registry.snapshot().first)
+                let status = try #require(server.registry.snapshot().first)
                 #expect(status.qemuPID == qemu.pid && status.uuid == "\(uuid)" && status.name == "e2e-guest")
                 #expect(status.lastFailure?.contains("the host kernel has no KVM introspection") == true, "\(status.lastFailure ?? "-")")
                 #expect(status.lastFailure?.contains("ENOTTY") == true)
@@ -72,9 +72,9 @@ extension OSLayerTests {
                     "\(String(describing: introspector.records.first?.kvmi))")
 
                 // No faster than the back-off: 1 s, then 2 s. QEMU's descriptors stay level.
-                #expect(await eventuallyAsync { await server.registry.snapshot().first?.failures ?? 0 >= 2 })
+                #expect(await eventuallyAsync { server.registry.snapshot().first?.failures ?? 0 >= 2 })
                 let qemuDescriptors = qemu.descriptorCount
-                #expect(await eventuallyAsync { await server.registry.snapshot().first?.failures ?? 0 >= 3 })
+                #expect(await eventuallyAsync { server.registry.snapshot().first?.failures ?? 0 >= 3 })
                 // QEMU closes each refused socket: its count comes back (a leak never would).
                 #expect(eventually { qemu.descriptorCount <= qemuDescriptors }, "QEMU descriptors \(qemuDescriptors) -> \(qemu.descriptorCount)")
                 let times = introspector.records.prefix(3).map(\.acceptedAt)
@@ -105,7 +105,7 @@ extension OSLayerTests {
             // Wait for the refusal itself, then look: a refused QEMU gets no handshake.
             #expect(eventually { qemu.log.contains("refused") }, "QEMU log:\n\(qemu.log)")
             #expect(introspector.records.isEmpty, "a refused QEMU got a handshake")
-            #expect(await server.registry.snapshot().isEmpty)
+            #expect(server.registry.snapshot().isEmpty)
             task.cancel()
             await task.value
         }

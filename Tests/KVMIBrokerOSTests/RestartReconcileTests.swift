@@ -222,7 +222,7 @@ extension OSLayerTests {
         /// A new channel once the broker has let go of the previous one (one channel per guest).
         func reconnect(_ server: ChannelServer, _ socketPath: String, closing old: FakeQEMU) async throws -> FakeQEMU {
             old.socket.close()
-            #expect(await eventuallyAsync { await server.registry.snapshot().isEmpty })
+            #expect(await eventuallyAsync { server.registry.snapshot().isEmpty })
             return try FakeQEMU(connectingTo: socketPath)
         }
 
@@ -246,13 +246,13 @@ extension OSLayerTests {
             let applied = try #require(Channel.AllowLists.applied(inPayload: hook.payload))
             #expect(applied.lists == lists.digest)
             answer(qemu, hook, hooked: true)
-            #expect(await eventuallyAsync { await server.registry.snapshot().first?.hooked == true })
+            #expect(await eventuallyAsync { server.registry.snapshot().first?.hooked == true })
 
             // The echo: same introspector, same lists. The broker keeps the session as it is.
             qemu = try await reconnect(server, socketPath, closing: qemu)
             qemu.send(hello(version: 2, flags: [.hooked, .running], applied: applied))
             #expect(try #require(qemu.receive()).0.knownType == .welcome)
-            #expect(await eventuallyAsync { await server.registry.snapshot().first?.state == "hooked (ABI v12)" })
+            #expect(await eventuallyAsync { server.registry.snapshot().first?.state == "hooked (ABI v12)" })
 
             // Other lists (as a broker with another policy left them): SET_ALLOWED, with the current record.
             qemu = try await reconnect(server, socketPath, closing: qemu)
@@ -264,7 +264,7 @@ extension OSLayerTests {
             #expect(try Channel.AllowLists(decoding: update.payload) == lists)
             #expect(Channel.AllowLists.applied(inPayload: update.payload) == applied)
             answer(qemu, update, hooked: true)
-            #expect(await eventuallyAsync { await server.registry.snapshot().first?.state == "hooked (ABI v12)" })
+            #expect(await eventuallyAsync { server.registry.snapshot().first?.state == "hooked (ABI v12)" })
             #expect(introspector.records.count == 1)
 
             // Another introspector's record: PREUNHOOK, then (the tool never asked for the event) UNHOOK, then a new HOOK.
@@ -301,7 +301,7 @@ extension OSLayerTests {
             fds.forEach { close($0) }
             #expect(hook.knownType == .hook && hook.payload == lists.encoded())
             answer(qemu, hook, hooked: true)
-            #expect(await eventuallyAsync { await server.registry.snapshot().first?.hooked == true })
+            #expect(await eventuallyAsync { server.registry.snapshot().first?.hooked == true })
 
             qemu = try await reconnect(server, socketPath, closing: qemu)
             qemu.send(hello(version: 1, flags: [.hooked, .running]))

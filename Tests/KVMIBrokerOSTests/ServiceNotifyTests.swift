@@ -227,23 +227,23 @@ extension OSLayerTests {
             }
             let first = GuestUUID("0a5e0000-0000-4000-8000-000000000001")!
             let second = GuestUUID("0a5e0000-0000-4000-8000-000000000002")!
-            guard case .success(let one) = await registry.claim(first, status: status(first, "connected")) else { throw CancellationError() }
-            #expect(await registry.sessionCounts == SessionCounts(hooked: 0, waiting: 1, notIntrospected: 0))
-            await registry.update(first, token: one) {
+            guard case .success(let one) = registry.claim(first, status: status(first, "connected")) else { throw CancellationError() }
+            #expect(registry.sessionCounts == SessionCounts(hooked: 0, waiting: 1, notIntrospected: 0))
+            registry.update(first, token: one) {
                 $0.state = "hooked (ABI v12)"
                 $0.hooked = true
             }
-            #expect(await registry.sessionCounts == SessionCounts(hooked: 1, waiting: 0, notIntrospected: 0))
-            guard case .success(let two) = await registry.claim(second, status: status(second, "connected")) else { throw CancellationError() }
-            await registry.update(second, token: two) { $0.state = "not introspected" }
-            #expect(await registry.sessionCounts == SessionCounts(hooked: 1, waiting: 0, notIntrospected: 1))
+            #expect(registry.sessionCounts == SessionCounts(hooked: 1, waiting: 0, notIntrospected: 0))
+            guard case .success(let two) = registry.claim(second, status: status(second, "connected")) else { throw CancellationError() }
+            registry.update(second, token: two) { $0.state = "not introspected" }
+            #expect(registry.sessionCounts == SessionCounts(hooked: 1, waiting: 0, notIntrospected: 1))
             // A stale token (an ended session's) changes nothing.
-            await registry.update(second, token: one) { $0.state = "connecting to the introspector (attempt 1)" }
-            await registry.release(second, token: one)
-            #expect(await registry.sessionCounts == SessionCounts(hooked: 1, waiting: 0, notIntrospected: 1))
-            await registry.release(first, token: one)
-            await registry.release(second, token: two)
-            #expect(await registry.sessionCounts == SessionCounts())
+            registry.update(second, token: one) { $0.state = "connecting to the introspector (attempt 1)" }
+            registry.release(second, token: one)
+            #expect(registry.sessionCounts == SessionCounts(hooked: 1, waiting: 0, notIntrospected: 1))
+            registry.release(first, token: one)
+            registry.release(second, token: two)
+            #expect(registry.sessionCounts == SessionCounts())
         }
     }
 }

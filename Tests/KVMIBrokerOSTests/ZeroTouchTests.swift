@@ -175,9 +175,9 @@ extension OSLayerTests {
             // tool, the handshake with the tool carried the guest's UUID, and HOOK met this
             // kernel's refusal.
             let refused = await eventuallyAsync(timeout: .seconds(60)) {
-                await server.registry.snapshot().first { $0.uuid == "\(introspected)" }?.lastFailure?.contains("ENOTTY") == true
+                server.registry.snapshot().first { $0.uuid == "\(introspected)" }?.lastFailure?.contains("ENOTTY") == true
             }
-            let session = await server.registry.snapshot().first { $0.uuid == "\(introspected)" }
+            let session = server.registry.snapshot().first { $0.uuid == "\(introspected)" }
             #expect(refused, "\(String(describing: session))")
             #expect(session?.name == name)
             #expect(session?.identity == "libvirt")
@@ -189,9 +189,9 @@ extension OSLayerTests {
             let (outsiderStarted, _, outsiderErr) = try virsh(["start", outsiderName])
             #expect(outsiderStarted == 0, "\(outsiderErr)")
             let released = await eventuallyAsync(timeout: .seconds(60)) {
-                await server.registry.snapshot().first { $0.uuid == "\(outsider)" }?.state == "not introspected"
+                server.registry.snapshot().first { $0.uuid == "\(outsider)" }?.state == "not introspected"
             }
-            let sessions = await server.registry.snapshot()
+            let sessions = server.registry.snapshot()
             #expect(released, "\(sessions)")
             #expect(try virsh(["domstate", outsiderName]).1.contains("running"))
             #expect(!introspector.records.contains { $0.handshake?.uuid == outsider }, "the outsider got no handshake")
