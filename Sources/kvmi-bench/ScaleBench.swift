@@ -202,6 +202,26 @@ private struct GuestRecord {
     }
 }
 
+/// The machine's CPU time counters (the `cpu` line of /proc/stat), for the steal time: on a
+/// virtual machine whose host is busy, the hypervisor runs other work on our CPUs, and the
+/// broker's many short hand-overs suffer from it more than the floor's one loop.
+private struct MachineCPU {
+    var total: Double
+    var steal: Double
+
+    init?() {
+        guard let stat = readProcFile("/proc/stat"), let line = stat.split(separator: "\n").first, line.hasPrefix("cpu ") else { return nil }
+        let fields = line.split(separator: " ").dropFirst().compactMap { Double($0) }
+        guard fields.count >= 8 else { return nil }
+        total = fields.prefix(8).reduce(0, +)
+        steal = fields[7]
+    }
+
+    func stealPercent(since earlier: MachineCPU) -> Double? {
+        total > earlier.total ? 100 * (steal - earlier.steal) / (total - earlier.total) : nil
+    }
+}
+
 /// A server process's footprint from /proc.
 private struct ProcessSample {
     var rssKiB: Int
@@ -250,6 +270,8 @@ private struct StormResult {
     var reaped = 0
     var reapedNonZero = 0
     var releasedAt: UInt64 = 0
+    /// The share of the machine's CPU time the hypervisor gave to others during the storm (steal).
+    var stealPercent: Double?
     /// Set when a wait ran out (what was not reached).
     var unfinished: String?
     var baseline: ProcessSample?
@@ -359,11 +381,13 @@ private final class Storm {
             var now = timespec()
             clock_gettime(CLOCK_MONOTONIC, &now)
             result.releasedAt = UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+            let cpuBefore = MachineCPU()
             close(go.write)
             end = try reader.pump(until: .now.advanced(by: timeout)) { record in
                 result.apply(record)
                 return result.finished >= result.launched
             }
+            if let before = cpuBefore, let after = MachineCPU() { result.stealPercent = after.stealPercent(since: before) }
             if end != .done {
                 result.unfinished = "did not finish: \(result.hooked.count) of \(result.launched) hooked (\(end))"
             } else if result.kvmiAnswered < result.hooked.count {
@@ -578,6 +602,9 @@ private struct Report {
             "\(value.0.map { String(format: "%.2f", $0) } ?? "?") / \(value.1.map { String(format: "%.2f", $0) } ?? "?")"
         }
         row("CPU s: storm / whole run", cpuCell(cpu[0]), cpuCell(cpu[1]), "storm \(ratio(cpu[0].0, cpu[1].0))")
+        row(
+            "machine CPU stolen by the host (storm)", floor.stealPercent.map { String(format: "%.0f %%", $0) } ?? "?",
+            broker.stealPercent.map { String(format: "%.0f %%", $0) } ?? "?")
         for result in [floor, broker] {
             if result.reaped != result.launched || result.reapedNonZero != 0 {
                 Swift.print(
