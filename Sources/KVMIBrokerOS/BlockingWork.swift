@@ -12,7 +12,7 @@ public final class BlockingWork: Sendable {
         thread = WorkThread(name: label)
     }
 
-    /// Runs `body` on the queue and returns its result. Not cancellable once queued: keep
+    /// Runs `body` on the thread and returns its result. Not cancellable once queued: keep
     /// `body` short and bounded.
     public func run<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
         await withCheckedContinuation { (continuation: CheckedContinuation<T, Never>) in
