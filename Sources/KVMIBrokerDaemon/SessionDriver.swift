@@ -176,7 +176,7 @@ final class SessionDriver: Sendable {
         let inputs = AsyncChannel<Input>()
         let reload = ReloadFlag()
         let reactor = socket.reactor
-        // One hop to the registry claims the guest and registers the session's inputs.
+        // One call to the registry claims the guest and registers the session's inputs.
         let claim = registry.claim(
             hello.uuid, status: status,
             onPolicyChange: {
@@ -702,7 +702,7 @@ final class SessionDriver: Sendable {
     }
 
     /// Updates the status view when what it shows changed (most inputs change nothing there,
-    /// and then no hop to the registry is made).
+    /// and then the registry is not called).
     @inline(never)
     private func publish(_ state: inout LoopState, _ uuid: GuestUUID, _ token: UInt64) async {
         let published = Published(state)

@@ -219,7 +219,7 @@ extension OSLayerTests.DaemonChannelTests {
         let introspector = try TestIntrospector(.init(endpoint: .unix(path: temporarySocketPath("tool")), secret: testSecret))
         defer { introspector.stop() }
         let (server, broker, socketPath) = try startBroker(procRoot: procRoot, introspector: introspector.endpoint)
-        // The registry is an actor: it runs on the executor of the session task that calls it.
+        // The observer is called on the thread of the session whose status changed.
         let threads = Seen<String>()
         server.registry.observe { _ in
             let name = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "?"
