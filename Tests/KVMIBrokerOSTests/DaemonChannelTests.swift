@@ -222,8 +222,8 @@ extension OSLayerTests.DaemonChannelTests {
         // The observer is called on the thread of the session whose status changed.
         let threads = Seen<String>()
         server.registry.observe { _ in
-            let name = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "?"
-            threads.value.withLock { $0.append(name.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            let name = currentThread().name
+            threads.value.withLock { $0.append(name) }
         }
         let qemu = try FakeQEMU(connectingTo: socketPath)
         qemu.send(hello(uuid: uuid))

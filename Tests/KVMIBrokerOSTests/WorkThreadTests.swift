@@ -11,7 +11,7 @@ import Testing
 #endif
 
 /// The calling thread's name and id, from /proc.
-private func currentThread() -> (name: String, tid: Int32) {
+func currentThread() -> (name: String, tid: Int32) {
     let name = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
     // /proc/thread-self links to "PID/task/TID".
     let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/thread-self")) ?? ""
