@@ -14,11 +14,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         // Structured logging with levels and metadata keys; the ecosystem's standard API.
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
-        // Heap for the I/O reactor's deadline queue; Deque for the admission order of connections.
+        // Heap for the I/O reactor's deadline queue; Deque for the admission order of connections
+        // and a session's mailbox.
         .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
-        // AsyncChannel: a session's inputs with back-pressure (a peer that streams frames waits
-        // for the session to take each one, instead of growing a buffer or holding a thread).
-        .package(url: "https://github.com/apple/swift-async-algorithms", from: "1.1.4"),
         // The metrics API (counters, gauges, timers) the server ecosystem instruments with.
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         // Prometheus text exposition for it: the ecosystem's exposition library, the format's
@@ -70,7 +68,6 @@ let package = Package(
             dependencies: [
                 "KVMIBrokerCore", "KVMIBrokerOS", "KVMIBrokerPolicy", "KVMIBrokerLibvirt", "CKVMIBroker",
                 .product(name: "Logging", package: "swift-log"),
-                .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

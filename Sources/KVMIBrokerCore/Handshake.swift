@@ -98,7 +98,11 @@ public struct HandshakeReplyReader: Sendable {
     public mutating func consume(_ bytes: some Collection<UInt8>) throws(BrokerError) -> Progress {
         precondition(bytes.count <= readLimit, "read past the handshake reply")
         bytesRead += bytes.count
-        for byte in bytes where kept.count < HandshakeReply.minimumSize { kept.append(byte) }
+        if kept.count < HandshakeReply.minimumSize {
+            // One allocation for the part that is kept, not one per doubling.
+            if kept.isEmpty { kept.reserveCapacity(HandshakeReply.minimumSize) }
+            kept.append(contentsOf: bytes.prefix(HandshakeReply.minimumSize - kept.count))
+        }
         if structSize == nil, bytesRead >= 4 {
             let size = kept.read(UInt32.self, at: 0, order: .host)
             guard size >= UInt32(HandshakeReply.minimumSize) else {

@@ -1,4 +1,3 @@
-import AsyncAlgorithms
 import Foundation
 import KVMIBrokerCore
 import KVMIBrokerOS
@@ -7,14 +6,15 @@ import Logging
 import Synchronization
 
 /// Runs one channel connection: HELLO, the identity checks, then `GuestSessionMachine`'s
-/// actions. Inputs (QEMU's frames, handshake outcomes, timers) arrive on one channel and are
+/// actions. Inputs (QEMU's frames, handshake outcomes, timers) arrive in one mailbox and are
 /// handled one at a time, so the machine needs no lock.
 ///
-/// Bounded by construction: the channel has no buffer (a QEMU that streams frames waits for
-/// the session to take each one, and yields its thread while it waits); at most one
+/// Bounded by construction: the mailbox holds at most 4 frames (a QEMU that streams frames
+/// waits for the session to take them, and yields its thread while it waits); at most one
 /// handshake, one request and one timer of each kind are outstanding, each tagged with an id
-/// so that a late outcome or a stale timeout is recognised and dropped; and every task the
-/// session starts has ended before its channel descriptor is closed.
+/// so that a late outcome or a stale timeout is recognised and dropped. The timers are entries
+/// in the reactor's deadline heap (cancelled at the end); the reader and the handshake are the
+/// session's only other tasks, and both have ended before its channel descriptor is closed.
 final class SessionDriver: Sendable {
     enum Input: Sendable {
         case frame(Channel.Frame)
@@ -70,7 +70,7 @@ final class SessionDriver: Sendable {
         let token: UInt64
         let logger: Logger
         /// The session's inputs and its reload flag, registered with the claim.
-        let inputs: AsyncChannel<Input>
+        let inputs: Mailbox<Input>
         let reload: ReloadFlag
     }
 
@@ -173,19 +173,20 @@ final class SessionDriver: Sendable {
             identity: configuration.identity == nil ? "proc only (libvirt identity check OFF)" : "libvirt",
             hookedSince: hello.flags.contains(.hooked) ? Date() : nil)
         let token: UInt64
-        let inputs = AsyncChannel<Input>()
+        // Frames wait while 4 are queued (back-pressure on a QEMU that streams them); the other
+        // inputs are bounded by their producers (one per attempt, timer or reload).
+        let inputs = Mailbox<Input>(capacity: 4)
         let reload = ReloadFlag()
-        let reactor = socket.reactor
         // One call to the registry claims the guest and registers the session's inputs.
         let claim = registry.claim(
             hello.uuid, status: status,
             onPolicyChange: {
                 // Coalesced: however many reloads happen, at most one notice waits for the session.
                 if !reload.pending.exchange(true, ordering: .acquiringAndReleasing) {
-                    Task(executorPreference: reactor) { await inputs.send(.policyReloaded) }
+                    inputs.post(.policyReloaded)
                 }
             },
-            injector: { input in await inputs.send(input) })
+            injector: { input in inputs.post(input) })
         switch claim {
         case .success(let claimed):
             token = claimed
@@ -228,11 +229,11 @@ final class SessionDriver: Sendable {
                         await inputs.send(.frame(frame))
                         if Task.isCancelled { return }
                     }
-                    await inputs.send(.closed(nil))
+                    inputs.post(.closed(nil))
                 } catch let error as BrokerError {
-                    await inputs.send(.closed(error.code == .cancelled ? nil : error))
+                    inputs.post(.closed(error.code == .cancelled ? nil : error))
                 } catch {
-                    await inputs.send(.closed(BrokerError(.io, "\(error)")))
+                    inputs.post(.closed(BrokerError(.io, "\(error)")))
                 }
             }
             var state = LoopState(
@@ -250,9 +251,11 @@ final class SessionDriver: Sendable {
             inputs.finish()
             group.cancelAll()
             state.stopWatching(configuration.endpointWatcher)
-            let tasks = [state.handshakeTask, state.retryTask, state.resultTimer, state.unhookTimer, state.survivalTask].compactMap { $0 }
-            for task in tasks { task.cancel() }
-            for task in tasks { await task.value }
+            for alarm in [state.retryAlarm, state.resultAlarm, state.unhookAlarm, state.survivalAlarm] { alarm?.cancel() }
+            if let handshake = state.handshakeTask {
+                handshake.cancel()
+                await handshake.value
+            }
             state.pendingOutcome?.descriptor.close()
             for request in state.queued { request.descriptor?.close() }
         }
@@ -262,7 +265,7 @@ final class SessionDriver: Sendable {
     @inline(never)
     private func loop(_ session: SessionContext, state: inout LoopState) async {
         guard await begin(session, state: &state) else { return }
-        for await input in session.inputs {
+        while let input = await session.inputs.next() {
             // Each input is handled in a function of its own (not inlined), so the frame this
             // loop keeps while it waits is small: a boot storm holds a thousand of them.
             if await handle(input, session, &state) == false { return }
@@ -296,8 +299,10 @@ final class SessionDriver: Sendable {
         logger.audit.notice("policy decision: \(reason)", metadata: state.auditMetadata(plan))
         state.plan = plan
         state.machine = GuestSessionMachine(allowLists: plan?.allowLists ?? .kernelDefaults(.v12))
+        // The introspector's id (a SHA-256) matters only to reconcile a guest QEMU says is hooked.
+        let introspectorID = hello.flags.contains(.hooked) ? plan?.introspectorID : nil
         let first = state.machine.handle(
-            .helloAccepted(hello, introspect: plan != nil, introspectorID: plan?.introspectorID, failsClosed: state.failClosed))
+            .helloAccepted(hello, introspect: plan != nil, introspectorID: introspectorID, failsClosed: state.failClosed))
         if let reconciliation = state.machine.reconciliation {
             // A restart found the guest hooked: what QEMU said, what is done, and the deciding rule (audit).
             logger.audit.notice(
@@ -317,7 +322,7 @@ final class SessionDriver: Sendable {
         let metadata: GuestMetadata?
         let nova: NovaMetadata?
         let token: UInt64
-        let inputs: AsyncChannel<Input>
+        let inputs: Mailbox<Input>
         let reload: ReloadFlag
         let logger: Logger
     }
@@ -436,8 +441,8 @@ final class SessionDriver: Sendable {
                     return nil
                 }
                 state.outstanding = nil
-                state.resultTimer?.cancel()
-                state.resultTimer = nil
+                state.resultAlarm?.cancel()
+                state.resultAlarm = nil
                 let wasHooked = state.machine.state.isHooked
                 actions = state.machine.handle(.result(result))
                 if !wasHooked, state.machine.state.isHooked, let start = state.triggeredAt {
@@ -479,7 +484,7 @@ final class SessionDriver: Sendable {
             }
         case .retryDue(let timer):
             guard timer == state.retryTimer else { return [] }
-            state.retryTask = nil
+            state.retryAlarm = nil
             state.retryTimer = nil
             state.stopWatching(configuration.endpointWatcher)
             actions = state.machine.handle(.retryDue)
@@ -487,20 +492,20 @@ final class SessionDriver: Sendable {
             guard timer == state.retryTimer else { return [] }
             // The watcher forgot the waiter when it woke it; the back-off timer is not needed now.
             state.watchToken = nil
-            state.retryTask?.cancel()
-            state.retryTask = nil
+            state.retryAlarm?.cancel()
+            state.retryAlarm = nil
             state.retryTimer = nil
             state.wokenByEndpoint = true
             logger.debug("the introspector's socket appeared; connecting now rather than after the back-off")
             actions = state.machine.handle(.retryDue)
         case .hookSurvived(let timer):
             guard timer == state.survivalTimer else { return [] }
-            state.survivalTask = nil
+            state.survivalAlarm = nil
             state.survivalTimer = nil
             actions = state.machine.handle(.hookSurvived)
         case .unhookDeadline(let timer):
             guard timer == state.unhookTimerID else { return [] }
-            state.unhookTimer = nil
+            state.unhookAlarm = nil
             state.unhookTimerID = nil
             actions = state.machine.handle(.unhookDeadline)
         case .policyReloaded:
@@ -562,9 +567,9 @@ final class SessionDriver: Sendable {
         var nextID: UInt64 = 0
         var handshakeTask: Task<Void, Never>?
         var handshakeAttempt: UInt64?
-        var retryTask: Task<Void, Never>?
+        var retryAlarm: SessionAlarm?
         var retryTimer: UInt64?
-        var resultTimer: Task<Void, Never>?
+        var resultAlarm: SessionAlarm?
         var pendingOutcome: HandshakeOutcome?
         /// The decision in force for this session (nil: not introspected).
         var plan: SessionPlan?
@@ -572,7 +577,7 @@ final class SessionDriver: Sendable {
         var failClosed = false
         /// A new introspector's plan, adopted once the old session has been unhooked.
         var pendingPlan: SessionPlan?
-        var unhookTimer: Task<Void, Never>?
+        var unhookAlarm: SessionAlarm?
         var unhookTimerID: UInt64?
         /// When the current attempt series began (the trigger), for the hook latency.
         var triggeredAt: ContinuousClock.Instant?
@@ -592,7 +597,7 @@ final class SessionDriver: Sendable {
         var quickRetries = 0
         static let maximumQuickRetries = 5
         /// The survival timer of the current hook.
-        var survivalTask: Task<Void, Never>?
+        var survivalAlarm: SessionAlarm?
         var survivalTimer: UInt64?
 
         /// The unix path to watch when the last attempt found no socket (ENOENT: wake if it is
@@ -664,7 +669,8 @@ final class SessionDriver: Sendable {
     /// What the status view shows of a session, taken synchronously so that the hop to the
     /// registry carries a few fields, not the session's state.
     struct Published: Sendable, Equatable {
-        var state: String
+        /// The machine's state (its text is made only when it changed: most inputs change nothing).
+        var state: GuestSessionMachine.State
         var hooked: Bool
         var failures: Int
         var lastFailure: String?
@@ -682,7 +688,7 @@ final class SessionDriver: Sendable {
                 let (seconds, attoseconds) = duration.components
                 return seconds * 1_000_000 + attoseconds / 1_000_000_000_000
             }
-            self.state = state.machine.state.description
+            self.state = state.machine.state
             if case .hooked = state.machine.state { hooked = true } else { hooked = false }
             failures = state.machine.failures
             lastFailure = state.machine.lastFailure
@@ -718,12 +724,16 @@ final class SessionDriver: Sendable {
             }
         }
         guard published != state.published else { return }
+        let previous = state.published
         state.published = published
+        let text = published.state == previous?.state ? nil : published.state.description
         registry.update(uuid, token: token) { status in
             let now = Date()
-            if status.state != published.state { status.since = now }
+            if let text, status.state != text {
+                status.since = now
+                status.state = text
+            }
             if published.hooked != status.hooked { status.hookedSince = published.hooked ? now : nil }
-            status.state = published.state
             status.hooked = published.hooked
             status.failures = published.failures
             status.lastFailure = published.lastFailure
@@ -738,18 +748,18 @@ final class SessionDriver: Sendable {
         }
     }
 
-    /// A task that sleeps, then hands `input` to the session (unless cancelled first).
-    private func timer(after delay: Duration, _ inputs: AsyncChannel<Input>, _ input: Input) -> Task<Void, Never> {
-        Task(executorPreference: socket.reactor) {
-            if (try? await Task.sleep(for: delay)) != nil { await inputs.send(input) }
-        }
+    /// Hands `input` to the session after `delay` (unless cancelled first): an entry in the
+    /// reactor's deadline heap, not a task that sleeps.
+    private func timer(after delay: Duration, _ inputs: Mailbox<Input>, _ input: Input) -> SessionAlarm {
+        let reactor = socket.reactor
+        return SessionAlarm(reactor: reactor, timer: reactor.schedule(at: .now.advanced(by: delay)) { inputs.post(input) })
     }
 
     /// Performs actions in order; false means the channel is done. Only sending awaits; every
     /// other action is applied synchronously by `apply`, which keeps this frame small.
     @inline(never)
     private func perform(
-        _ actions: [GuestSessionMachine.Action], _ state: inout LoopState, _ inputs: AsyncChannel<Input>, _ logger: Logger
+        _ actions: [GuestSessionMachine.Action], _ state: inout LoopState, _ inputs: Mailbox<Input>, _ logger: Logger
     ) async -> Bool {
         for action in actions {
             let step = apply(action, &state, inputs, logger)
@@ -787,7 +797,7 @@ final class SessionDriver: Sendable {
 
     /// Applies an action's effect on the session's state and timers; returns what to send.
     @inline(never)
-    private func apply(_ action: GuestSessionMachine.Action, _ state: inout LoopState, _ inputs: AsyncChannel<Input>, _ logger: Logger) -> Step {
+    private func apply(_ action: GuestSessionMachine.Action, _ state: inout LoopState, _ inputs: Mailbox<Input>, _ logger: Logger) -> Step {
         switch action {
         case .sendWelcome:
             return .welcome
@@ -817,7 +827,7 @@ final class SessionDriver: Sendable {
                 } catch {
                     outcome = .failure(BrokerError(.io, "\(error)"))
                 }
-                await inputs.send(.handshake(attempt: attempt, outcome))
+                inputs.post(.handshake(attempt: attempt, outcome))
             }
         case .sendHook(let lists):
             return .hook(lists)
@@ -850,46 +860,45 @@ final class SessionDriver: Sendable {
                     delay = min(delay, .milliseconds(50 << state.quickRetries))
                     state.quickRetries += 1
                 }
-                let reactor = socket.reactor
                 state.watchToken = configuration.endpointWatcher?.watch(watch.path, ifPresent: watch.ifPresent) {
-                    Task(executorPreference: reactor) { await inputs.send(.endpointAppeared(timer: id)) }
+                    inputs.post(.endpointAppeared(timer: id))
                 }
             }
             if !state.wokenByEndpoint { state.quickRetries = 0 }
             state.wokenByEndpoint = false
             logger.debug(
                 "attempt \(failures) failed; retrying in \(format(delay))\(state.watchToken != nil ? " or when the endpoint's socket appears" : "")")
-            state.retryTask?.cancel()
+            state.retryAlarm?.cancel()
             state.retryTimer = id
-            state.retryTask = timer(after: delay, inputs, .retryDue(timer: id))
+            state.retryAlarm = timer(after: delay, inputs, .retryDue(timer: id))
         case .cancelRetry:
-            state.retryTask?.cancel()
-            state.retryTask = nil
+            state.retryAlarm?.cancel()
+            state.retryAlarm = nil
             state.retryTimer = nil
             state.stopWatching(configuration.endpointWatcher)
         case .scheduleSurvivalCheck:
             let id = state.newID()
-            state.survivalTask?.cancel()
+            state.survivalAlarm?.cancel()
             state.survivalTimer = id
-            state.survivalTask = timer(after: configuration.hookSurvival, inputs, .hookSurvived(timer: id))
+            state.survivalAlarm = timer(after: configuration.hookSurvival, inputs, .hookSurvived(timer: id))
         case .sendSetAllowed(let lists):
             return .request(.setAllowed, lists.encoded(applied: state.applied(lists)))
         case .sendPreunhook:
             return .request(.preunhook, [])
         case .sendUnhook:
-            state.unhookTimer?.cancel()
-            state.unhookTimer = nil
+            state.unhookAlarm?.cancel()
+            state.unhookAlarm = nil
             state.unhookTimerID = nil
             return .request(.unhook, [])
         case .scheduleUnhookDeadline:
             let timeout = state.plan?.unhookTimeout ?? .seconds(5)
             let id = state.newID()
-            state.unhookTimer?.cancel()
+            state.unhookAlarm?.cancel()
             state.unhookTimerID = id
-            state.unhookTimer = timer(after: timeout, inputs, .unhookDeadline(timer: id))
+            state.unhookAlarm = timer(after: timeout, inputs, .unhookDeadline(timer: id))
         case .adoptNewIntrospector:
-            state.unhookTimer?.cancel()
-            state.unhookTimer = nil
+            state.unhookAlarm?.cancel()
+            state.unhookAlarm = nil
             state.unhookTimerID = nil
             if let next = state.pendingPlan {
                 state.plan = next
@@ -921,7 +930,7 @@ final class SessionDriver: Sendable {
     /// process whose identity was checked: the socket can read and write the guest's memory.
     @inline(never)
     private func hook(
-        _ descriptor: Descriptor, _ lists: Channel.AllowLists, _ state: inout LoopState, _ inputs: AsyncChannel<Input>, _ logger: Logger
+        _ descriptor: Descriptor, _ lists: Channel.AllowLists, _ state: inout LoopState, _ inputs: Mailbox<Input>, _ logger: Logger
     ) async -> Bool {
         if let facts = state.facts {
             let verifier = configuration.verifier
@@ -947,7 +956,7 @@ final class SessionDriver: Sendable {
     /// sent: QEMU has its own copy then.
     @inline(never)
     private func sendRequest(
-        _ type: Channel.MessageType, _ payload: [UInt8], _ state: inout LoopState, _ inputs: AsyncChannel<Input>,
+        _ type: Channel.MessageType, _ payload: [UInt8], _ state: inout LoopState, _ inputs: Mailbox<Input>,
         passing descriptor: Descriptor? = nil
     ) async throws {
         guard state.outstanding == nil else {
@@ -957,13 +966,13 @@ final class SessionDriver: Sendable {
         defer { descriptor?.close() }
         let seq = try await send(type, payload, &state, passing: descriptor?.raw)
         state.outstanding = (seq, type)
-        state.resultTimer?.cancel()
-        state.resultTimer = timer(after: configuration.resultTimeout, inputs, .resultTimeout(seq: seq))
+        state.resultAlarm?.cancel()
+        state.resultAlarm = timer(after: configuration.resultTimeout, inputs, .resultTimeout(seq: seq))
     }
 
     /// After a RESULT: the next queued request, if any.
     @inline(never)
-    private func sendQueuedRequest(_ state: inout LoopState, _ inputs: AsyncChannel<Input>, _ logger: Logger) async -> Bool {
+    private func sendQueuedRequest(_ state: inout LoopState, _ inputs: Mailbox<Input>, _ logger: Logger) async -> Bool {
         guard state.outstanding == nil, !state.queued.isEmpty else { return true }
         let next = state.queued.removeFirst()
         do {
@@ -982,6 +991,14 @@ final class SessionDriver: Sendable {
         try await socket.send(Channel.Frame(type, seq: seq, payload: payload), passing: fd, until: .now.advanced(by: configuration.resultTimeout))
         return seq
     }
+}
+
+/// One of a session's timers (retry, RESULT, unhook, survival), armed on the reactor.
+struct SessionAlarm {
+    let reactor: IOReactor
+    let timer: IOReactor.Timer
+
+    func cancel() { reactor.cancel(timer) }
 }
 
 /// A reload notice is pending for a session (coalesces reloads).

@@ -60,8 +60,15 @@ public final class IOReactor: Sendable {
         static func < (a: Deadline, b: Deadline) -> Bool { a.instant < b.instant }
     }
 
+    /// A timer armed with `schedule(at:_:)`.
+    public struct Timer: Sendable, Hashable {
+        fileprivate let token: UInt64
+    }
+
     private struct State {
         var registrations: [Int32: Registration] = [:]
+        /// Armed timers: when each fires and what it calls.
+        var timers: [UInt64: (instant: ContinuousClock.Instant, action: @Sendable () -> Void)] = [:]
         /// Where each live waiter is: its descriptor and whether it writes.
         var tokens: [UInt64: (fd: Int32, writes: Bool)] = [:]
         var deadlines = Heap<Deadline>()
@@ -75,6 +82,8 @@ public final class IOReactor: Sendable {
     private let wakeFD: Int32
     private static let wakeToken = UInt64.max
     private let state = Mutex(State())
+    /// The reactor's thread (`pthread_self`), so that work it does itself skips the wake-up.
+    private let reactorThread = Atomic<UInt>(0)
     /// Jobs of tasks that prefer this reactor as their executor (`TaskExecutor`).
     private let jobs = Mutex(JobQueue())
 
@@ -138,7 +147,8 @@ public final class IOReactor: Sendable {
                 }
                 if let failure {
                     continuation.resume(throwing: failure)
-                } else if wakeNeeded {
+                } else if wakeNeeded && !isReactorThread {
+                    // (On the reactor's own thread the timeout is recomputed before the next wait.)
                     wake()
                 }
             }
@@ -153,6 +163,37 @@ public final class IOReactor: Sendable {
             waiter?.continuation.resume(throwing: BrokerError(.cancelled, "cancelled"))
         }
     }
+
+    /// Calls `action` on the reactor's thread at `deadline`, unless `cancel` comes first. For
+    /// the sessions' timers: an entry in the deadline heap, not a task and a libdispatch timer.
+    /// `action` runs between two looks at the descriptors and must not block.
+    public func schedule(at deadline: ContinuousClock.Instant, _ action: @escaping @Sendable () -> Void) -> Timer {
+        let (token, wakeNeeded) = state.withLock { state -> (UInt64, Bool) in
+            let token = state.nextToken
+            state.nextToken += 1
+            state.timers[token] = (deadline, action)
+            let earliest = state.deadlines.min.map { deadline < $0.instant } ?? true
+            state.deadlines.insert(Deadline(instant: deadline, token: token))
+            return (token, earliest)
+        }
+        if wakeNeeded && !isReactorThread { wake() }
+        return Timer(token: token)
+    }
+
+    /// Disarms `timer`; true if it had not fired yet (its action will not run).
+    @discardableResult
+    public func cancel(_ timer: Timer) -> Bool {
+        state.withLock { state in
+            guard state.timers.removeValue(forKey: timer.token) != nil else { return false }
+            state.staleDeadlines += 1
+            return true
+        }
+    }
+
+    /// Timers armed and not yet fired or cancelled (for tests that prove nothing piles up).
+    public var timerCount: Int { state.withLock { $0.timers.count } }
+
+    private var isReactorThread: Bool { reactorThread.load(ordering: .relaxed) == UInt(pthread_self()) }
 
     /// Waits with no deadline (until ready or cancelled).
     public func wait(for events: IOEvents, on fd: Int32) async throws -> IOEvents {
@@ -207,6 +248,11 @@ public final class IOReactor: Sendable {
         var tokens = [UInt64](repeating: 0, count: 128)
         var events = [UInt32](repeating: 0, count: 128)
         var batch: [UnownedJob] = []
+        // Reused from turn to turn (no allocation per turn).
+        var ready: [(CheckedContinuation<IOEvents, any Error>, IOEvents)] = []
+        var expired: [CheckedContinuation<IOEvents, any Error>] = []
+        var fired: [@Sendable () -> Void] = []
+        reactorThread.store(UInt(pthread_self()), ordering: .relaxed)
         let executor = asUnownedTaskExecutor()
         while true {
             // The jobs queued so far (those they queue run after the next look at the descriptors).
@@ -214,7 +260,7 @@ public final class IOReactor: Sendable {
             for job in batch { job.runSynchronously(on: executor) }
             batch.removeAll(keepingCapacity: true)
             var timeout = state.withLock { state -> Int32 in
-                while let first = state.deadlines.min, state.tokens[first.token] == nil {
+                while let first = state.deadlines.min, state.tokens[first.token] == nil, state.timers[first.token] == nil {
                     _ = state.deadlines.removeMin()
                     state.staleDeadlines -= 1
                 }
@@ -234,8 +280,6 @@ public final class IOReactor: Sendable {
             if count < 0 && errno != EINTR {
                 fatalError("epoll_wait failed: \(String(cString: strerror(errno)))")
             }
-            var ready: [(CheckedContinuation<IOEvents, any Error>, IOEvents)] = []
-            var expired: [CheckedContinuation<IOEvents, any Error>] = []
             state.withLock { state in
                 for index in 0..<max(Int(count), 0) {
                     if tokens[index] == Self.wakeToken {
@@ -249,9 +293,14 @@ public final class IOReactor: Sendable {
                     let failed = !reported.isDisjoint(with: [.hangup, .error])
                     let wakesReader = failed || reported.contains(.readable) || events[index] & UInt32(KVMIB_EV_RDHUP) != 0
                     let wakesWriter = failed || reported.contains(.writable)
-                    for (wakes, writes) in [(wakesReader, false), (wakesWriter, true)] where wakes {
-                        guard let waiter = writes ? registration.writer : registration.reader else { continue }
-                        if writes { registration.writer = nil } else { registration.reader = nil }
+                    if wakesReader, let waiter = registration.reader {
+                        registration.reader = nil
+                        state.tokens[waiter.token] = nil
+                        if waiter.deadline != nil { state.staleDeadlines += 1 }
+                        ready.append((waiter.continuation, reported))
+                    }
+                    if wakesWriter, let waiter = registration.writer {
+                        registration.writer = nil
                         state.tokens[waiter.token] = nil
                         if waiter.deadline != nil { state.staleDeadlines += 1 }
                         ready.append((waiter.continuation, reported))
@@ -262,6 +311,10 @@ public final class IOReactor: Sendable {
                 let now = ContinuousClock.now
                 while let first = state.deadlines.min, first.instant <= now {
                     _ = state.deadlines.removeMin()
+                    if let timer = state.timers.removeValue(forKey: first.token) {
+                        fired.append(timer.action)
+                        continue
+                    }
                     guard let waiter = remove(token: first.token, from: &state) else {
                         state.staleDeadlines -= 1
                         continue
@@ -273,6 +326,10 @@ public final class IOReactor: Sendable {
             }
             for (continuation, result) in ready { continuation.resume(returning: result) }
             for continuation in expired { continuation.resume(throwing: BrokerError(.timedOut, "deadline passed")) }
+            for action in fired { action() }
+            ready.removeAll(keepingCapacity: true)
+            expired.removeAll(keepingCapacity: true)
+            fired.removeAll(keepingCapacity: true)
         }
     }
 
@@ -281,6 +338,7 @@ public final class IOReactor: Sendable {
         guard state.staleDeadlines > 256, state.staleDeadlines * 2 > state.deadlines.count else { return }
         var live: [Deadline] = []
         live.reserveCapacity(state.deadlines.count - state.staleDeadlines)
+        for (token, timer) in state.timers { live.append(Deadline(instant: timer.instant, token: token)) }
         for (token, place) in state.tokens {
             let registration = state.registrations[place.fd]
             if let instant = (place.writes ? registration?.writer : registration?.reader)?.deadline {

@@ -52,9 +52,11 @@ public final class WorkThread: Sendable {
             jobs.append(job)
             let start = !started
             started = true
-            // Only a thread waiting for work needs a wake-up (no system call otherwise).
-            if idle { condition.signal() }
+            // Only a thread waiting for work needs a wake-up (no system call otherwise); given
+            // after unlocking, so the woken thread does not block at once on the lock we hold.
+            let wake = idle
             condition.unlock()
+            if wake { condition.signal() }
             if start {
                 let thread = Thread { [self] in run() }
                 thread.start()

@@ -69,6 +69,48 @@ extension OSLayerTests {
             #expect(reactor.footprint.waiters == 0)
         }
 
+        @Test("timers fire on the reactor's thread in deadline order; a cancelled one never fires; none stays armed")
+        func timersFireInOrderAndCancelledOnesNever() async throws {
+            let reactor = IOReactor()
+            let fired = Mailbox<String>(capacity: 1)
+            let cancelled = Atomic<Bool>(false)
+            // Armed from a timer's action, on the reactor's thread, so that none can fire while
+            // they are being armed and cancelled: the order below depends on the deadlines only.
+            _ = reactor.schedule(at: .now) {
+                let now = ContinuousClock.now
+                _ = reactor.schedule(at: now.advanced(by: .milliseconds(30))) { fired.post("late") }
+                let doomed = reactor.schedule(at: now) { fired.post("cancelled") }
+                cancelled.store(reactor.cancel(doomed), ordering: .relaxed)
+                _ = reactor.schedule(at: now.advanced(by: .milliseconds(10))) { fired.post("early on \(currentThread().name)") }
+            }
+            #expect(await fired.next() == "early on kvmib-reactor")
+            #expect(await fired.next() == "late")
+            let wasCancelled = cancelled.load(ordering: .relaxed)
+            #expect(wasCancelled)
+            #expect(fired.count == 0)
+            #expect(reactor.timerCount == 0)
+        }
+
+        @Test("cancelled timers do not pile up in the reactor's deadline heap")
+        func cancelledTimersAreDropped() async throws {
+            let reactor = IOReactor()
+            // A live timer due before all of them keeps the cancelled ones from reaching the
+            // heap's top (where each loop turn drops them anyway): only the bulk drop can.
+            let live = reactor.schedule(at: .now.advanced(by: .seconds(86_400 * 300))) {}
+            for _ in 0..<2_000 {
+                // A one-year timer, cancelled at once (as a session's RESULT timer is when the RESULT comes).
+                let timer = reactor.schedule(at: .now.advanced(by: .seconds(86_400 * 365))) {}
+                #expect(reactor.cancel(timer))
+            }
+            let fired = Mailbox<Bool>(capacity: 1)
+            _ = reactor.schedule(at: .now) { fired.post(true) }
+            #expect(await fired.next() == true)
+            #expect(reactor.footprint.deadlines < 600, "\(reactor.footprint)")
+            #expect(reactor.timerCount == 1)
+            #expect(reactor.cancel(live))
+            #expect(reactor.timerCount == 0)
+        }
+
         @Test("an introspector that accepts one guest at a time, with a backlog of 0: every handshake gets its turn")
         func backlogZeroIntrospector() async throws {
             let path = temporarySocketPath("serial-tool")

@@ -1,0 +1,77 @@
+import Synchronization
+import Testing
+
+@testable import KVMIBrokerOS
+
+@Suite("A session's mailbox: order, back-pressure on sent elements, the end")
+struct MailboxTests {
+    @Test("elements come out in the order they went in; a waiting consumer gets the next one posted")
+    func order() async {
+        let mailbox = Mailbox<Int>(capacity: 2)
+        mailbox.post(1)
+        await mailbox.send(2)
+        mailbox.post(3)
+        #expect(await mailbox.next() == 1)
+        #expect(await mailbox.next() == 2)
+        #expect(await mailbox.next() == 3)
+        async let waiting = mailbox.next()
+        mailbox.post(4)
+        #expect(await waiting == 4)
+    }
+
+    @Test("a sender waits while `capacity` sent elements are queued, and goes on when one is taken")
+    func sendersWaitForRoom() async {
+        let mailbox = Mailbox<Int>(capacity: 1)
+        await mailbox.send(1)
+        let second = Task { await mailbox.send(2) }
+        // Wait for the event: the second sender has registered its wait.
+        while mailbox.waitingSenders == 0 { await Task.yield() }
+        #expect(mailbox.count == 1)
+        // Posted elements are not held back by the bound.
+        mailbox.post(3)
+        #expect(await mailbox.next() == 1)
+        await second.value
+        #expect(await mailbox.next() == 3)
+        #expect(await mailbox.next() == 2)
+        #expect(mailbox.count == 0)
+    }
+
+    @Test("finish: queued elements still come out, then nil; new ones are dropped; a waiting sender returns")
+    func finish() async {
+        let mailbox = Mailbox<Int>(capacity: 1)
+        await mailbox.send(1)
+        let blocked = Task { await mailbox.send(2) }
+        while mailbox.waitingSenders == 0 { await Task.yield() }
+        mailbox.finish()
+        await blocked.value
+        mailbox.post(3)
+        await mailbox.send(4)
+        #expect(await mailbox.next() == 1)
+        #expect(await mailbox.next() == nil)
+    }
+
+    @Test("a consumer that waits returns nil when its task is cancelled")
+    func cancelledConsumer() async {
+        let mailbox = Mailbox<Int>(capacity: 1)
+        let consumer = Task { await mailbox.next() }
+        while !mailbox.hasConsumer { await Task.yield() }
+        consumer.cancel()
+        #expect(await consumer.value == nil)
+        // The mailbox still works for a consumer that is not cancelled.
+        mailbox.post(5)
+        #expect(await mailbox.next() == 5)
+    }
+
+    @Test("a sender that waits returns when its task is cancelled, and its element is dropped")
+    func cancelledSender() async {
+        let mailbox = Mailbox<Int>(capacity: 1)
+        await mailbox.send(1)
+        let sender = Task { await mailbox.send(2) }
+        while mailbox.waitingSenders == 0 { await Task.yield() }
+        sender.cancel()
+        await sender.value
+        #expect(mailbox.waitingSenders == 0)
+        #expect(await mailbox.next() == 1)
+        #expect(mailbox.count == 0)
+    }
+}
