@@ -140,7 +140,13 @@ public struct PeerVerifier: Sendable {
         if emulatorList, let problem = emulatorProblem(before, peer) { return (.refused(problem), nil) }
         let verdict = checks(hello, peer)
         guard verdict == .accepted else { return (verdict, nil) }
-        guard case .success(let after) = facts(of: peer.pid, path: before.executableInode == nil), after.isSameImage(as: before), pin.isAlive else {
+        // With a pidfd that is still alive afterwards, the pid named the pinned process all along
+        // (a pid is not reused before its process is reaped): only an exec can have changed the
+        // image, so the executable is compared again but the start time is not read again.
+        let pinned = pin.pidfd != nil && before.executableInode != nil ? before.startTime : nil
+        guard case .success(let after) = facts(of: peer.pid, path: before.executableInode == nil, startTime: pinned),
+            after.isSameImage(as: before), pin.isAlive
+        else {
             return (.refused("pid \(peer.pid) exited, exec'd or was replaced while its identity was being checked"), nil)
         }
         return (.accepted, before)
@@ -214,13 +220,21 @@ public struct PeerVerifier: Sendable {
     /// hold anything) and the executable.
     /// With `path` false the executable's path is not read (`executable` is empty): enough to
     /// compare with facts read before (`isSameImage`), and one system call less per check.
-    func facts(of pid: Int32, path: Bool = true) -> Result<ProcessFacts, SystemErrno> {
-        let stat: [UInt8]
-        switch readFile("\(procRoot)/\(pid)/stat", limit: 4096) {
-        case .success(let bytes): stat = bytes
-        case .failure(let error): return .failure(error)
+    /// With `startTime` given (known to be the pid's: a live pidfd pins it), /proc/PID/stat is
+    /// not read.
+    func facts(of pid: Int32, path: Bool = true, startTime known: UInt64? = nil) -> Result<ProcessFacts, SystemErrno> {
+        let startTime: UInt64
+        if let known {
+            startTime = known
+        } else {
+            let stat: [UInt8]
+            switch readFile("\(procRoot)/\(pid)/stat", limit: 4096) {
+            case .success(let bytes): stat = bytes
+            case .failure(let error): return .failure(error)
+            }
+            guard let read = Self.startTime(stat: stat) else { return .failure(SystemErrno(EINVAL)) }
+            startTime = read
         }
-        guard let startTime = Self.startTime(stat: stat) else { return .failure(SystemErrno(EINVAL)) }
         var executable = ""
         if path {
             switch readLink("\(procRoot)/\(pid)/exe") {
