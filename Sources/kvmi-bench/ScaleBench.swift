@@ -208,6 +208,8 @@ private struct GuestRecord {
 private struct MachineCPU {
     var total: Double
     var steal: Double
+    /// Idle and waiting for I/O: what nobody used.
+    var idle: Double
 
     init?() {
         guard let stat = readProcFile("/proc/stat"), let line = stat.split(separator: "\n").first, line.hasPrefix("cpu ") else { return nil }
@@ -215,6 +217,13 @@ private struct MachineCPU {
         guard fields.count >= 8 else { return nil }
         total = fields.prefix(8).reduce(0, +)
         steal = fields[7]
+        idle = fields[3] + fields[4]
+    }
+
+    /// The share of the machine's CPU time that was used (by anything, this VM's own work):
+    /// near 100 % means the storm was bound by the CPU, not by waiting.
+    func busyPercent(since earlier: MachineCPU) -> Double? {
+        total > earlier.total ? 100 - 100 * (idle - earlier.idle) / (total - earlier.total) : nil
     }
 
     func stealPercent(since earlier: MachineCPU) -> Double? {
@@ -272,6 +281,8 @@ private struct StormResult {
     var releasedAt: UInt64 = 0
     /// The share of the machine's CPU time the hypervisor gave to others during the storm (steal).
     var stealPercent: Double?
+    /// The share of the machine's CPU time used during the storm (by anything).
+    var busyPercent: Double?
     /// Set when a wait ran out (what was not reached).
     var unfinished: String?
     var baseline: ProcessSample?
@@ -387,7 +398,10 @@ private final class Storm {
                 result.apply(record)
                 return result.finished >= result.launched
             }
-            if let before = cpuBefore, let after = MachineCPU() { result.stealPercent = after.stealPercent(since: before) }
+            if let before = cpuBefore, let after = MachineCPU() {
+                result.stealPercent = after.stealPercent(since: before)
+                result.busyPercent = after.busyPercent(since: before)
+            }
             if end != .done {
                 result.unfinished = "did not finish: \(result.hooked.count) of \(result.launched) hooked (\(end))"
             } else if result.kvmiAnswered < result.hooked.count {
@@ -602,6 +616,9 @@ private struct Report {
             "\(value.0.map { String(format: "%.2f", $0) } ?? "?") / \(value.1.map { String(format: "%.2f", $0) } ?? "?")"
         }
         row("CPU s: storm / whole run", cpuCell(cpu[0]), cpuCell(cpu[1]), "storm \(ratio(cpu[0].0, cpu[1].0))")
+        row(
+            "machine CPU busy, both cores (storm)", floor.busyPercent.map { String(format: "%.0f %%", $0) } ?? "?",
+            broker.busyPercent.map { String(format: "%.0f %%", $0) } ?? "?")
         row(
             "machine CPU stolen by the host (storm)", floor.stealPercent.map { String(format: "%.0f %%", $0) } ?? "?",
             broker.stealPercent.map { String(format: "%.0f %%", $0) } ?? "?")
