@@ -32,6 +32,14 @@ public enum BrokerLog {
         return UInt64(info.st_dev) == device && UInt64(info.st_ino) == inode
     }
 
+    /// The `TZ` to set before logging starts, or nil to leave it. Without `TZ`, glibc's
+    /// `strftime` (each stderr record's timestamp) stats /etc/localtime for every record, a
+    /// system call per line in a boot storm; `:/etc/localtime` names the same zone and is read
+    /// once. (A time zone changed while the broker runs then shows after a restart.)
+    public static func timeZoneSetting(current: String?) -> String? {
+        current == nil ? ":/etc/localtime" : nil
+    }
+
     /// The handler for a logger labelled `label`: the audit logger for `auditIdentifier`, the
     /// broker's for any other label (in the journal all are `kvmi-broker`; on stderr the line
     /// shows the label, as before).

@@ -360,6 +360,8 @@ struct RunCommand: AsyncParsableCommand {
             throw ExitCode(2)
         }
         let level = Logger.Level(rawValue: logLevel)!
+        // Before any thread formats a time (setenv is not safe against concurrent getenv).
+        if let zone = BrokerLog.timeZoneSetting(current: ProcessInfo.processInfo.environment["TZ"]) { setenv("TZ", zone, 1) }
         // Under systemd (JOURNAL_STREAM names our stderr) the journal, natively; else stderr.
         let journal = BrokerLog.stderrIsJournal()
         LoggingSystem.bootstrap { label in BrokerLog.handler(label: label, level: level, journal: journal) }

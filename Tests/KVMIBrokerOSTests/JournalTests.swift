@@ -210,6 +210,13 @@ struct JournalFieldsTests {
         for (level, priority) in levels { #expect(JournalFields.priority(level) == priority, "\(level)") }
     }
 
+    @Test("without TZ the broker names the system's zone file once (no stat per record); a TZ given is kept")
+    func timeZone() {
+        #expect(BrokerLog.timeZoneSetting(current: nil) == ":/etc/localtime")
+        #expect(BrokerLog.timeZoneSetting(current: "Europe/Bucharest") == nil)
+        #expect(BrokerLog.timeZoneSetting(current: "") == nil)
+    }
+
     @Test("JOURNAL_STREAM counts only when it names this process's stderr (device:inode)")
     func journalStream() {
         var info = stat()
