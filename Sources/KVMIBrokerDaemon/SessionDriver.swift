@@ -252,10 +252,10 @@ final class SessionDriver: Sendable {
             group.cancelAll()
             state.stopWatching(configuration.endpointWatcher)
             for alarm in [state.retryAlarm, state.resultAlarm, state.unhookAlarm, state.survivalAlarm] { alarm?.cancel() }
-            if let handshake = state.handshakeTask {
-                handshake.cancel()
-                await handshake.value
-            }
+            // The current handshake and any superseded one still finishing.
+            let handshakes = Array(state.supersededHandshakes.values) + [state.handshakeTask].compactMap { $0 }
+            for handshake in handshakes { handshake.cancel() }
+            for handshake in handshakes { await handshake.value }
             state.pendingOutcome?.descriptor.close()
             for request in state.queued { request.descriptor?.close() }
         }
@@ -464,6 +464,8 @@ final class SessionDriver: Sendable {
         case .handshake(let attempt, let outcome):
             guard attempt == state.handshakeAttempt else {
                 // A superseded attempt (cancelled by a pause, a policy change, ...): never its success.
+                // Its task posted this as its last act: it needs no waiting for at the end.
+                state.supersededHandshakes[attempt] = nil
                 if case .success(let late) = outcome { late.descriptor.close() }
                 return []
             }
@@ -566,6 +568,9 @@ final class SessionDriver: Sendable {
         var queued: [QueuedRequest] = []
         var nextID: UInt64 = 0
         var handshakeTask: Task<Void, Never>?
+        /// Cancelled attempts whose outcome has not come back yet, by attempt: awaited at the
+        /// end like the current one (at most a few: each ends soon after its cancellation).
+        var supersededHandshakes: [UInt64: Task<Void, Never>] = [:]
         var handshakeAttempt: UInt64?
         var retryAlarm: SessionAlarm?
         var retryTimer: UInt64?
@@ -653,6 +658,16 @@ final class SessionDriver: Sendable {
         /// What HOOK and SET_ALLOWED tell QEMU to echo after a restart (version 2 only).
         func applied(_ lists: Channel.AllowLists) -> Channel.Applied? {
             channelVersion >= 2 ? plan?.applied(lists) : nil
+        }
+
+        /// Cancels the handshake in progress, if any; its late outcome will be dropped.
+        mutating func supersede() {
+            if let task = handshakeTask, let attempt = handshakeAttempt {
+                task.cancel()
+                supersededHandshakes[attempt] = task
+            }
+            handshakeTask = nil
+            handshakeAttempt = nil
         }
 
         mutating func nextSeq() -> UInt32 {
@@ -815,7 +830,7 @@ final class SessionDriver: Sendable {
             let endpoint = plan.endpoint
             state.attemptEndpoint = endpoint
             let attempt = state.newID()
-            state.handshakeTask?.cancel()
+            state.supersede()
             state.handshakeAttempt = attempt
             // On the session's executor (the reactor's thread), as the session is.
             state.handshakeTask = Task(executorPreference: socket.reactor) {
@@ -835,9 +850,7 @@ final class SessionDriver: Sendable {
             state.pendingOutcome?.descriptor.close()
             state.pendingOutcome = nil
         case .cancelHandshake:
-            state.handshakeTask?.cancel()
-            state.handshakeTask = nil
-            state.handshakeAttempt = nil
+            state.supersede()
         case .sendRelease:
             // Required but unservable: the guest must not run unmonitored, so it stays held.
             guard !state.failClosed else {

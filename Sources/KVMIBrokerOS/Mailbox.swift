@@ -7,24 +7,43 @@ import Synchronization
 ///
 /// Cheaper than a rendezvous channel where it matters (a boot storm hands each session a few
 /// inputs): `post` never suspends, and `next` suspends only when nothing is queued. Bounded
-/// where a peer decides the rate: inputs sent with `send` (the channel's frames) wait while
-/// `capacity` of them are queued, so a QEMU that streams frames waits for its session, not the
-/// broker's memory. Inputs posted with `post` must be bounded by their producer (one handshake
-/// outcome per attempt, one input per armed timer, coalesced reload notices).
+/// where a peer decides the rate: an input sent with `send` (a channel frame) is queued at once,
+/// in arrival order, and its sender then waits while more than `capacity` sent inputs are
+/// queued, so a QEMU that streams frames waits for its session, not the broker's memory.
+/// Inputs posted with `post` must be bounded by their producer (one handshake outcome per
+/// attempt, one input per armed timer, coalesced reload notices).
 public final class Mailbox<Element: Sendable>: Sendable {
     private struct State {
         /// Each element with whether it was sent with `send` (those count against the capacity).
         var queue = Deque<(element: Element, sent: Bool)>()
+        /// Sent elements in `queue`.
         var bounded = 0
-        var consumer: CheckedContinuation<Element?, Never>?
-        /// Senders waiting for room, each with the element it sends.
-        var senders = Deque<(id: UInt64, element: Element, continuation: CheckedContinuation<Void, Never>)>()
+        var consumer: (id: UInt64, continuation: CheckedContinuation<Element?, Never>)?
+        /// Senders waiting for the queue to shrink, oldest first.
+        var senders = Deque<(id: UInt64, continuation: CheckedContinuation<Void, Never>)>()
         var nextID: UInt64 = 0
-        /// Senders cancelled before they registered their wait.
-        var cancelledSenders: Set<UInt64> = []
+        /// Waits (a sender's or the consumer's) whose id is given out but not yet registered,
+        /// and those of them cancelled meanwhile: a cancellation that comes after the wait
+        /// ended leaves nothing behind.
+        var unregistered: Set<UInt64> = []
+        var cancelledEarly: Set<UInt64> = []
         var finished = false
-        /// The consumer was cancelled before it registered its wait.
-        var consumerCancelled = false
+
+        mutating func newWait() -> UInt64 {
+            nextID += 1
+            unregistered.insert(nextID)
+            return nextID
+        }
+
+        /// Called when the wait registers: true if it was cancelled before.
+        mutating func register(_ id: UInt64) -> Bool {
+            unregistered.remove(id)
+            return cancelledEarly.remove(id) != nil
+        }
+
+        mutating func cancelEarly(_ id: UInt64) {
+            if unregistered.contains(id) { cancelledEarly.insert(id) }
+        }
     }
 
     private let state = Mutex(State())
@@ -32,9 +51,10 @@ public final class Mailbox<Element: Sendable>: Sendable {
     private enum SendStep {
         case done
         case deliver(CheckedContinuation<Element?, Never>)
-        case wait
+        case wait(UInt64)
     }
-    /// How many sent (bounded) elements may be queued before `send` waits.
+
+    /// How many sent elements may be queued before their sender waits.
     public let capacity: Int
 
     public init(capacity: Int) {
@@ -48,7 +68,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
             guard !state.finished else { return nil }
             if let consumer = state.consumer {
                 state.consumer = nil
-                return consumer
+                return consumer.continuation
             }
             state.queue.append((element, false))
             return nil
@@ -56,43 +76,33 @@ public final class Mailbox<Element: Sendable>: Sendable {
         consumer?.resume(returning: element)
     }
 
-    /// Queues `element`, first waiting while `capacity` sent elements are queued (dropped once
-    /// finished; a cancelled sender stops waiting and its element is dropped).
+    /// Queues `element` now, in arrival order (dropped once finished), then waits while more
+    /// than `capacity` sent elements are queued. A cancelled sender stops waiting; its element
+    /// stays queued.
     public func send(_ element: Element) async {
         let step = state.withLock { state -> SendStep in
             if state.finished { return .done }
             if let consumer = state.consumer {
                 state.consumer = nil
-                return .deliver(consumer)
+                return .deliver(consumer.continuation)
             }
-            if state.bounded < capacity {
-                state.queue.append((element, true))
-                state.bounded += 1
-                return .done
-            }
-            return .wait
+            state.queue.append((element, true))
+            state.bounded += 1
+            return state.bounded > capacity ? .wait(state.newWait()) : .done
         }
+        let id: UInt64
         switch step {
         case .done: return
         case .deliver(let consumer):
             consumer.resume(returning: element)
             return
-        case .wait: break
-        }
-        let id = state.withLock { state -> UInt64 in
-            state.nextID += 1
-            return state.nextID
+        case .wait(let wait): id = wait
         }
         await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                 let resumeNow = state.withLock { state -> Bool in
-                    if state.finished || state.cancelledSenders.remove(id) != nil { return true }
-                    if state.bounded < capacity {
-                        state.queue.append((element, true))
-                        state.bounded += 1
-                        return true
-                    }
-                    state.senders.append((id, element, continuation))
+                    if state.register(id) || state.finished || state.bounded <= capacity { return true }
+                    state.senders.append((id, continuation))
                     return false
                 }
                 if resumeNow { continuation.resume() }
@@ -100,7 +110,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
         } onCancel: {
             let waiting = state.withLock { state -> CheckedContinuation<Void, Never>? in
                 guard let index = state.senders.firstIndex(where: { $0.id == id }) else {
-                    state.cancelledSenders.insert(id)
+                    state.cancelEarly(id)
                     return nil
                 }
                 return state.senders.remove(at: index).continuation
@@ -122,19 +132,18 @@ public final class Mailbox<Element: Sendable>: Sendable {
             admitted?.resume()
             return taken
         }
+        let id = state.withLock { $0.newWait() }
         return await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Element?, Never>) in
                 var sender: CheckedContinuation<Void, Never>?
                 let immediate = state.withLock { state -> Element?? in
+                    let cancelled = state.register(id)
                     if let first = state.queue.popFirst() {
                         if first.sent { sender = admitSender(&state) }
                         return .some(first.element)
                     }
-                    if state.finished || state.consumerCancelled {
-                        state.consumerCancelled = false
-                        return .some(nil)
-                    }
-                    state.consumer = continuation
+                    if state.finished || cancelled { return .some(nil) }
+                    state.consumer = (id, continuation)
                     return .none
                 }
                 sender?.resume()
@@ -142,19 +151,19 @@ public final class Mailbox<Element: Sendable>: Sendable {
             }
         } onCancel: {
             let consumer = state.withLock { state -> CheckedContinuation<Element?, Never>? in
-                guard let consumer = state.consumer else {
-                    state.consumerCancelled = true
+                guard let consumer = state.consumer, consumer.id == id else {
+                    state.cancelEarly(id)
                     return nil
                 }
                 state.consumer = nil
-                return consumer
+                return consumer.continuation
             }
             consumer?.resume(returning: nil)
         }
     }
 
     /// Ends the mailbox: queued elements are still delivered, new ones are dropped, waiting
-    /// senders return (their elements dropped) and a waiting consumer gets nil.
+    /// senders return and a waiting consumer gets nil.
     public func finish() {
         let (consumer, senders) = state.withLock { state in
             state.finished = true
@@ -164,7 +173,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
             state.senders.removeAll()
             return (consumer, senders)
         }
-        consumer?.resume(returning: nil)
+        consumer?.continuation.resume(returning: nil)
         for sender in senders { sender.continuation.resume() }
     }
 
@@ -177,12 +186,15 @@ public final class Mailbox<Element: Sendable>: Sendable {
     /// A consumer waits for an element (for tests).
     var hasConsumer: Bool { state.withLock { $0.consumer != nil } }
 
-    /// A sent element left the queue: its slot goes to the first waiting sender, if any.
+    /// Waits given out and not registered, or cancelled before they registered (for tests:
+    /// nothing may stay behind).
+    var pendingWaits: Int { state.withLock { $0.unregistered.count + $0.cancelledEarly.count } }
+
+    /// A sent element left the queue: the oldest waiting sender goes on once at most
+    /// `capacity` sent elements are queued.
     private func admitSender(_ state: inout State) -> CheckedContinuation<Void, Never>? {
         state.bounded -= 1
-        guard state.bounded < capacity, let sender = state.senders.popFirst() else { return nil }
-        state.queue.append((sender.element, true))
-        state.bounded += 1
+        guard state.bounded <= capacity, let sender = state.senders.popFirst() else { return nil }
         return sender.continuation
     }
 }

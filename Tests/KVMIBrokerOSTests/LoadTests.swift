@@ -51,6 +51,13 @@ extension OSLayerTests {
             #expect(readable.contains(.readable))
             #expect(writable.contains(.writable))
             #expect(reactor.footprint.descriptors == 0 && reactor.footprint.waiters == 0)
+            // A wait cancelled before it registered ends at once and leaves no token behind.
+            let cancelled = Task {
+                withUnsafeCurrentTask { $0?.cancel() }
+                return try await reactor.wait(for: .readable, on: near.raw, until: nil)
+            }
+            await #expect(throws: BrokerError.self) { try await cancelled.value }
+            #expect(reactor.pendingTokens == 0 && reactor.footprint.waiters == 0)
         }
 
         @Test("deadlines of waits that ended early do not pile up in the reactor")
