@@ -9,7 +9,8 @@ import Synchronization
 /// actions. Inputs (QEMU's frames, handshake outcomes, timers) arrive in one mailbox and are
 /// handled one at a time, so the machine needs no lock.
 ///
-/// Bounded by construction: the mailbox holds at most 4 frames (a QEMU that streams frames
+/// Bounded by construction: the mailbox holds at most 5 frames (the reader queues each frame
+/// it reads, in order, and waits while more than 4 are queued: a QEMU that streams frames
 /// waits for the session to take them, and yields its thread while it waits); at most one
 /// handshake, one request and one timer of each kind are outstanding, each tagged with an id
 /// so that a late outcome or a stale timeout is recognised and dropped. The timers are entries
@@ -173,8 +174,9 @@ final class SessionDriver: Sendable {
             identity: configuration.identity == nil ? "proc only (libvirt identity check OFF)" : "libvirt",
             hookedSince: hello.flags.contains(.hooked) ? Date() : nil)
         let token: UInt64
-        // Frames wait while 4 are queued (back-pressure on a QEMU that streams them); the other
-        // inputs are bounded by their producers (one per attempt, timer or reload).
+        // The reader waits while more than 4 frames are queued (back-pressure on a QEMU that
+        // streams them); the other inputs are bounded by their producers (one per attempt, timer
+        // or reload).
         let inputs = Mailbox<Input>(capacity: 4)
         let reload = ReloadFlag()
         // One call to the registry claims the guest and registers the session's inputs.

@@ -130,6 +130,14 @@ struct EnrolledLibvirtGuest {
         ((try? FileManager.default.attributesOfItem(atPath: qemuLogPath)[.size]) as? NSNumber)?.intValue ?? 0
     }
 
+    /// QEMU's log since `offset` (its last 2,000 characters), for a failure's message: the test
+    /// removes the log when it ends.
+    func qemuLogText(since offset: Int) -> String {
+        guard let data = FileManager.default.contents(atPath: qemuLogPath) else { return "(no log at \(qemuLogPath))" }
+        guard data.count > offset else { return "(nothing since offset \(offset); the log has \(data.count) bytes)" }
+        return String(String(decoding: data.dropFirst(offset), as: UTF8.self).suffix(2_000))
+    }
+
     /// QEMU's log since `offset` once it contains `text` (virtlogd writes it asynchronously).
     func qemuLog(since offset: Int, contains text: String) -> Bool {
         eventually {

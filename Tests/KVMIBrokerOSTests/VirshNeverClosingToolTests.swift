@@ -95,7 +95,9 @@ extension OSLayerTests {
             print("virsh shutdown: the domain was shut off \(ContinuousClock.now - start) after the command began")
             #expect(guest.heldOnUntilUnhooked(first), "\(guest.introspector.records[first])")
             #expect(guest.qemuLog(since: offset, contains: unhookedAnyway))
-            #expect(guest.qemuLog(since: offset, contains: "terminating on signal 15"), "libvirt's SIGTERM after the guest's power-off")
+            #expect(
+                guest.qemuLog(since: offset, contains: "terminating on signal 15"),
+                "libvirt's SIGTERM after the guest's power-off; QEMU's log since the shutdown: \(guest.qemuLogText(since: offset))")
 
             #expect(try virsh(["start", guest.name]).0 == 0)
             let second = try #require(await guest.waitForHook(from: first + 1), "\(guest.introspector.records)")
