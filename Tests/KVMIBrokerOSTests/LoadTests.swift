@@ -14,7 +14,7 @@ import Testing
 #endif
 
 /// A connected pair of non-blocking unix stream sockets.
-private func socketPair() throws -> (Descriptor, Descriptor) {
+func socketPair() throws -> (Descriptor, Descriptor) {
     var fds: [Int32] = [0, 0]
     guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
         throw BrokerError(.io, "socketpair failed", errno: errno)
