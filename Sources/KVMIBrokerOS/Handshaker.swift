@@ -151,7 +151,8 @@ public final class HandshakePacer: Sendable {
     private struct State {
         var lanes: [String: Lane] = [:]
         var nextID: UInt64 = 1
-        var cancelledEarly: Set<UInt64> = []
+        /// Turns cancelled before they queued.
+        var early = EarlyCancellations()
     }
 
     private let state = Mutex(State())
@@ -182,6 +183,7 @@ public final class HandshakePacer: Sendable {
         let key = endpoint.description
         let id = state.withLock { state -> UInt64 in
             defer { state.nextID += 1 }
+            state.early.given(state.nextID)
             return state.nextID
         }
         try await withTaskCancellationHandler {
@@ -189,7 +191,7 @@ public final class HandshakePacer: Sendable {
                 // Lanes are mutated in place (through the dictionary's accessor): copying one out
                 // would copy its queue, O(guests) per step in a boot storm.
                 let outcome = state.withLock { state -> Bool? in
-                    if state.cancelledEarly.remove(id) != nil { return false }
+                    if state.early.register(id) { return false }
                     return state.lanes[key, default: Lane()].admit(id, continuation, limit: limit)
                 }
                 switch outcome {
@@ -201,7 +203,7 @@ public final class HandshakePacer: Sendable {
         } onCancel: {
             let waiter = state.withLock { state -> CheckedContinuation<Void, any Error>? in
                 guard let waiter = state.lanes[key]?.withdraw(id) else {
-                    state.cancelledEarly.insert(id)
+                    state.early.cancel(id)
                     return nil
                 }
                 return waiter
@@ -213,7 +215,6 @@ public final class HandshakePacer: Sendable {
 
     fileprivate func release(_ key: String, _ id: UInt64) {
         let next = state.withLock { state -> CheckedContinuation<Void, any Error>? in
-            state.cancelledEarly.remove(id)
             let next = state.lanes[key]?.release()
             if state.lanes[key]?.isIdle == true { state.lanes[key] = nil }
             return next

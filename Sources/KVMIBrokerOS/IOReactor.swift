@@ -74,10 +74,8 @@ public final class IOReactor: Sendable {
         var deadlines = Heap<Deadline>()
         /// Heap entries whose waiter has already ended.
         var staleDeadlines = 0
-        /// Waits whose token is given out but not yet registered, and those of them cancelled
-        /// meanwhile: a cancellation that comes after the wait ended leaves nothing behind.
-        var unregistered: Set<UInt64> = []
-        var cancelledBeforeRegistration: Set<UInt64> = []
+        /// Waits cancelled before they registered.
+        var early = EarlyCancellations()
         var nextToken: UInt64 = 1
     }
 
@@ -118,7 +116,7 @@ public final class IOReactor: Sendable {
         let writes = events == .writable
         let token = state.withLock { state -> UInt64 in
             defer { state.nextToken += 1 }
-            state.unregistered.insert(state.nextToken)
+            state.early.given(state.nextToken)
             return state.nextToken
         }
         return try await withTaskCancellationHandler {
@@ -126,8 +124,7 @@ public final class IOReactor: Sendable {
                 var failure: BrokerError?
                 var wakeNeeded = false
                 state.withLock { state in
-                    state.unregistered.remove(token)
-                    if state.cancelledBeforeRegistration.remove(token) != nil {
+                    if state.early.register(token) {
                         failure = BrokerError(.cancelled, "cancelled")
                         return
                     }
@@ -160,7 +157,7 @@ public final class IOReactor: Sendable {
         } onCancel: {
             let waiter = state.withLock { state -> Waiter? in
                 guard let waiter = remove(token: token, from: &state) else {
-                    if state.unregistered.contains(token) { state.cancelledBeforeRegistration.insert(token) }
+                    state.early.cancel(token)
                     return nil
                 }
                 return waiter
@@ -212,7 +209,7 @@ public final class IOReactor: Sendable {
 
     /// Tokens given out and not registered, or cancelled before they registered (for tests:
     /// nothing may stay behind).
-    var pendingTokens: Int { state.withLock { $0.unregistered.count + $0.cancelledBeforeRegistration.count } }
+    var pendingTokens: Int { state.withLock { $0.early.count } }
 
     /// (Re-)arms the one-shot registration of `fd` with `interest`; returns an errno on failure.
     private func arm(_ fd: Int32, _ interest: UInt32, isNew: Bool) -> Int32? {

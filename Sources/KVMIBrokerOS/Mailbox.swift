@@ -22,27 +22,14 @@ public final class Mailbox<Element: Sendable>: Sendable {
         /// Senders waiting for the queue to shrink, oldest first.
         var senders = Deque<(id: UInt64, continuation: CheckedContinuation<Void, Never>)>()
         var nextID: UInt64 = 0
-        /// Waits (a sender's or the consumer's) whose id is given out but not yet registered,
-        /// and those of them cancelled meanwhile: a cancellation that comes after the wait
-        /// ended leaves nothing behind.
-        var unregistered: Set<UInt64> = []
-        var cancelledEarly: Set<UInt64> = []
+        /// A sender's or the consumer's wait cancelled before it registered.
+        var early = EarlyCancellations()
         var finished = false
 
         mutating func newWait() -> UInt64 {
             nextID += 1
-            unregistered.insert(nextID)
+            early.given(nextID)
             return nextID
-        }
-
-        /// Called when the wait registers: true if it was cancelled before.
-        mutating func register(_ id: UInt64) -> Bool {
-            unregistered.remove(id)
-            return cancelledEarly.remove(id) != nil
-        }
-
-        mutating func cancelEarly(_ id: UInt64) {
-            if unregistered.contains(id) { cancelledEarly.insert(id) }
         }
     }
 
@@ -101,7 +88,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
         await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                 let resumeNow = state.withLock { state -> Bool in
-                    if state.register(id) || state.finished || state.bounded <= capacity { return true }
+                    if state.early.register(id) || state.finished || state.bounded <= capacity { return true }
                     state.senders.append((id, continuation))
                     return false
                 }
@@ -110,7 +97,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
         } onCancel: {
             let waiting = state.withLock { state -> CheckedContinuation<Void, Never>? in
                 guard let index = state.senders.firstIndex(where: { $0.id == id }) else {
-                    state.cancelEarly(id)
+                    state.early.cancel(id)
                     return nil
                 }
                 return state.senders.remove(at: index).continuation
@@ -137,7 +124,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
             await withCheckedContinuation { (continuation: CheckedContinuation<Element?, Never>) in
                 var sender: CheckedContinuation<Void, Never>?
                 let immediate = state.withLock { state -> Element?? in
-                    let cancelled = state.register(id)
+                    let cancelled = state.early.register(id)
                     if let first = state.queue.popFirst() {
                         if first.sent { sender = admitSender(&state) }
                         return .some(first.element)
@@ -152,7 +139,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
         } onCancel: {
             let consumer = state.withLock { state -> CheckedContinuation<Element?, Never>? in
                 guard let consumer = state.consumer, consumer.id == id else {
-                    state.cancelEarly(id)
+                    state.early.cancel(id)
                     return nil
                 }
                 state.consumer = nil
@@ -188,7 +175,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
 
     /// Waits given out and not registered, or cancelled before they registered (for tests:
     /// nothing may stay behind).
-    var pendingWaits: Int { state.withLock { $0.unregistered.count + $0.cancelledEarly.count } }
+    var pendingWaits: Int { state.withLock { $0.early.count } }
 
     /// A sent element left the queue: the oldest waiting sender goes on once at most
     /// `capacity` sent elements are queued.

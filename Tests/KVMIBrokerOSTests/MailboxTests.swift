@@ -5,6 +5,16 @@ import Testing
 
 @Suite("A session's mailbox: order, back-pressure on sent elements, the end")
 struct MailboxTests {
+    /// A mailbox of capacity 1 holding a sent 1, and a sender of 2 that has registered its
+    /// wait (waited for as an event).
+    private func blockedSender() async -> (Mailbox<Int>, Task<Void, Never>) {
+        let mailbox = Mailbox<Int>(capacity: 1)
+        await mailbox.send(1)
+        let sender = Task { await mailbox.send(2) }
+        while mailbox.waitingSenders == 0 { await Task.yield() }
+        return (mailbox, sender)
+    }
+
     @Test("elements come out in the order they went in; a waiting consumer gets the next one posted")
     func order() async {
         let mailbox = Mailbox<Int>(capacity: 2)
@@ -22,11 +32,7 @@ struct MailboxTests {
 
     @Test("a sender waits while more than `capacity` sent elements are queued; a later post does not overtake its element")
     func sendersWaitAndKeepTheirPlace() async {
-        let mailbox = Mailbox<Int>(capacity: 1)
-        await mailbox.send(1)
-        let second = Task { await mailbox.send(2) }
-        // Wait for the event: the second sender has registered its wait.
-        while mailbox.waitingSenders == 0 { await Task.yield() }
+        let (mailbox, second) = await blockedSender()
         #expect(mailbox.count == 2)
         // A timer's input posted now comes after the frame that was already read (as a RESULT
         // read before its timeout fired must be handled before the timeout).
@@ -41,10 +47,7 @@ struct MailboxTests {
 
     @Test("finish: queued elements still come out, then nil; new ones are dropped; a waiting sender returns")
     func finish() async {
-        let mailbox = Mailbox<Int>(capacity: 1)
-        await mailbox.send(1)
-        let blocked = Task { await mailbox.send(2) }
-        while mailbox.waitingSenders == 0 { await Task.yield() }
+        let (mailbox, blocked) = await blockedSender()
         mailbox.finish()
         await blocked.value
         mailbox.post(3)
@@ -77,10 +80,7 @@ struct MailboxTests {
 
     @Test("a sender that waits returns when its task is cancelled; its element stays queued")
     func cancelledSender() async {
-        let mailbox = Mailbox<Int>(capacity: 1)
-        await mailbox.send(1)
-        let sender = Task { await mailbox.send(2) }
-        while mailbox.waitingSenders == 0 { await Task.yield() }
+        let (mailbox, sender) = await blockedSender()
         sender.cancel()
         await sender.value
         #expect(mailbox.waitingSenders == 0)
