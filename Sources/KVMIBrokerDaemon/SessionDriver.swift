@@ -9,13 +9,14 @@ import Synchronization
 /// actions. Inputs (QEMU's frames, handshake outcomes, timers) arrive in one mailbox and are
 /// handled one at a time, so the machine needs no lock.
 ///
-/// Bounded by construction: the mailbox holds at most 5 frames (the reader queues each frame
-/// it reads, in order, and waits while more than 4 are queued: a QEMU that streams frames
-/// waits for the session to take them, and yields its thread while it waits); at most one
-/// handshake, one request and one timer of each kind are outstanding, each tagged with an id
-/// so that a late outcome or a stale timeout is recognised and dropped. The timers are entries
-/// in the reactor's deadline heap (cancelled at the end); the reader and the handshake are the
-/// session's only other tasks, and both have ended before its channel descriptor is closed.
+/// Bounded by construction: the mailbox holds at most 5 frames (the reader, a readiness
+/// callback on the reactor, queues each frame it reads, in order, and pauses while more than 4
+/// are queued: a QEMU that streams frames waits for the session to take them and never keeps a
+/// thread); at most one handshake, one request and one timer of each kind are outstanding, each
+/// tagged with an id so that a late outcome or a stale timeout is recognised and dropped. The
+/// timers are entries in the reactor's deadline heap (cancelled at the end); the handshake is
+/// the session's only other task. The reader is stopped and the handshake has ended before the
+/// channel descriptor is closed.
 final class SessionDriver: Sendable {
     enum Input: Sendable {
         case frame(Channel.Frame)
@@ -174,7 +175,7 @@ final class SessionDriver: Sendable {
             identity: configuration.identity == nil ? "proc only (libvirt identity check OFF)" : "libvirt",
             hookedSince: hello.flags.contains(.hooked) ? Date() : nil)
         let token: UInt64
-        // The reader waits while more than 4 frames are queued (back-pressure on a QEMU that
+        // The reader pauses while more than 4 frames are queued (back-pressure on a QEMU that
         // streams them); the other inputs are bounded by their producers (one per attempt, timer
         // or reload).
         let inputs = Mailbox<Input>(capacity: 4)
@@ -222,45 +223,41 @@ final class SessionDriver: Sendable {
     private func drive(_ admitted: Admitted) async {
         let hello = admitted.hello
         let inputs = admitted.inputs
-        let socket = self.socket
-        await withDiscardingTaskGroup { group in
-            // The reader: one frame at a time, each handed over before the next is read.
-            group.addTask {
-                do {
-                    while let frame = try await socket.receive(until: nil) {
-                        await inputs.send(.frame(frame))
-                        if Task.isCancelled { return }
-                    }
-                    inputs.post(.closed(nil))
-                } catch let error as BrokerError {
-                    inputs.post(.closed(error.code == .cancelled ? nil : error))
-                } catch {
-                    inputs.post(.closed(BrokerError(.io, "\(error)")))
-                }
+        // The reader: a readiness callback on the reactor, not a task. Each frame is queued at
+        // once; past the mailbox's bound the reader pauses until the session takes one.
+        let reader = ChannelReader(socket) { event, reader in
+            switch event {
+            case .frame(let frame):
+                return inputs.offer(.frame(frame)) { [weak reader] in reader?.resume() }
+            case .closed(let error):
+                inputs.post(.closed(error))
+                return false
             }
-            var state = LoopState(
-                machine: GuestSessionMachine(allowLists: .kernelDefaults(.v12)),
-                request: HandshakeRequest(uuid: hello.uuid, name: hello.name, startTime: hello.startTime, maxGPA: hello.maxGPA), plan: nil,
-                logLimit: RateLimitedLog(linesPerWindow: configuration.sessionLogLines, window: .seconds(10)), facts: admitted.facts)
-            state.channelVersion = Channel.negotiatedVersion(hello.version)
-            let session = SessionContext(
-                hello: hello, name: admitted.name, metadata: admitted.metadata, nova: admitted.nova, token: admitted.token, inputs: inputs,
-                reload: admitted.reload,
-                logger: admitted.logger)
-            await loop(session, state: &state)
-            configuration.metrics?.moved(from: state.standing, to: nil)
-            // Teardown, structured: nothing the session started outlives it.
-            inputs.finish()
-            group.cancelAll()
-            state.stopWatching(configuration.endpointWatcher)
-            for alarm in [state.retryAlarm, state.resultAlarm, state.unhookAlarm, state.survivalAlarm] { alarm?.cancel() }
-            // The current handshake and any superseded one still finishing.
-            let handshakes = Array(state.supersededHandshakes.values) + [state.handshakeTask].compactMap { $0 }
-            for handshake in handshakes { handshake.cancel() }
-            for handshake in handshakes { await handshake.value }
-            state.pendingOutcome?.descriptor.close()
-            for request in state.queued { request.descriptor?.close() }
         }
+        reader.start()
+        var state = LoopState(
+            machine: GuestSessionMachine(allowLists: .kernelDefaults(.v12)),
+            request: HandshakeRequest(uuid: hello.uuid, name: hello.name, startTime: hello.startTime, maxGPA: hello.maxGPA), plan: nil,
+            logLimit: RateLimitedLog(linesPerWindow: configuration.sessionLogLines, window: .seconds(10)), facts: admitted.facts)
+        state.channelVersion = Channel.negotiatedVersion(hello.version)
+        let session = SessionContext(
+            hello: hello, name: admitted.name, metadata: admitted.metadata, nova: admitted.nova, token: admitted.token, inputs: inputs,
+            reload: admitted.reload,
+            logger: admitted.logger)
+        await loop(session, state: &state)
+        configuration.metrics?.moved(from: state.standing, to: nil)
+        // Teardown, structured: nothing the session started outlives it. The reader stops
+        // before the descriptor can close (no late read of a reused descriptor number).
+        reader.stop()
+        inputs.finish()
+        state.stopWatching(configuration.endpointWatcher)
+        for alarm in [state.retryAlarm, state.resultAlarm, state.unhookAlarm, state.survivalAlarm] { alarm?.cancel() }
+        // The current handshake and any superseded one still finishing.
+        let handshakes = Array(state.supersededHandshakes.values) + [state.handshakeTask].compactMap { $0 }
+        for handshake in handshakes { handshake.cancel() }
+        for handshake in handshakes { await handshake.value }
+        state.pendingOutcome?.descriptor.close()
+        for request in state.queued { request.descriptor?.close() }
     }
 
     /// The session's life: the first decision, then one input at a time.

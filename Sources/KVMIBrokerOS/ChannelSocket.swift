@@ -1,5 +1,6 @@
 import CKVMIBroker
 import KVMIBrokerCore
+import Synchronization
 
 #if canImport(Glibc)
     import Glibc
@@ -59,7 +60,7 @@ public final class ChannelSocket: Sendable {
         }
     }
 
-    private enum Received {
+    fileprivate enum Received {
         case frame(Channel.Frame)
         case endOfStream
         case partial
@@ -69,7 +70,7 @@ public final class ChannelSocket: Sendable {
     /// One `recvmsg` into a buffer on the stack: synchronous, so no buffer is held across the
     /// wait for the next byte (a thousand idle sessions wait there).
     @inline(never)
-    private func receiveAvailable(into reader: inout Channel.FrameReader) throws -> Received {
+    fileprivate func receiveAvailable(into reader: inout Channel.FrameReader) throws -> Received {
         let limit = min(reader.readLimit, 4096)
         return try withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 4096) { buffer in
             try withUnsafeTemporaryAllocation(of: Int32.self, capacity: 4) { fds in
@@ -98,5 +99,111 @@ public final class ChannelSocket: Sendable {
                 }
             }
         }
+    }
+}
+
+/// Reads a channel's frames on its reactor's thread as they arrive, with no task of its own:
+/// a session's reader is a readiness callback, not a task waiting in `receive` (a boot storm
+/// holds a thousand of them). Each frame goes to `deliver`, which says whether to go on or to
+/// pause (its consumer's queue is full: `resume` then, when there is room). The end of the
+/// stream or an error is delivered once, as `.closed`, and ends the reading; `stop` ends it
+/// from outside: once it returns, `deliver` is not called again, so the descriptor can close.
+public final class ChannelReader: Sendable {
+    public enum Event: Sendable {
+        case frame(Channel.Frame)
+        /// The end: nil at a clean end of stream, else what went wrong.
+        case closed(BrokerError?)
+    }
+
+    private struct State {
+        /// The bytes of a frame not complete yet.
+        var frame = Channel.FrameReader()
+        var watch: IOReactor.Watch?
+        var paused = false
+        var stopped = false
+    }
+
+    private let socket: ChannelSocket
+    /// Called on the reactor's thread with this reader's lock held: it must not call back into
+    /// the reader (`resume` is for later, from the consumer). Returns false to pause.
+    private let deliver: @Sendable (Event, ChannelReader) -> Bool
+    private let state = Mutex(State())
+
+    public init(_ socket: ChannelSocket, deliver: @escaping @Sendable (Event, ChannelReader) -> Bool) {
+        self.socket = socket
+        self.deliver = deliver
+    }
+
+    /// Starts reading (once): frames are delivered as the descriptor reports them.
+    public func start() {
+        state.withLock { state in
+            guard !state.stopped, state.watch == nil, !state.paused else { return }
+            arm(&state)
+        }
+    }
+
+    /// Goes on after `deliver` asked for a pause.
+    public func resume() {
+        state.withLock { state in
+            guard !state.stopped, state.paused else { return }
+            state.paused = false
+            // The next look at the descriptors reports what is waiting: this reader takes its
+            // turn after the others (a QEMU that streams frames gets its share, not a thread).
+            arm(&state)
+        }
+    }
+
+    /// Ends the reading; `deliver` is not called once this returns.
+    public func stop() {
+        state.withLock { state in
+            state.stopped = true
+            if let watch = state.watch { socket.reactor.cancel(watch) }
+            state.watch = nil
+        }
+    }
+
+    private func arm(_ state: inout State) {
+        do {
+            state.watch = try socket.reactor.whenReady(.readable, on: socket.descriptor.raw) { [self] _ in readable() }
+        } catch {
+            end(.closed(error as? BrokerError ?? BrokerError(.io, "\(error)")), &state)
+        }
+    }
+
+    private func readable() {
+        state.withLock { state in
+            state.watch = nil
+            guard !state.stopped, !state.paused else { return }
+            while true {
+                let received: ChannelSocket.Received
+                do {
+                    received = try socket.receiveAvailable(into: &state.frame)
+                } catch {
+                    end(.closed(error as? BrokerError ?? BrokerError(.io, "\(error)")), &state)
+                    return
+                }
+                switch received {
+                case .frame(let frame):
+                    state.frame = Channel.FrameReader()
+                    if !deliver(.frame(frame), self) {
+                        state.paused = true
+                        return
+                    }
+                case .partial:
+                    continue
+                case .wouldBlock:
+                    arm(&state)
+                    return
+                case .endOfStream:
+                    end(.closed(nil), &state)
+                    return
+                }
+            }
+        }
+    }
+
+    private func end(_ event: Event, _ state: inout State) {
+        state.stopped = true
+        _ = deliver(event, self)
     }
 }

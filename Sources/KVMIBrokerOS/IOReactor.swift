@@ -37,9 +37,27 @@ public final class IOReactor: Sendable {
     /// The process-wide reactor.
     public static let shared = IOReactor()
 
+    /// What a readiness report resumes: a task's wait, or a callback (`whenReady`).
+    private enum Resumer {
+        case task(CheckedContinuation<IOEvents, any Error>)
+        case callback(@Sendable (IOEvents) -> Void)
+
+        func resume(_ events: IOEvents) {
+            switch self {
+            case .task(let continuation): continuation.resume(returning: events)
+            case .callback(let handler): handler(events)
+            }
+        }
+
+        /// A task's wait ends with `error`; a callback has no deadline and is cancelled silently.
+        func fail(_ error: BrokerError) {
+            if case .task(let continuation) = self { continuation.resume(throwing: error) }
+        }
+    }
+
     private struct Waiter {
         let token: UInt64
-        let continuation: CheckedContinuation<IOEvents, any Error>
+        let resumer: Resumer
         let deadline: ContinuousClock.Instant?
     }
 
@@ -62,6 +80,11 @@ public final class IOReactor: Sendable {
 
     /// A timer armed with `schedule(at:_:)`.
     public struct Timer: Sendable, Hashable {
+        fileprivate let token: UInt64
+    }
+
+    /// A callback armed with `whenReady(_:on:_:)`.
+    public struct Watch: Sendable, Hashable {
         fileprivate let token: UInt64
     }
 
@@ -128,23 +151,10 @@ public final class IOReactor: Sendable {
                         failure = BrokerError(.cancelled, "cancelled")
                         return
                     }
-                    var registration = state.registrations[fd] ?? Registration()
-                    let isNew = registration.isEmpty
-                    if (writes ? registration.writer : registration.reader) != nil {
-                        failure = BrokerError(.io, "two tasks wait to \(writes ? "write" : "read") fd \(fd)")
-                        return
-                    }
-                    let waiter = Waiter(token: token, continuation: continuation, deadline: deadline)
-                    if writes { registration.writer = waiter } else { registration.reader = waiter }
-                    if let error = arm(fd, registration.interest, isNew: isNew) {
-                        failure = BrokerError(.io, "epoll_ctl(fd \(fd)) failed", errno: error)
-                        return
-                    }
-                    state.registrations[fd] = registration
-                    state.tokens[token] = (fd, writes)
-                    if let deadline {
-                        wakeNeeded = state.deadlines.min.map { deadline < $0.instant } ?? true
-                        state.deadlines.insert(Deadline(instant: deadline, token: token))
+                    let waiter = Waiter(token: token, resumer: .task(continuation), deadline: deadline)
+                    switch register(waiter, on: fd, writes: writes, in: &state) {
+                    case .failure(let error): failure = error
+                    case .success(let earliest): wakeNeeded = earliest
                     }
                 }
                 if let failure {
@@ -162,8 +172,53 @@ public final class IOReactor: Sendable {
                 }
                 return waiter
             }
-            waiter?.continuation.resume(throwing: BrokerError(.cancelled, "cancelled"))
+            waiter?.resumer.fail(BrokerError(.cancelled, "cancelled"))
         }
+    }
+
+    /// Calls `handler` on the reactor's thread once `fd` reports `events` (`.readable` or
+    /// `.writable`; hang-up and error are always reported): a wait without a task, for I/O
+    /// driven by callbacks. One-shot: arm it again to wait again. No deadline. `handler` runs
+    /// between two looks at the descriptors and must not block. Throws when the descriptor
+    /// cannot be registered or something already waits on that side of it.
+    public func whenReady(_ events: IOEvents, on fd: Int32, _ handler: @escaping @Sendable (IOEvents) -> Void) throws -> Watch {
+        precondition(events == .readable || events == .writable, "wait for readable or writable, one at a time")
+        let result = state.withLock { state -> Result<UInt64, BrokerError> in
+            let token = state.nextToken
+            state.nextToken += 1
+            return register(Waiter(token: token, resumer: .callback(handler), deadline: nil), on: fd, writes: events == .writable, in: &state)
+                .map { _ in token }
+        }
+        return Watch(token: try result.get())
+    }
+
+    /// Disarms `watch`; true if its handler had not been called. On the reactor's thread (as
+    /// every handler runs) it is then never called; from another thread a report already
+    /// taken may still call it once, so a handler that must not run after this checks a flag
+    /// of its own.
+    @discardableResult
+    public func cancel(_ watch: Watch) -> Bool {
+        state.withLock { state in remove(token: watch.token, from: &state) != nil }
+    }
+
+    /// Adds `waiter` to `fd`'s registration and arms it; on success, whether its deadline is
+    /// now the earliest (the reactor's thread must recompute its timeout).
+    private func register(_ waiter: Waiter, on fd: Int32, writes: Bool, in state: inout State) -> Result<Bool, BrokerError> {
+        var registration = state.registrations[fd] ?? Registration()
+        let isNew = registration.isEmpty
+        if (writes ? registration.writer : registration.reader) != nil {
+            return .failure(BrokerError(.io, "two waiters to \(writes ? "write" : "read") fd \(fd)"))
+        }
+        if writes { registration.writer = waiter } else { registration.reader = waiter }
+        if let error = arm(fd, registration.interest, isNew: isNew) {
+            return .failure(BrokerError(.io, "epoll_ctl(fd \(fd)) failed", errno: error))
+        }
+        state.registrations[fd] = registration
+        state.tokens[waiter.token] = (fd, writes)
+        guard let deadline = waiter.deadline else { return .success(false) }
+        let earliest = state.deadlines.min.map { deadline < $0.instant } ?? true
+        state.deadlines.insert(Deadline(instant: deadline, token: waiter.token))
+        return .success(earliest)
     }
 
     /// Calls `action` on the reactor's thread at `deadline`, unless `cancel` comes first. For
@@ -255,8 +310,8 @@ public final class IOReactor: Sendable {
         var events = [UInt32](repeating: 0, count: 128)
         var batch: [UnownedJob] = []
         // Reused from turn to turn (no allocation per turn).
-        var ready: [(CheckedContinuation<IOEvents, any Error>, IOEvents)] = []
-        var expired: [CheckedContinuation<IOEvents, any Error>] = []
+        var ready: [(Resumer, IOEvents)] = []
+        var expired: [Resumer] = []
         var fired: [@Sendable () -> Void] = []
         reactorThread.store(UInt(pthread_self()), ordering: .relaxed)
         let executor = asUnownedTaskExecutor()
@@ -303,13 +358,13 @@ public final class IOReactor: Sendable {
                         registration.reader = nil
                         state.tokens[waiter.token] = nil
                         if waiter.deadline != nil { state.staleDeadlines += 1 }
-                        ready.append((waiter.continuation, reported))
+                        ready.append((waiter.resumer, reported))
                     }
                     if wakesWriter, let waiter = registration.writer {
                         registration.writer = nil
                         state.tokens[waiter.token] = nil
                         if waiter.deadline != nil { state.staleDeadlines += 1 }
-                        ready.append((waiter.continuation, reported))
+                        ready.append((waiter.resumer, reported))
                     }
                     // One-shot: the registration is disarmed now; re-arm for whoever still waits.
                     settle(fd, registration, in: &state)
@@ -326,12 +381,12 @@ public final class IOReactor: Sendable {
                         continue
                     }
                     state.staleDeadlines -= 1  // `remove` counted the entry just popped
-                    expired.append(waiter.continuation)
+                    expired.append(waiter.resumer)
                 }
                 compactDeadlines(&state)
             }
-            for (continuation, result) in ready { continuation.resume(returning: result) }
-            for continuation in expired { continuation.resume(throwing: BrokerError(.timedOut, "deadline passed")) }
+            for (resumer, result) in ready { resumer.resume(result) }
+            for resumer in expired { resumer.fail(BrokerError(.timedOut, "deadline passed")) }
             for action in fired { action() }
             ready.removeAll(keepingCapacity: true)
             expired.removeAll(keepingCapacity: true)

@@ -6,23 +6,24 @@ import Synchronization
 /// handshake outcomes and timers from.
 ///
 /// Cheaper than a rendezvous channel where it matters (a boot storm hands each session a few
-/// inputs): `post` never suspends, and `next` suspends only when nothing is queued. Bounded
-/// where a peer decides the rate: an input sent with `send` (a channel frame) is queued at once,
-/// in arrival order, and its sender then waits while more than `capacity` sent inputs are
-/// queued, so a QEMU that streams frames waits for its session, not the broker's memory.
-/// Inputs posted with `post` must be bounded by their producer (one handshake outcome per
-/// attempt, one input per armed timer, coalesced reload notices).
+/// inputs): neither `post` nor `offer` suspends, and `next` suspends only when nothing is
+/// queued. Bounded where a peer decides the rate: an input given with `offer` (a channel
+/// frame) is queued at once, in arrival order, and while more than `capacity` offered inputs
+/// are queued its producer is told to pause until `whenRoom` calls it back, so a QEMU that
+/// streams frames waits for its session, not the broker's memory. Inputs given with `post`
+/// must be bounded by their producer (one handshake outcome per attempt, one input per armed
+/// timer, coalesced reload notices).
 public final class Mailbox<Element: Sendable>: Sendable {
     private struct State {
-        /// Each element with whether it was sent with `send` (those count against the capacity).
-        var queue = Deque<(element: Element, sent: Bool)>()
-        /// Sent elements in `queue`.
+        /// Each element with whether it was offered (those count against the capacity).
+        var queue = Deque<(element: Element, offered: Bool)>()
+        /// Offered elements in `queue`.
         var bounded = 0
         var consumer: (id: UInt64, continuation: CheckedContinuation<Element?, Never>)?
-        /// Senders waiting for the queue to shrink, oldest first.
-        var senders = Deque<(id: UInt64, continuation: CheckedContinuation<Void, Never>)>()
+        /// Producers told to pause, oldest first: called once there is room.
+        var paused = Deque<@Sendable () -> Void>()
         var nextID: UInt64 = 0
-        /// A sender's or the consumer's wait cancelled before it registered.
+        /// The consumer's wait cancelled before it registered.
         var early = EarlyCancellations()
         var finished = false
 
@@ -35,13 +36,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
 
     private let state = Mutex(State())
 
-    private enum SendStep {
-        case done
-        case deliver(CheckedContinuation<Element?, Never>)
-        case wait(UInt64)
-    }
-
-    /// How many sent elements may be queued before their sender waits.
+    /// How many offered elements may be queued before their producer pauses.
     public let capacity: Int
 
     public init(capacity: Int) {
@@ -63,77 +58,55 @@ public final class Mailbox<Element: Sendable>: Sendable {
         consumer?.resume(returning: element)
     }
 
-    /// Queues `element` now, in arrival order (dropped once finished), then waits while more
-    /// than `capacity` sent elements are queued. A cancelled sender stops waiting; its element
-    /// stays queued.
-    public func send(_ element: Element) async {
-        let step = state.withLock { state -> SendStep in
-            if state.finished { return .done }
+    /// Queues `element` now, in arrival order (dropped once finished). True: the producer may
+    /// go on. False: more than `capacity` offered elements are queued; the producer pauses and
+    /// `whenRoom` is called once (never under the mailbox's lock, never from within this call)
+    /// when the consumer has taken enough of them, or when the mailbox finishes.
+    public func offer(_ element: Element, whenRoom: @escaping @Sendable () -> Void) -> Bool {
+        let (consumer, goOn) = state.withLock { state -> (CheckedContinuation<Element?, Never>?, Bool) in
+            if state.finished { return (nil, true) }
             if let consumer = state.consumer {
                 state.consumer = nil
-                return .deliver(consumer.continuation)
+                return (consumer.continuation, true)
             }
             state.queue.append((element, true))
             state.bounded += 1
-            return state.bounded > capacity ? .wait(state.newWait()) : .done
+            guard state.bounded > capacity else { return (nil, true) }
+            state.paused.append(whenRoom)
+            return (nil, false)
         }
-        let id: UInt64
-        switch step {
-        case .done: return
-        case .deliver(let consumer):
-            consumer.resume(returning: element)
-            return
-        case .wait(let wait): id = wait
-        }
-        await withTaskCancellationHandler {
-            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                let resumeNow = state.withLock { state -> Bool in
-                    if state.early.register(id) || state.finished || state.bounded <= capacity { return true }
-                    state.senders.append((id, continuation))
-                    return false
-                }
-                if resumeNow { continuation.resume() }
-            }
-        } onCancel: {
-            let waiting = state.withLock { state -> CheckedContinuation<Void, Never>? in
-                guard let index = state.senders.firstIndex(where: { $0.id == id }) else {
-                    state.early.cancel(id)
-                    return nil
-                }
-                return state.senders.remove(at: index).continuation
-            }
-            waiting?.resume()
-        }
+        consumer?.resume(returning: element)
+        return goOn
     }
 
     /// The next element, waiting for one; nil once finished and drained, or when the
     /// consumer's task is cancelled while it waits.
     public func next() async -> Element? {
-        var admitted: CheckedContinuation<Void, Never>?
+        var admitted: (@Sendable () -> Void)?
         let taken = state.withLock { state -> Element? in
             guard let first = state.queue.popFirst() else { return nil }
-            if first.sent { admitted = admitSender(&state) }
+            if first.offered { admitted = admitProducer(&state) }
             return first.element
         }
         if let taken {
-            admitted?.resume()
+            admitted?()
             return taken
         }
         let id = state.withLock { $0.newWait() }
         return await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Element?, Never>) in
-                var sender: CheckedContinuation<Void, Never>?
+                var admitted: (@Sendable () -> Void)?
                 let immediate = state.withLock { state -> Element?? in
                     let cancelled = state.early.register(id)
                     if let first = state.queue.popFirst() {
-                        if first.sent { sender = admitSender(&state) }
+                        if first.offered { admitted = admitProducer(&state) }
                         return .some(first.element)
                     }
                     if state.finished || cancelled { return .some(nil) }
                     state.consumer = (id, continuation)
                     return .none
                 }
-                sender?.resume()
+                admitted?()
                 if let immediate { continuation.resume(returning: immediate) }
             }
         } onCancel: {
@@ -149,26 +122,26 @@ public final class Mailbox<Element: Sendable>: Sendable {
         }
     }
 
-    /// Ends the mailbox: queued elements are still delivered, new ones are dropped, waiting
-    /// senders return and a waiting consumer gets nil.
+    /// Ends the mailbox: queued elements are still delivered, new ones are dropped, paused
+    /// producers are called back and a waiting consumer gets nil.
     public func finish() {
-        let (consumer, senders) = state.withLock { state in
+        let (consumer, paused) = state.withLock { state in
             state.finished = true
             let consumer = state.consumer
             state.consumer = nil
-            let senders = state.senders
-            state.senders.removeAll()
-            return (consumer, senders)
+            let paused = state.paused
+            state.paused.removeAll()
+            return (consumer, paused)
         }
         consumer?.continuation.resume(returning: nil)
-        for sender in senders { sender.continuation.resume() }
+        for producer in paused { producer() }
     }
 
     /// Elements queued now (for tests and the footprint).
     public var count: Int { state.withLock { $0.queue.count } }
 
-    /// Senders waiting for room (for tests).
-    var waitingSenders: Int { state.withLock { $0.senders.count } }
+    /// Producers paused until there is room (for tests).
+    var pausedProducers: Int { state.withLock { $0.paused.count } }
 
     /// A consumer waits for an element (for tests).
     var hasConsumer: Bool { state.withLock { $0.consumer != nil } }
@@ -177,11 +150,11 @@ public final class Mailbox<Element: Sendable>: Sendable {
     /// nothing may stay behind).
     var pendingWaits: Int { state.withLock { $0.early.count } }
 
-    /// A sent element left the queue: the oldest waiting sender goes on once at most
-    /// `capacity` sent elements are queued.
-    private func admitSender(_ state: inout State) -> CheckedContinuation<Void, Never>? {
+    /// An offered element left the queue: the oldest paused producer goes on once at most
+    /// `capacity` offered elements are queued.
+    private func admitProducer(_ state: inout State) -> (@Sendable () -> Void)? {
         state.bounded -= 1
-        guard state.bounded <= capacity, let sender = state.senders.popFirst() else { return nil }
-        return sender.continuation
+        guard state.bounded <= capacity else { return nil }
+        return state.paused.popFirst()
     }
 }

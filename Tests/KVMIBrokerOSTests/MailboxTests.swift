@@ -3,23 +3,32 @@ import Testing
 
 @testable import KVMIBrokerOS
 
-@Suite("A session's mailbox: order, back-pressure on sent elements, the end")
+/// Counts calls from any thread.
+final class Counter: Sendable {
+    private let count = Atomic<Int>(0)
+    func add() { count.add(1, ordering: .relaxed) }
+    var value: Int { count.load(ordering: .relaxed) }
+}
+
+@Suite("A session's mailbox: order, back-pressure on offered elements, the end")
 struct MailboxTests {
-    /// A mailbox of capacity 1 holding a sent 1, and a sender of 2 that has registered its
-    /// wait (waited for as an event).
-    private func blockedSender() async -> (Mailbox<Int>, Task<Void, Never>) {
+    /// A mailbox of capacity 1 holding an offered 1 and an offered 2, whose producer was told
+    /// to pause; `calls` counts the calls of its `whenRoom`.
+    private func pausedProducer() -> (Mailbox<Int>, calls: Counter) {
         let mailbox = Mailbox<Int>(capacity: 1)
-        await mailbox.send(1)
-        let sender = Task { await mailbox.send(2) }
-        while mailbox.waitingSenders == 0 { await Task.yield() }
-        return (mailbox, sender)
+        let calls = Counter()
+        #expect(mailbox.offer(1) { Issue.record("room with one element queued") })
+        let goOn = mailbox.offer(2) { calls.add() }
+        #expect(!goOn)
+        #expect(mailbox.pausedProducers == 1)
+        return (mailbox, calls)
     }
 
     @Test("elements come out in the order they went in; a waiting consumer gets the next one posted")
     func order() async {
         let mailbox = Mailbox<Int>(capacity: 2)
         mailbox.post(1)
-        await mailbox.send(2)
+        #expect(mailbox.offer(2) { Issue.record("room called without a pause") })
         mailbox.post(3)
         #expect(await mailbox.next() == 1)
         #expect(await mailbox.next() == 2)
@@ -30,31 +39,35 @@ struct MailboxTests {
         #expect(mailbox.pendingWaits == 0)
     }
 
-    @Test("a sender waits while more than `capacity` sent elements are queued; a later post does not overtake its element")
-    func sendersWaitAndKeepTheirPlace() async {
-        let (mailbox, second) = await blockedSender()
+    @Test("a producer pauses past `capacity` offered elements and is called back once; a later post does not overtake its element")
+    func producerPausesAndKeepsItsPlace() async {
+        let (mailbox, calls) = pausedProducer()
         #expect(mailbox.count == 2)
         // A timer's input posted now comes after the frame that was already read (as a RESULT
         // read before its timeout fired must be handled before the timeout).
         mailbox.post(3)
+        #expect(calls.value == 0)
         #expect(await mailbox.next() == 1)
-        await second.value
+        #expect(calls.value == 1)
+        #expect(mailbox.pausedProducers == 0)
         #expect(await mailbox.next() == 2)
         #expect(await mailbox.next() == 3)
+        #expect(calls.value == 1)
         #expect(mailbox.count == 0)
         #expect(mailbox.pendingWaits == 0)
     }
 
-    @Test("finish: queued elements still come out, then nil; new ones are dropped; a waiting sender returns")
+    @Test("finish: queued elements still come out, then nil; new ones are dropped; a paused producer is called back")
     func finish() async {
-        let (mailbox, blocked) = await blockedSender()
+        let (mailbox, calls) = pausedProducer()
         mailbox.finish()
-        await blocked.value
+        #expect(calls.value == 1)
         mailbox.post(3)
-        await mailbox.send(4)
+        #expect(mailbox.offer(4) { Issue.record("room called after the end") })
         #expect(await mailbox.next() == 1)
         #expect(await mailbox.next() == 2)
         #expect(await mailbox.next() == nil)
+        #expect(calls.value == 1)
     }
 
     @Test("a consumer that waits returns nil when its task is cancelled; the next consumer is not affected")
@@ -76,17 +89,5 @@ struct MailboxTests {
         while !mailbox.hasConsumer { await Task.yield() }
         mailbox.post(5)
         #expect(await waiting == 5)
-    }
-
-    @Test("a sender that waits returns when its task is cancelled; its element stays queued")
-    func cancelledSender() async {
-        let (mailbox, sender) = await blockedSender()
-        sender.cancel()
-        await sender.value
-        #expect(mailbox.waitingSenders == 0)
-        #expect(await mailbox.next() == 1)
-        #expect(await mailbox.next() == 2)
-        #expect(mailbox.count == 0)
-        #expect(mailbox.pendingWaits == 0)
     }
 }

@@ -1,0 +1,106 @@
+import CKVMIBroker
+import KVMIBrokerCore
+import Synchronization
+import Testing
+
+@testable import KVMIBrokerOS
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+@Suite("A session's channel reader: a readiness callback on the reactor, paused and resumed, stopped")
+struct ChannelReaderTests {
+    /// What a reader delivered, as text, in order.
+    private struct Fixture {
+        let reactor = IOReactor()
+        let near: Descriptor
+        let far: Descriptor
+        let delivered = Mailbox<String>(capacity: 64)
+        let reader: ChannelReader
+
+        /// `pauseAfter`: the frame seq after which `deliver` asks for a pause.
+        init(pauseAfter: UInt32? = nil) throws {
+            (near, far) = try socketPair()
+            let delivered = delivered
+            reader = ChannelReader(ChannelSocket(near, io: AsyncSocketIO(reactor: reactor))) { event, _ in
+                switch event {
+                case .frame(let frame):
+                    delivered.post("\(frame.seq) on \(currentThread().name)")
+                    return frame.seq != pauseAfter
+                case .closed(let error):
+                    delivered.post("closed \(error.map { "\($0.code)" } ?? "cleanly")")
+                    return false
+                }
+            }
+        }
+
+        func send(_ seqs: ClosedRange<UInt32>) {
+            // EVENT's smallest payload (24 bytes: its header, no event data).
+            let bytes = seqs.flatMap { Channel.Frame(.event, seq: $0, payload: [UInt8](repeating: 0, count: 24)).encoded() }
+            #expect(Glibc.send(far.raw, bytes, bytes.count, 0) == bytes.count)
+        }
+
+        /// Returns once the reactor has finished the turn it is in (a timer's action runs after
+        /// that turn's readiness callbacks): whatever a callback was going to deliver is delivered.
+        func reactorTurn() async {
+            let done = Mailbox<Bool>(capacity: 1)
+            _ = reactor.schedule(at: .now) { done.post(true) }
+            _ = await done.next()
+        }
+    }
+
+    @Test("frames come in order on the reactor's thread; paused, nothing is armed until resumed; the end comes once")
+    func orderPauseResumeEnd() async throws {
+        let fixture = try Fixture(pauseAfter: 2)
+        fixture.send(1...3)
+        fixture.reader.start()
+        #expect(await fixture.delivered.next() == "1 on kvmib-reactor")
+        #expect(await fixture.delivered.next() == "2 on kvmib-reactor")
+        // Frame 3 is waiting in the socket, but the paused reader reads nothing and waits for nothing.
+        await fixture.reactorTurn()
+        #expect(fixture.delivered.count == 0)
+        #expect(fixture.reactor.footprint.waiters == 0)
+        fixture.reader.resume()
+        #expect(await fixture.delivered.next() == "3 on kvmib-reactor")
+        fixture.send(4...4)
+        #expect(await fixture.delivered.next() == "4 on kvmib-reactor")
+        fixture.far.close()
+        #expect(await fixture.delivered.next() == "closed cleanly")
+        await fixture.reactorTurn()
+        #expect(fixture.delivered.count == 0)
+        #expect(fixture.reactor.footprint.descriptors == 0 && fixture.reactor.footprint.waiters == 0)
+    }
+
+    @Test("stop: nothing is delivered once it returns, and nothing stays registered")
+    func stopEndsDelivery() async throws {
+        let fixture = try Fixture()
+        fixture.reader.start()
+        #expect(fixture.reactor.footprint.waiters == 1)
+        fixture.reader.stop()
+        #expect(fixture.reactor.footprint.waiters == 0 && fixture.reactor.footprint.descriptors == 0)
+        fixture.send(1...2)
+        fixture.reader.resume()
+        fixture.reader.start()
+        await fixture.reactorTurn()
+        #expect(fixture.delivered.count == 0)
+    }
+
+    @Test("a frame split over several reads is put together; a descriptor from the peer ends the reading as a protocol violation")
+    func partialFramesAndDescriptors() async throws {
+        let fixture = try Fixture()
+        fixture.reader.start()
+        let bytes = Channel.Frame(.event, seq: 7, payload: [UInt8](repeating: 9, count: 300)).encoded()
+        #expect(Glibc.send(fixture.far.raw, bytes, 10, 0) == 10)
+        await fixture.reactorTurn()
+        #expect(fixture.delivered.count == 0)
+        #expect(Glibc.send(fixture.far.raw, Array(bytes[10...]), bytes.count - 10, 0) == bytes.count - 10)
+        #expect(await fixture.delivered.next() == "7 on kvmib-reactor")
+        let frame = Channel.Frame(.event, seq: 8, payload: [UInt8](repeating: 0, count: 24)).encoded()
+        let passed = try socketPair()
+        let sent = frame.withUnsafeBytes { kvmib_send_with_fd(fixture.far.raw, $0.baseAddress, $0.count, passed.0.raw) }
+        #expect(sent == frame.count)
+        #expect(await fixture.delivered.next() == "closed protocolViolation")
+        #expect(fixture.reactor.footprint.waiters == 0)
+    }
+}
