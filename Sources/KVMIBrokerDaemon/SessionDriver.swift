@@ -14,9 +14,9 @@ import Synchronization
 /// are queued: a QEMU that streams frames waits for the session to take them and never keeps a
 /// thread); at most one handshake, one request and one timer of each kind are outstanding, each
 /// tagged with an id so that a late outcome or a stale timeout is recognised and dropped. The
-/// timers are entries in the reactor's deadline heap (cancelled at the end); the handshake is
-/// the session's only other task. The reader is stopped and the handshake has ended before the
-/// channel descriptor is closed.
+/// timers are entries in the reactor's deadline heap (cancelled at the end) and the handshake
+/// is driven by the reactor's callbacks (`HandshakeAttempt`): the session is the only task.
+/// The reader is stopped and the handshake cancelled before the channel descriptor is closed.
 final class SessionDriver: Sendable {
     enum Input: Sendable {
         case frame(Channel.Frame)
@@ -225,15 +225,7 @@ final class SessionDriver: Sendable {
         let inputs = admitted.inputs
         // The reader: a readiness callback on the reactor, not a task. Each frame is queued at
         // once; past the mailbox's bound the reader pauses until the session takes one.
-        let reader = ChannelReader(socket) { event, reader in
-            switch event {
-            case .frame(let frame):
-                return inputs.offer(.frame(frame)) { [weak reader] in reader?.resume() }
-            case .closed(let error):
-                inputs.post(.closed(error))
-                return false
-            }
-        }
+        let reader = ChannelReader(socket, feeding: inputs, frame: { .frame($0) }, closed: { .closed($0) })
         reader.start()
         var state = LoopState(
             machine: GuestSessionMachine(allowLists: .kernelDefaults(.v12)),
@@ -244,7 +236,13 @@ final class SessionDriver: Sendable {
             hello: hello, name: admitted.name, metadata: admitted.metadata, nova: admitted.nova, token: admitted.token, inputs: inputs,
             reload: admitted.reload,
             logger: admitted.logger)
-        await loop(session, state: &state)
+        // A cancelled session (the broker shutting down) stops reading at once: it drains what
+        // is queued, however fast its QEMU streams.
+        await withTaskCancellationHandler {
+            await loop(session, state: &state)
+        } onCancel: {
+            reader.stop()
+        }
         configuration.metrics?.moved(from: state.standing, to: nil)
         // Teardown, structured: nothing the session started outlives it. The reader stops
         // before the descriptor can close (no late read of a reused descriptor number).
@@ -252,10 +250,9 @@ final class SessionDriver: Sendable {
         inputs.finish()
         state.stopWatching(configuration.endpointWatcher)
         for alarm in [state.retryAlarm, state.resultAlarm, state.unhookAlarm, state.survivalAlarm] { alarm?.cancel() }
-        // The current handshake and any superseded one still finishing.
-        let handshakes = Array(state.supersededHandshakes.values) + [state.handshakeTask].compactMap { $0 }
-        for handshake in handshakes { handshake.cancel() }
-        for handshake in handshakes { await handshake.value }
+        // The handshake in progress, if any: its socket is closed and its turn given back
+        // before `cancel` returns (a superseded one was cancelled the same way).
+        state.supersede()
         state.pendingOutcome?.descriptor.close()
         for request in state.queued { request.descriptor?.close() }
     }
@@ -462,13 +459,12 @@ final class SessionDriver: Sendable {
             }
         case .handshake(let attempt, let outcome):
             guard attempt == state.handshakeAttempt else {
-                // A superseded attempt (cancelled by a pause, a policy change, ...): never its success.
-                // Its task posted this as its last act: it needs no waiting for at the end.
-                state.supersededHandshakes[attempt] = nil
+                // A superseded attempt (cancelled by a pause, a policy change, ...): never its
+                // success (one that completed just before it was superseded).
                 if case .success(let late) = outcome { late.descriptor.close() }
                 return []
             }
-            state.handshakeTask = nil
+            state.handshake = nil
             state.handshakeAttempt = nil
             switch outcome {
             case .success(let outcome):
@@ -566,10 +562,8 @@ final class SessionDriver: Sendable {
         /// Requests decided while another was outstanding, sent in order as RESULTs arrive.
         var queued: [QueuedRequest] = []
         var nextID: UInt64 = 0
-        var handshakeTask: Task<Void, Never>?
-        /// Cancelled attempts whose outcome has not come back yet, by attempt: awaited at the
-        /// end like the current one (at most a few: each ends soon after its cancellation).
-        var supersededHandshakes: [UInt64: Task<Void, Never>] = [:]
+        /// The handshake in progress: driven by the reactor's callbacks, not a task.
+        var handshake: HandshakeAttempt?
         var handshakeAttempt: UInt64?
         var retryAlarm: SessionAlarm?
         var retryTimer: UInt64?
@@ -659,13 +653,11 @@ final class SessionDriver: Sendable {
             channelVersion >= 2 ? plan?.applied(lists) : nil
         }
 
-        /// Cancels the handshake in progress, if any; its late outcome will be dropped.
+        /// Cancels the handshake in progress, if any: at once (its socket closed, its turn
+        /// given back); the `cancelled` outcome it posts is dropped as stale.
         mutating func supersede() {
-            if let task = handshakeTask, let attempt = handshakeAttempt {
-                task.cancel()
-                supersededHandshakes[attempt] = task
-            }
-            handshakeTask = nil
+            handshake?.cancel()
+            handshake = nil
             handshakeAttempt = nil
         }
 
@@ -825,22 +817,13 @@ final class SessionDriver: Sendable {
                 let name = plan.introspectorName
                 parameters.onBusy = { metrics.busy(introspector: name) }
             }
-            let connector = self.connector
             let endpoint = plan.endpoint
             state.attemptEndpoint = endpoint
             let attempt = state.newID()
             state.supersede()
             state.handshakeAttempt = attempt
-            // On the session's executor (the reactor's thread), as the session is.
-            state.handshakeTask = Task(executorPreference: socket.reactor) {
-                let outcome: Result<HandshakeOutcome, BrokerError>
-                do {
-                    outcome = .success(try await connector.connectAndHandshake(to: endpoint, parameters))
-                } catch let error as BrokerError {
-                    outcome = .failure(error)
-                } catch {
-                    outcome = .failure(BrokerError(.io, "\(error)"))
-                }
+            // Driven by the reactor's callbacks (no task); the outcome comes as an input.
+            state.handshake = connector.start(to: endpoint, parameters) { outcome in
                 inputs.post(.handshake(attempt: attempt, outcome))
             }
         case .sendHook(let lists):

@@ -19,4 +19,10 @@ public final class BlockingWork: Sendable {
             thread.submit { continuation.resume(returning: body()) }
         }
     }
+
+    /// Runs `body` on the thread, for a caller that is not a task (a callback that continues
+    /// from `body` itself). Not cancellable once queued: keep `body` short and bounded.
+    public func submit(_ body: @escaping @Sendable () -> Void) {
+        thread.submit(body)
+    }
 }

@@ -124,14 +124,33 @@ public final class ChannelReader: Sendable {
     }
 
     private let socket: ChannelSocket
-    /// Called on the reactor's thread with this reader's lock held: it must not call back into
-    /// the reader (`resume` is for later, from the consumer). Returns false to pause.
+    /// Called with this reader's lock held, on the reactor's thread (or, when the descriptor
+    /// cannot be armed, on the thread that called `start` or `resume`, with `.closed`): it must
+    /// not call back into the reader (`resume` is for later, from the consumer). Returns false
+    /// to pause.
     private let deliver: @Sendable (Event, ChannelReader) -> Bool
     private let state = Mutex(State())
 
     public init(_ socket: ChannelSocket, deliver: @escaping @Sendable (Event, ChannelReader) -> Bool) {
         self.socket = socket
         self.deliver = deliver
+    }
+
+    /// A reader that queues each frame in `mailbox`, pausing while more than its capacity are
+    /// queued until the consumer takes one, and posts the end: a guest session's reader.
+    public convenience init<Element: Sendable>(
+        _ socket: ChannelSocket, feeding mailbox: Mailbox<Element>, frame: @escaping @Sendable (Channel.Frame) -> Element,
+        closed: @escaping @Sendable (BrokerError?) -> Element
+    ) {
+        self.init(socket) { event, reader in
+            switch event {
+            case .frame(let received):
+                return mailbox.offer(frame(received)) { [weak reader] in reader?.resume() }
+            case .closed(let error):
+                mailbox.post(closed(error))
+                return false
+            }
+        }
     }
 
     /// Starts reading (once): frames are delivered as the descriptor reports them.

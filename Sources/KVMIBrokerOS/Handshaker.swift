@@ -119,33 +119,45 @@ public final class HandshakeTurn: Sendable {
 public final class HandshakePacer: Sendable {
     public let limit: Int
 
+    /// Who waits for a turn: a task (`turn(at:)`) or a callback (`request(at:_:)`).
+    private enum Waiter {
+        case task(CheckedContinuation<Void, any Error>)
+        case callback(@Sendable (HandshakeTurn) -> Void)
+    }
+
     private struct Lane {
         var inFlight = 0
-        var queue = Deque<(id: UInt64, continuation: CheckedContinuation<Void, any Error>)>()
+        var queue = Deque<(id: UInt64, waiter: Waiter)>()
 
         var isIdle: Bool { inFlight == 0 && queue.isEmpty }
 
         /// True: run now; nil: queued.
-        mutating func admit(_ id: UInt64, _ continuation: CheckedContinuation<Void, any Error>, limit: Int) -> Bool? {
+        mutating func admit(_ id: UInt64, _ waiter: Waiter, limit: Int) -> Bool? {
             if inFlight < limit && queue.isEmpty {
                 inFlight += 1
                 return true
             }
-            queue.append((id, continuation))
+            queue.append((id, waiter))
             return nil
         }
 
-        mutating func withdraw(_ id: UInt64) -> CheckedContinuation<Void, any Error>? {
+        mutating func withdraw(_ id: UInt64) -> Waiter? {
             guard let index = queue.firstIndex(where: { $0.id == id }) else { return nil }
-            return queue.remove(at: index).continuation
+            return queue.remove(at: index).waiter
         }
 
         /// A slot is free: it passes to the next in line, if any.
-        mutating func release() -> CheckedContinuation<Void, any Error>? {
-            if let next = queue.popFirst() { return next.continuation }
+        mutating func release() -> (id: UInt64, waiter: Waiter)? {
+            if let next = queue.popFirst() { return next }
             inFlight -= 1
             return nil
         }
+    }
+
+    /// A request made with `request(at:_:)`, for `withdraw`.
+    public struct Ticket: Sendable {
+        fileprivate let key: String
+        fileprivate let id: UInt64
     }
 
     private struct State {
@@ -192,7 +204,7 @@ public final class HandshakePacer: Sendable {
                 // would copy its queue, O(guests) per step in a boot storm.
                 let outcome = state.withLock { state -> Bool? in
                     if state.early.register(id) { return false }
-                    return state.lanes[key, default: Lane()].admit(id, continuation, limit: limit)
+                    return state.lanes[key, default: Lane()].admit(id, .task(continuation), limit: limit)
                 }
                 switch outcome {
                 case true?: continuation.resume()
@@ -201,25 +213,56 @@ public final class HandshakePacer: Sendable {
                 }
             }
         } onCancel: {
-            let waiter = state.withLock { state -> CheckedContinuation<Void, any Error>? in
+            let waiter = state.withLock { state -> Waiter? in
                 guard let waiter = state.lanes[key]?.withdraw(id) else {
                     state.early.cancel(id)
                     return nil
                 }
+                if state.lanes[key]?.isIdle == true { state.lanes[key] = nil }
                 return waiter
             }
-            waiter?.resume(throwing: BrokerError(.cancelled, "cancelled while queued for the introspector"))
+            if case .task(let continuation) = waiter {
+                continuation.resume(throwing: BrokerError(.cancelled, "cancelled while queued for the introspector"))
+            }
         }
         return HandshakeTurn(pacer: self, key: key, id: id)
     }
 
+    /// Asks for a turn at `endpoint` without a task: `grant` gets it once a slot is free, at
+    /// once (before this returns) if one is free now, else from the thread that ends another
+    /// turn. `withdraw` takes back a request still queued.
+    public func request(at endpoint: IntrospectorEndpoint, _ grant: @escaping @Sendable (HandshakeTurn) -> Void) -> Ticket {
+        let key = endpoint.description
+        let (id, now) = state.withLock { state -> (UInt64, Bool) in
+            let id = state.nextID
+            state.nextID += 1
+            return (id, state.lanes[key, default: Lane()].admit(id, .callback(grant), limit: limit) == true)
+        }
+        if now { grant(HandshakeTurn(pacer: self, key: key, id: id)) }
+        return Ticket(key: key, id: id)
+    }
+
+    /// Takes back a request still queued (its `grant` is not called); false if it was granted.
+    @discardableResult
+    public func withdraw(_ ticket: Ticket) -> Bool {
+        state.withLock { state in
+            guard state.lanes[ticket.key]?.withdraw(ticket.id) != nil else { return false }
+            if state.lanes[ticket.key]?.isIdle == true { state.lanes[ticket.key] = nil }
+            return true
+        }
+    }
+
     fileprivate func release(_ key: String, _ id: UInt64) {
-        let next = state.withLock { state -> CheckedContinuation<Void, any Error>? in
+        let next = state.withLock { state -> (id: UInt64, waiter: Waiter)? in
             let next = state.lanes[key]?.release()
             if state.lanes[key]?.isIdle == true { state.lanes[key] = nil }
             return next
         }
-        next?.resume()
+        guard let next else { return }
+        switch next.waiter {
+        case .task(let continuation): continuation.resume()
+        case .callback(let grant): grant(HandshakeTurn(pacer: self, key: key, id: next.id))
+        }
     }
 }
 
@@ -238,102 +281,408 @@ public struct IntrospectorConnector: Sendable {
     /// failure the socket is closed and the error names the endpoint. With a pacer, waits for
     /// the endpoint's turn first; the deadline starts when the turn comes.
     public func connectAndHandshake(to endpoint: IntrospectorEndpoint, _ parameters: HandshakeParameters) async throws -> HandshakeOutcome {
-        guard let pacer else { return try await attempt(endpoint, parameters) }
-        let turn = try await pacer.turn(at: endpoint)
-        var outcome = try await attempt(endpoint, parameters)
-        outcome.turn = turn
-        return outcome
-    }
-
-    private func attempt(_ endpoint: IntrospectorEndpoint, _ parameters: HandshakeParameters) async throws -> HandshakeOutcome {
-        let clock = ContinuousClock()
-        let start = clock.now
-        let deadline = start.advanced(by: parameters.timeout)
-        do {
-            let descriptor: Descriptor
-            do {
-                descriptor = try await connectWhenNotBusy(endpoint, until: deadline, onBusy: parameters.onBusy)
-            } catch let error as BrokerError where error.code == .timedOut {
-                throw BrokerError(.timedOut, "no connection within \(format(parameters.timeout))")
-            }
-            let connected = clock.now
-            if let allowed = parameters.allowedPeer {
-                let fd = descriptor.raw
-                if let problem = await BlockingWork.shared.run({ allowed.problem(with: fd, endpoint: endpoint) }) {
-                    descriptor.close()
-                    throw BrokerError(.authenticationFailed, "refusing the introspector before the handshake: \(problem)")
+        let started = Mutex<(attempt: HandshakeAttempt?, cancelled: Bool)>((nil, false))
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<HandshakeOutcome, any Error>) in
+                let attempt = start(to: endpoint, parameters) { continuation.resume(with: $0) }
+                let cancelled = started.withLock { started in
+                    started.attempt = attempt
+                    return started.cancelled
                 }
+                if cancelled { attempt.cancel() }
             }
-            do {
-                let (sent, reply, authenticated) = try await handshake(on: descriptor.raw, parameters, until: deadline)
-                return HandshakeOutcome(
-                    endpoint: endpoint, descriptor: descriptor, bytesSent: sent, reply: reply, authenticated: authenticated,
-                    connectDuration: start.duration(to: connected), handshakeDuration: connected.duration(to: clock.now))
-            } catch {
-                descriptor.close()
-                throw error
+        } onCancel: {
+            let attempt = started.withLock { started in
+                started.cancelled = true
+                return started.attempt
             }
-        } catch let error as BrokerError {
-            throw error.located(at: endpoint.description)
+            attempt?.cancel()
         }
     }
 
-    /// A unix listener whose backlog is full answers EAGAIN: the tool is busy with another
-    /// guest, not gone. Try again promptly, with a little jitter, until the deadline.
-    private func connectWhenNotBusy(
-        _ endpoint: IntrospectorEndpoint, until deadline: ContinuousClock.Instant, onBusy: (@Sendable () -> Void)? = nil
-    ) async throws -> Descriptor {
+    /// Starts connecting and handshaking without a task (what a session does per attempt: the
+    /// reactor's callbacks drive it). `completion` is called exactly once: with the outcome, or
+    /// with `cancelled` from within `cancel` if that comes first.
+    public func start(
+        to endpoint: IntrospectorEndpoint, _ parameters: HandshakeParameters,
+        completion: @escaping @Sendable (Result<HandshakeOutcome, BrokerError>) -> Void
+    ) -> HandshakeAttempt {
+        let attempt = HandshakeAttempt(endpoint: endpoint, parameters: parameters, reactor: io.reactor, pacer: pacer, completion: completion)
+        attempt.begin()
+        return attempt
+    }
+}
+
+/// One connect and handshake, driven by the reactor's readiness callbacks and timers instead
+/// of a task: the session's handshake in a boot storm costs no task, no task switch per step.
+/// Steps: the pacer's turn (the deadline starts then), a non-blocking connect (a full listen
+/// backlog is "busy": retried after 1 ms doubling to 20 ms, with jitter, until the deadline),
+/// the `AllowedPeer` check on `BlockingWork`'s thread, the request, the reply read exactly,
+/// the cookie. Every step runs under the attempt's lock, so `cancel` (from any thread) never
+/// races a system call on the socket: once it returns, the socket is closed (during the
+/// `AllowedPeer` check, when that check returns), the turn given back and no step runs again.
+public final class HandshakeAttempt: Sendable {
+    private enum Phase {
+        case queued
+        case connecting(Descriptor)
+        case busy
+        case checkingPeer(Descriptor)
+        case sending(Descriptor, offset: Int)
+        case reading(Descriptor, HandshakeReplyReader)
+        case done
+    }
+
+    private struct State {
+        var phase = Phase.queued
+        var ticket: HandshakePacer.Ticket?
+        var turn: HandshakeTurn?
+        var watch: IOReactor.Watch?
+        var deadlineTimer: IOReactor.Timer?
+        var retryTimer: IOReactor.Timer?
+        var started = ContinuousClock.now
+        var deadline = ContinuousClock.now
+        var connected = ContinuousClock.now
+        var busyTries = 0
         var pause = Duration.milliseconds(1)
-        var busy = 0
-        while true {
-            do {
-                return try await io.connect(to: endpoint, until: deadline)
-            } catch let error as BrokerError where error.code == .busy {
-                if busy == 0 { onBusy?() }
-                busy += 1
-                let jittered = pause * Double.random(in: 0.5...1.5)
-                guard ContinuousClock.now.advanced(by: jittered) < deadline else {
-                    throw BrokerError(.timedOut, "the introspector stayed busy (full listen backlog, \(busy) tries)", errno: EAGAIN)
-                }
-                try await Task.sleep(for: jittered)
-                pause = min(pause * 2, .milliseconds(20))
+    }
+
+    /// What a step leaves to do once the lock is released.
+    private struct Finish {
+        var result: Result<HandshakeOutcome, BrokerError>
+        var turn: HandshakeTurn?
+        var ticket: HandshakePacer.Ticket?
+    }
+
+    private let endpoint: IntrospectorEndpoint
+    private let parameters: HandshakeParameters
+    private let request: [UInt8]
+    private let reactor: IOReactor
+    private let completion: @Sendable (Result<HandshakeOutcome, BrokerError>) -> Void
+    private let pacer: HandshakePacer?
+    private let state = Mutex(State())
+
+    fileprivate init(
+        endpoint: IntrospectorEndpoint, parameters: HandshakeParameters, reactor: IOReactor, pacer: HandshakePacer?,
+        completion: @escaping @Sendable (Result<HandshakeOutcome, BrokerError>) -> Void
+    ) {
+        self.endpoint = endpoint
+        self.parameters = parameters
+        self.request = parameters.request.encoded(for: parameters.abi)
+        self.reactor = reactor
+        self.pacer = pacer
+        self.completion = completion
+    }
+
+    fileprivate func begin() {
+        guard let pacer else {
+            granted(nil)
+            return
+        }
+        // The turn may be granted within `request` (a slot is free): `granted` runs first then.
+        let ticket = pacer.request(at: endpoint) { [self] turn in granted(turn) }
+        let withdraw = state.withLock { state -> Bool in
+            switch state.phase {
+            case .queued:
+                state.ticket = ticket
+                return false
+            case .done:
+                return true
+            default:
+                return false
             }
+        }
+        if withdraw { pacer.withdraw(ticket) }
+    }
+
+    /// Ends the attempt unless it has ended: `completion` gets `cancelled` (before this
+    /// returns), the socket is closed and the turn given back.
+    public func cancel() {
+        let finish = state.withLock { state -> Finish? in
+            finished(.failure(BrokerError(.cancelled, "cancelled")), &state)
+        }
+        deliver(finish)
+    }
+
+    /// The turn came (nil: no pacer). Cancelled meanwhile, the attempt ignores it and the turn
+    /// goes back when this returns, after the lock.
+    private func granted(_ turn: HandshakeTurn?) {
+        let finish = state.withLock { state -> Finish? in
+            guard case .queued = state.phase else { return nil }
+            state.ticket = nil
+            state.turn = turn
+            state.started = .now
+            state.deadline = state.started.advanced(by: parameters.timeout)
+            state.deadlineTimer = reactor.schedule(at: state.deadline) { [self] in timedOut() }
+            return connect(&state)
+        }
+        deliver(finish)
+    }
+
+    private func connect(_ state: inout State) -> Finish? {
+        let address = SocketAddress(endpoint)
+        let raw = socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard raw >= 0 else {
+            let error = errno
+            return finished(.failure(BrokerError(.io, "socket() failed: \(String(cString: strerror(error)))", errno: error)), &state)
+        }
+        let descriptor = Descriptor(adopting: raw)
+        var result: Int32
+        repeat {
+            result = address.withPointer { Glibc.connect(raw, $0, $1) }
+        } while result < 0 && errno == EINTR
+        if result == 0 { return connected(descriptor, &state) }
+        let error = errno
+        if error == EAGAIN && address.family == AF_UNIX {
+            // The listen backlog is full: the tool is busy with another guest, not gone.
+            descriptor.close()
+            if state.busyTries == 0 { parameters.onBusy?() }
+            state.busyTries += 1
+            let jittered = state.pause * Double.random(in: 0.5...1.5)
+            guard ContinuousClock.now.advanced(by: jittered) < state.deadline else {
+                return finished(.failure(noConnection()), &state)
+            }
+            state.phase = .busy
+            state.retryTimer = reactor.schedule(at: .now.advanced(by: jittered)) { [self] in retryConnect() }
+            state.pause = min(state.pause * 2, .milliseconds(20))
+            return nil
+        }
+        guard error == EINPROGRESS else {
+            descriptor.close()
+            return finished(.failure(BrokerError(.connectFailed, "cannot connect: \(String(cString: strerror(error)))", errno: error)), &state)
+        }
+        state.phase = .connecting(descriptor)
+        return watch(.writable, descriptor, &state)
+    }
+
+    private func retryConnect() {
+        let finish = state.withLock { state -> Finish? in
+            guard case .busy = state.phase else { return nil }
+            state.retryTimer = nil
+            return connect(&state)
+        }
+        deliver(finish)
+    }
+
+    /// The socket is connected: the peer check, or the request.
+    private func connected(_ descriptor: Descriptor, _ state: inout State) -> Finish? {
+        state.connected = .now
+        guard let allowed = parameters.allowedPeer else {
+            state.phase = .sending(descriptor, offset: 0)
+            return send(&state)
+        }
+        // Resolving user names may block (NSS): on the blocking thread, before a byte of the
+        // handshake (the guest's UUID and name) is sent.
+        state.phase = .checkingPeer(descriptor)
+        let fd = descriptor.raw
+        let endpoint = self.endpoint
+        BlockingWork.shared.submit { [self] in
+            let problem = allowed.problem(with: fd, endpoint: endpoint)
+            let finish = self.state.withLock { state -> Finish? in
+                guard case .checkingPeer = state.phase else {
+                    // Ended meanwhile: the socket was left open for this check (its number
+                    // must not be reused under it) and is closed now.
+                    descriptor.close()
+                    return nil
+                }
+                if let problem {
+                    descriptor.close()
+                    return finished(
+                        .failure(BrokerError(.authenticationFailed, "refusing the introspector before the handshake: \(problem)")), &state)
+                }
+                state.phase = .sending(descriptor, offset: 0)
+                return send(&state)
+            }
+            deliver(finish)
+        }
+        return nil
+    }
+
+    private func send(_ state: inout State) -> Finish? {
+        guard case .sending(let descriptor, var offset) = state.phase else { return nil }
+        while offset < request.count {
+            let written = request.withUnsafeBytes { raw in
+                Glibc.send(descriptor.raw, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+            }
+            if written > 0 {
+                offset += written
+                continue
+            }
+            let error = errno
+            if error == EINTR { continue }
+            if error == EAGAIN {
+                state.phase = .sending(descriptor, offset: offset)
+                return watch(.writable, descriptor, &state)
+            }
+            if error == EPIPE || error == ECONNRESET {
+                return finished(
+                    .failure(
+                        BrokerError(
+                            .peerClosed, "the peer closed the connection after \(offset) of \(request.count) bytes were sent", errno: error)),
+                    &state)
+            }
+            return finished(.failure(BrokerError(.io, "send failed after \(offset) of \(request.count) bytes", errno: error)), &state)
+        }
+        state.phase = .reading(descriptor, HandshakeReplyReader())
+        return read(&state)
+    }
+
+    private func read(_ state: inout State) -> Finish? {
+        guard case .reading(let descriptor, let progress) = state.phase else { return nil }
+        var reader = progress
+        // Into a buffer on the stack: nothing is held between two callbacks but the reader.
+        return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 4096) { buffer -> Finish? in
+            read(descriptor, &reader, into: buffer, &state)
         }
     }
 
-    /// The handshake on an already connected socket: returns bytes sent, the reply, and
-    /// whether the cookie was checked.
-    public func handshake(on fd: Int32, _ parameters: HandshakeParameters, until deadline: ContinuousClock.Instant) async throws -> (
-        Int, HandshakeReply, Bool
-    ) {
-        let request = parameters.request.encoded(for: parameters.abi)
-        do {
-            try await io.writeAll(request, to: fd, until: deadline)
-        } catch let error as BrokerError where error.code == .timedOut {
-            throw BrokerError(.timedOut, "the introspector did not accept the \(request.count)-byte handshake within \(format(parameters.timeout))")
-        }
-        var reader = HandshakeReplyReader()
+    private func read(
+        _ descriptor: Descriptor, _ reader: inout HandshakeReplyReader, into buffer: UnsafeMutableBufferPointer<UInt8>, _ state: inout State
+    ) -> Finish? {
         while true {
-            let chunk: [UInt8]
-            do {
-                chunk = try await io.readSome(from: fd, limit: min(reader.readLimit, 4096), until: deadline)
-            } catch let error as BrokerError where error.code == .timedOut {
-                throw BrokerError(
-                    .timedOut,
-                    "no complete handshake reply within \(format(parameters.timeout)) (\(reader.bytesRead) bytes received)")
-            }
-            if chunk.isEmpty {
-                throw BrokerError(
-                    .peerClosed, "the introspector closed the connection after \(reader.bytesRead) bytes of its handshake reply")
-            }
-            if case .complete(let reply) = try reader.consume(chunk) {
-                guard let expected = parameters.expectedCookie else { return (request.count, reply, false) }
-                guard reply.cookieHash.constantTimeEquals(expected) else {
-                    throw BrokerError(.authenticationFailed, "cookie rejected: the introspector's hash does not match the SHA-1 of the shared secret")
+            let count = Glibc.recv(descriptor.raw, buffer.baseAddress!, min(reader.readLimit, buffer.count), Int32(MSG_DONTWAIT))
+            if count < 0 {
+                let error = errno
+                if error == EINTR { continue }
+                if error == EAGAIN {
+                    state.phase = .reading(descriptor, reader)
+                    return watch(.readable, descriptor, &state)
                 }
-                return (request.count, reply, true)
+                if error != ECONNRESET { return finished(.failure(BrokerError(.io, "recv failed", errno: error)), &state) }
+            }
+            if count <= 0 {
+                return finished(
+                    .failure(
+                        BrokerError(.peerClosed, "the introspector closed the connection after \(reader.bytesRead) bytes of its handshake reply")),
+                    &state)
+            }
+            let progress: HandshakeReplyReader.Progress
+            do {
+                progress = try reader.consume(UnsafeBufferPointer(rebasing: buffer[..<count]))
+            } catch {
+                return finished(.failure(error), &state)
+            }
+            guard case .complete(let reply) = progress else { continue }
+            var authenticated = false
+            if let expected = parameters.expectedCookie {
+                guard reply.cookieHash.constantTimeEquals(expected) else {
+                    return finished(
+                        .failure(
+                            BrokerError(
+                                .authenticationFailed, "cookie rejected: the introspector's hash does not match the SHA-1 of the shared secret")),
+                        &state)
+                }
+                authenticated = true
+            }
+            let now = ContinuousClock.now
+            let outcome = HandshakeOutcome(
+                endpoint: endpoint, descriptor: descriptor, bytesSent: request.count, reply: reply, authenticated: authenticated,
+                connectDuration: state.started.duration(to: state.connected), handshakeDuration: state.connected.duration(to: now))
+            return finished(.success(outcome), &state)
+        }
+    }
+
+    /// Waits for `events` on the socket; the step runs again from the callback.
+    private func watch(_ events: IOEvents, _ descriptor: Descriptor, _ state: inout State) -> Finish? {
+        do {
+            state.watch = try reactor.whenReady(events, on: descriptor.raw) { [self] _ in ready() }
+            return nil
+        } catch {
+            return finished(.failure(error as? BrokerError ?? BrokerError(.io, "\(error)")), &state)
+        }
+    }
+
+    private func ready() {
+        let finish = state.withLock { state -> Finish? in
+            state.watch = nil
+            switch state.phase {
+            case .connecting(let descriptor):
+                var socketError: Int32 = 0
+                var length = socklen_t(MemoryLayout<Int32>.size)
+                _ = getsockopt(descriptor.raw, SOL_SOCKET, SO_ERROR, &socketError, &length)
+                guard socketError == 0 else {
+                    return finished(
+                        .failure(BrokerError(.connectFailed, "cannot connect: \(String(cString: strerror(socketError)))", errno: socketError)),
+                        &state)
+                }
+                return connected(descriptor, &state)
+            case .sending: return send(&state)
+            case .reading: return read(&state)
+            case .queued, .busy, .checkingPeer, .done: return nil
             }
         }
+        deliver(finish)
+    }
+
+    private func timedOut() {
+        let finish = state.withLock { state -> Finish? in
+            state.deadlineTimer = nil
+            let timeout = format(parameters.timeout)
+            switch state.phase {
+            case .queued, .done:
+                return nil
+            case .connecting, .busy:
+                return finished(.failure(noConnection()), &state)
+            case .sending:
+                return finished(
+                    .failure(BrokerError(.timedOut, "the introspector did not accept the \(request.count)-byte handshake within \(timeout)")),
+                    &state)
+            case .checkingPeer:
+                return finished(.failure(BrokerError(.timedOut, "no complete handshake reply within \(timeout) (0 bytes received)")), &state)
+            case .reading(_, let reader):
+                return finished(
+                    .failure(BrokerError(.timedOut, "no complete handshake reply within \(timeout) (\(reader.bytesRead) bytes received)")),
+                    &state)
+            }
+        }
+        deliver(finish)
+    }
+
+    private func noConnection() -> BrokerError {
+        BrokerError(.timedOut, "no connection within \(format(parameters.timeout))")
+    }
+
+    /// Ends the attempt (once): disarms it, closes the socket unless it is the outcome's, and
+    /// returns what to do after the lock (deliver, give the turn back, withdraw from the queue).
+    private func finished(_ result: Result<HandshakeOutcome, BrokerError>, _ state: inout State) -> Finish? {
+        switch state.phase {
+        case .done:
+            return nil
+        case .connecting(let descriptor), .sending(let descriptor, _), .reading(let descriptor, _):
+            if case .failure = result { descriptor.close() }
+        case .checkingPeer:
+            // The check on the blocking thread still uses the socket: it closes it when it returns.
+            break
+        case .queued, .busy:
+            break
+        }
+        state.phase = .done
+        if let watch = state.watch { reactor.cancel(watch) }
+        if let timer = state.deadlineTimer { reactor.cancel(timer) }
+        if let timer = state.retryTimer { reactor.cancel(timer) }
+        state.watch = nil
+        state.deadlineTimer = nil
+        state.retryTimer = nil
+        let turn = state.turn
+        state.turn = nil
+        let ticket = state.ticket
+        state.ticket = nil
+        switch result {
+        case .success(var outcome):
+            // The turn stays with the outcome until it is dropped (the HOOK sent).
+            outcome.turn = turn
+            return Finish(result: .success(outcome), turn: nil, ticket: ticket)
+        case .failure(let error):
+            return Finish(result: .failure(error.located(at: endpoint.description)), turn: turn, ticket: ticket)
+        }
+    }
+
+    /// After the lock: the queue withdrawn from, the turn given back (which may start the next
+    /// attempt in line), then the completion.
+    private func deliver(_ finish: Finish?) {
+        guard var finish else { return }
+        if let ticket = finish.ticket { pacer?.withdraw(ticket) }
+        finish.turn = nil
+        completion(finish.result)
     }
 }
 

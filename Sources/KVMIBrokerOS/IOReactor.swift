@@ -192,10 +192,10 @@ public final class IOReactor: Sendable {
         return Watch(token: try result.get())
     }
 
-    /// Disarms `watch`; true if its handler had not been called. On the reactor's thread (as
-    /// every handler runs) it is then never called; from another thread a report already
-    /// taken may still call it once, so a handler that must not run after this checks a flag
-    /// of its own.
+    /// Disarms `watch`; true if its report had not been taken yet. A report already taken
+    /// (by the turn in progress, when this is called from another handler or a timer's action,
+    /// or by a turn running meanwhile on the reactor's thread) still calls the handler once, so
+    /// a handler that must not run after this checks a flag of its own.
     @discardableResult
     public func cancel(_ watch: Watch) -> Bool {
         state.withLock { state in remove(token: watch.token, from: &state) != nil }

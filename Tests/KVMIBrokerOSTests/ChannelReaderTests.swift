@@ -93,7 +93,6 @@ struct ChannelReaderTests {
         let bytes = Channel.Frame(.event, seq: 7, payload: [UInt8](repeating: 9, count: 300)).encoded()
         #expect(Glibc.send(fixture.far.raw, bytes, 10, 0) == 10)
         await fixture.reactorTurn()
-        #expect(fixture.delivered.count == 0)
         #expect(Glibc.send(fixture.far.raw, Array(bytes[10...]), bytes.count - 10, 0) == bytes.count - 10)
         #expect(await fixture.delivered.next() == "7 on kvmib-reactor")
         let frame = Channel.Frame(.event, seq: 8, payload: [UInt8](repeating: 0, count: 24)).encoded()
@@ -102,5 +101,33 @@ struct ChannelReaderTests {
         #expect(sent == frame.count)
         #expect(await fixture.delivered.next() == "closed protocolViolation")
         #expect(fixture.reactor.footprint.waiters == 0)
+    }
+
+    @Test(
+        "feeding a mailbox: a stream of frames pauses the reader past the mailbox's capacity and the consumer's takes resume it; all arrive, in order"
+    )
+    func feedingAMailboxUnderAStream() async throws {
+        let reactor = IOReactor()
+        let (near, far) = try socketPair()
+        let inputs = Mailbox<String>(capacity: 1)
+        let reader = ChannelReader(
+            ChannelSocket(near, io: AsyncSocketIO(reactor: reactor)), feeding: inputs, frame: { "\($0.seq)" },
+            closed: { "closed \($0.map { "\($0.code)" } ?? "cleanly")" })
+        // 50 frames at once: far more than the mailbox holds, so the reader pauses again and again.
+        let bytes = (1...50).flatMap { Channel.Frame(.event, seq: UInt32($0), payload: [UInt8](repeating: 0, count: 24)).encoded() }
+        #expect(Glibc.send(far.raw, bytes, bytes.count, 0) == bytes.count)
+        far.close()
+        reader.start()
+        var received: [String] = []
+        while let input = await inputs.next() {
+            received.append(input)
+            // At most capacity + 1 frames are ever queued.
+            #expect(inputs.count <= 2)
+            if input.hasPrefix("closed") { break }
+        }
+        #expect(received == (1...50).map { "\($0)" } + ["closed cleanly"])
+        #expect(inputs.pausedProducers == 0)
+        #expect(reactor.footprint.waiters == 0 && reactor.footprint.descriptors == 0)
+        reader.stop()
     }
 }

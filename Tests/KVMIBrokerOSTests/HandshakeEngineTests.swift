@@ -172,6 +172,46 @@ extension OSLayerTests {
             #expect(eventually { openSocketCount() <= before }, "\(before) -> \(openSocketCount()): \(describeDescriptors())")
         }
 
+        @Test(
+            "without a task: cancel delivers `cancelled` before it returns, closes the socket, gives the turn back; a queued attempt never connects")
+        func callbackAttemptCancel() async throws {
+            let introspector = try TestIntrospector(
+                .init(endpoint: .unix(path: temporarySocketPath("callback")), secret: testSecret, behaviour: .silent))
+            defer { introspector.stop() }
+            let before = openSocketCount()
+            let reactor = IOReactor()
+            let pacer = HandshakePacer(limit: 1)
+            let connector = IntrospectorConnector(io: AsyncSocketIO(reactor: reactor), pacer: pacer)
+            let endpoint = introspector.endpoint
+            let outcomes = Mailbox<String>(capacity: 4)
+            @Sendable func text(_ name: String, _ result: Result<HandshakeOutcome, BrokerError>) -> String {
+                switch result {
+                case .success: return "\(name) succeeded"
+                case .failure(let error): return "\(name) \(error.code)"
+                }
+            }
+            let first = connector.start(to: endpoint, parameters(timeout: .seconds(60))) { outcomes.post(text("first", $0)) }
+            let second = connector.start(to: endpoint, parameters(timeout: .seconds(60))) { outcomes.post(text("second", $0)) }
+            #expect(pacer.load(of: endpoint).inFlight == 1 && pacer.load(of: endpoint).queued == 1)
+            // The first has sent its request and waits for the reply (the tool never answers).
+            #expect(eventually { reactor.footprint.waiters == 1 })
+            second.cancel()
+            #expect(outcomes.count == 1, "delivered before cancel returned")
+            #expect(await outcomes.next() == "second cancelled")
+            #expect(pacer.load(of: endpoint).queued == 0)
+            first.cancel()
+            #expect(await outcomes.next() == "first cancelled")
+            #expect(pacer.load(of: endpoint).inFlight == 0)
+            #expect(reactor.footprint.waiters == 0 && reactor.footprint.descriptors == 0)
+            // The deadline's timer went with it.
+            #expect(reactor.timerCount == 0)
+            first.cancel()
+            #expect(outcomes.count == 0, "one outcome per attempt")
+            // One connection reached the tool: the queued attempt never connected.
+            #expect(introspector.waitForRecords(1).count == 1)
+            #expect(eventually { openSocketCount() <= before }, "\(before) -> \(openSocketCount()): \(describeDescriptors())")
+        }
+
         @Test("the next attempt follows the back-off")
         func retriesFollowBackoff() async throws {
             let introspector = try TestIntrospector(
