@@ -1,3 +1,4 @@
+import CKVMIBroker
 import KVMIBrokerCore
 
 #if canImport(Glibc)
