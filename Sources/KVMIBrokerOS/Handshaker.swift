@@ -228,18 +228,20 @@ public final class HandshakePacer: Sendable {
         return HandshakeTurn(pacer: self, key: key, id: id)
     }
 
-    /// Asks for a turn at `endpoint` without a task: `grant` gets it once a slot is free, at
-    /// once (before this returns) if one is free now, else from the thread that ends another
-    /// turn. `withdraw` takes back a request still queued.
-    public func request(at endpoint: IntrospectorEndpoint, _ grant: @escaping @Sendable (HandshakeTurn) -> Void) -> Ticket {
+    /// Asks for a turn at `endpoint` without a task. With a slot free now, the turn is
+    /// returned. Else the request queues and `grant` gets the turn later, called by whoever ends
+    /// another turn: it must only hand the turn on (a run of attempts that each fail at once
+    /// would otherwise recurse through the pacer). `withdraw` takes back a request still queued.
+    public func request(
+        at endpoint: IntrospectorEndpoint, _ grant: @escaping @Sendable (HandshakeTurn) -> Void
+    ) -> (ticket: Ticket, turn: HandshakeTurn?) {
         let key = endpoint.description
         let (id, now) = state.withLock { state -> (UInt64, Bool) in
             let id = state.nextID
             state.nextID += 1
             return (id, state.lanes[key, default: Lane()].admit(id, .callback(grant), limit: limit) == true)
         }
-        if now { grant(HandshakeTurn(pacer: self, key: key, id: id)) }
-        return Ticket(key: key, id: id)
+        return (Ticket(key: key, id: id), now ? HandshakeTurn(pacer: self, key: key, id: id) : nil)
     }
 
     /// Takes back a request still queued (its `grant` is not called); false if it was granted.
@@ -336,6 +338,9 @@ public final class HandshakeAttempt: Sendable {
         var phase = Phase.queued
         var ticket: HandshakePacer.Ticket?
         var turn: HandshakeTurn?
+        /// The turn of an attempt that ended without an outcome, given back by `deliver` after
+        /// the lock (its release may start the next attempt in line).
+        var returning: HandshakeTurn?
         var watch: IOReactor.Watch?
         var deadlineTimer: IOReactor.Timer?
         var retryTimer: IOReactor.Timer?
@@ -349,7 +354,6 @@ public final class HandshakeAttempt: Sendable {
     /// What a step leaves to do once the lock is released.
     private struct Finish {
         var result: Result<HandshakeOutcome, BrokerError>
-        var turn: HandshakeTurn?
         var ticket: HandshakePacer.Ticket?
     }
 
@@ -378,8 +382,11 @@ public final class HandshakeAttempt: Sendable {
             granted(nil)
             return
         }
-        // The turn may be granted within `request` (a slot is free): `granted` runs first then.
-        let ticket = pacer.request(at: endpoint) { [self] turn in granted(turn) }
+        let (ticket, turn) = pacer.request(at: endpoint) { [self] turn in handedOver(turn) }
+        if let turn {
+            granted(turn)
+            return
+        }
         let withdraw = state.withLock { state -> Bool in
             switch state.phase {
             case .queued:
@@ -403,19 +410,42 @@ public final class HandshakeAttempt: Sendable {
         deliver(finish)
     }
 
-    /// The turn came (nil: no pacer). Cancelled meanwhile, the attempt ignores it and the turn
-    /// goes back when this returns, after the lock.
+    /// The turn came at once (nil: no pacer).
     private func granted(_ turn: HandshakeTurn?) {
         let finish = state.withLock { state -> Finish? in
             guard case .queued = state.phase else { return nil }
-            state.ticket = nil
             state.turn = turn
-            state.started = .now
-            state.deadline = state.started.advanced(by: parameters.timeout)
-            state.deadlineTimer = reactor.schedule(at: state.deadline) { [self] in timedOut() }
-            return connect(&state)
+            return go(&state)
         }
         deliver(finish)
+    }
+
+    /// A queued request's turn, handed over by whoever ended another turn: kept, and taken up
+    /// from the reactor's loop (a run of attempts that each fail at once must not recurse
+    /// through the pacer). Cancelled meanwhile, the turn goes back as this returns.
+    private func handedOver(_ turn: HandshakeTurn) {
+        let unwanted = state.withLock { state -> HandshakeTurn? in
+            guard case .queued = state.phase else { return turn }
+            state.turn = turn
+            return nil
+        }
+        guard unwanted == nil else { return }
+        _ = reactor.schedule(at: .now) { [self] in
+            let finish = state.withLock { state -> Finish? in
+                guard case .queued = state.phase else { return nil }
+                return go(&state)
+            }
+            deliver(finish)
+        }
+    }
+
+    /// The turn is here: the deadline starts, then the connect.
+    private func go(_ state: inout State) -> Finish? {
+        state.ticket = nil
+        state.started = .now
+        state.deadline = state.started.advanced(by: parameters.timeout)
+        state.deadlineTimer = reactor.schedule(at: state.deadline) { [self] in timedOut() }
+        return connect(&state)
     }
 
     private func connect(_ state: inout State) -> Finish? {
@@ -670,18 +700,24 @@ public final class HandshakeAttempt: Sendable {
         case .success(var outcome):
             // The turn stays with the outcome until it is dropped (the HOOK sent).
             outcome.turn = turn
-            return Finish(result: .success(outcome), turn: nil, ticket: ticket)
+            return Finish(result: .success(outcome), ticket: ticket)
         case .failure(let error):
-            return Finish(result: .failure(error.located(at: endpoint.description)), turn: turn, ticket: ticket)
+            state.returning = turn
+            return Finish(result: .failure(error.located(at: endpoint.description)), ticket: ticket)
         }
     }
 
     /// After the lock: the queue withdrawn from, the turn given back (which may start the next
     /// attempt in line), then the completion.
     private func deliver(_ finish: Finish?) {
-        guard var finish else { return }
+        guard let finish else { return }
         if let ticket = finish.ticket { pacer?.withdraw(ticket) }
-        finish.turn = nil
+        // Taken out under the lock and dropped after it (its last reference): the turn goes back
+        // here, before the outcome is told.
+        _ = state.withLock { state -> HandshakeTurn? in
+            defer { state.returning = nil }
+            return state.returning
+        }
         completion(finish.result)
     }
 }

@@ -212,6 +212,38 @@ extension OSLayerTests {
             #expect(eventually { openSocketCount() <= before }, "\(before) -> \(openSocketCount()): \(describeDescriptors())")
         }
 
+        @Test("a long queue of attempts that each fail at once is served from the reactor's loop, not by recursion through the pacer")
+        func queuedFailuresDoNotRecurse() async throws {
+            // Nothing listens there: each attempt fails in its first step, as it gets its turn.
+            let endpoint = IntrospectorEndpoint.unix(path: temporarySocketPath("nobody"))
+            let reactor = IOReactor()
+            let pacer = HandshakePacer(limit: 1)
+            let connector = IntrospectorConnector(io: AsyncSocketIO(reactor: reactor), pacer: pacer)
+            let count = 20_000
+            let failed = Counter()
+            let done = Mailbox<Bool>(capacity: 1)
+            // One turn held while the attempts queue behind it.
+            let gate = Mailbox<Bool>(capacity: 1)
+            let holder = Task { try await pacer.paced(endpoint) { _ = await gate.next() } }
+            #expect(eventually { pacer.load(of: endpoint).inFlight == 1 })
+            var attempts: [HandshakeAttempt] = []
+            for _ in 0..<count {
+                attempts.append(
+                    connector.start(to: endpoint, parameters()) { result in
+                        if case .failure(let error) = result, error.code == .connectFailed { failed.add() }
+                        if failed.value == count { done.post(true) }
+                    })
+            }
+            #expect(pacer.load(of: endpoint).queued == count)
+            // The held turn ends: the queue drains, one failure at a time, without a deep stack.
+            gate.post(true)
+            try await holder.value
+            #expect(await done.next() == true)
+            #expect(failed.value == count)
+            #expect(pacer.load(of: endpoint).inFlight == 0 && pacer.load(of: endpoint).queued == 0)
+            #expect(reactor.timerCount == 0 && reactor.footprint.waiters == 0)
+        }
+
         @Test("the next attempt follows the back-off")
         func retriesFollowBackoff() async throws {
             let introspector = try TestIntrospector(
