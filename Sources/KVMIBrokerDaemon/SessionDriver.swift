@@ -237,11 +237,12 @@ final class SessionDriver: Sendable {
             reload: admitted.reload,
             logger: admitted.logger)
         // A cancelled session (the broker shutting down) stops reading at once: it drains what
-        // is queued, however fast its QEMU streams.
+        // is queued, however fast its QEMU streams. (`requestStop`: a cancellation handler must
+        // not wait for the reader's lock.)
         await withTaskCancellationHandler {
             await loop(session, state: &state)
         } onCancel: {
-            reader.stop()
+            reader.requestStop()
         }
         configuration.metrics?.moved(from: state.standing, to: nil)
         // Teardown, structured: nothing the session started outlives it. The reader stops

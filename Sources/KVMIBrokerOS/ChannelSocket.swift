@@ -130,6 +130,8 @@ public final class ChannelReader: Sendable {
     /// to pause.
     private let deliver: @Sendable (Event, ChannelReader) -> Bool
     private let state = Mutex(State())
+    /// Set by `requestStop`, without the lock: checked before every read and every arm.
+    private let stopRequested = Atomic<Bool>(false)
 
     public init(_ socket: ChannelSocket, deliver: @escaping @Sendable (Event, ChannelReader) -> Bool) {
         self.socket = socket
@@ -172,7 +174,16 @@ public final class ChannelReader: Sendable {
         }
     }
 
-    /// Ends the reading; `deliver` is not called once this returns.
+    /// Ends the reading without waiting, for a task's cancellation handler: nothing more is
+    /// read once a read in progress returns. (`stop` waits for the reader's lock, and `deliver`
+    /// resumes the consumer's task under that lock, which takes the task's status lock: from a
+    /// handler, which runs under the task's status lock, `stop` could deadlock with it.)
+    public func requestStop() {
+        stopRequested.store(true, ordering: .releasing)
+    }
+
+    /// Ends the reading; `deliver` is not called once this returns. Not from a cancellation
+    /// handler: `requestStop` there.
     public func stop() {
         state.withLock { state in
             state.stopped = true
@@ -182,6 +193,10 @@ public final class ChannelReader: Sendable {
     }
 
     private func arm(_ state: inout State) {
+        guard !stopRequested.load(ordering: .acquiring) else {
+            state.stopped = true
+            return
+        }
         do {
             state.watch = try socket.reactor.whenReady(.readable, on: socket.descriptor.raw) { [self] _ in readable() }
         } catch {
@@ -194,6 +209,10 @@ public final class ChannelReader: Sendable {
             state.watch = nil
             guard !state.stopped, !state.paused else { return }
             while true {
+                guard !stopRequested.load(ordering: .acquiring) else {
+                    state.stopped = true
+                    return
+                }
                 let received: ChannelSocket.Received
                 do {
                     received = try socket.receiveAvailable(into: &state.frame)
