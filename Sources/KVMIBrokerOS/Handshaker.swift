@@ -529,28 +529,13 @@ public final class HandshakeAttempt: Sendable {
 
     private func send(_ state: inout State) -> Finish? {
         guard case .sending(let descriptor, var offset) = state.phase else { return nil }
-        while offset < request.count {
-            let written = request.withUnsafeBytes { raw in
-                Glibc.send(descriptor.raw, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
-            }
-            if written > 0 {
-                offset += written
-                continue
-            }
-            let error = errno
-            if error == EINTR { continue }
-            if error == EAGAIN {
+        do {
+            guard try sendAvailable(request, from: &offset, to: descriptor.raw) else {
                 state.phase = .sending(descriptor, offset: offset)
                 return watch(.writable, descriptor, &state)
             }
-            if error == EPIPE || error == ECONNRESET {
-                return finished(
-                    .failure(
-                        BrokerError(
-                            .peerClosed, "the peer closed the connection after \(offset) of \(request.count) bytes were sent", errno: error)),
-                    &state)
-            }
-            return finished(.failure(BrokerError(.io, "send failed after \(offset) of \(request.count) bytes", errno: error)), &state)
+        } catch {
+            return finished(.failure(error), &state)
         }
         state.phase = .reading(descriptor, HandshakeReplyReader())
         return read(&state)

@@ -119,24 +119,8 @@ public struct AsyncSocketIO: Sendable {
     /// Writes all of `bytes` by `deadline` (MSG_NOSIGNAL: a closed peer is an error, not a signal).
     public func writeAll(_ bytes: [UInt8], to fd: Int32, until deadline: ContinuousClock.Instant) async throws {
         var offset = 0
-        while offset < bytes.count {
-            let written = bytes.withUnsafeBytes { raw in
-                send(fd, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
-            }
-            if written > 0 {
-                offset += written
-                continue
-            }
-            let error = errno
-            if error == EINTR { continue }
-            if error == EAGAIN {
-                _ = try await reactor.wait(for: .writable, on: fd, until: deadline)
-                continue
-            }
-            if error == EPIPE || error == ECONNRESET {
-                throw BrokerError(.peerClosed, "the peer closed the connection after \(offset) of \(bytes.count) bytes were sent", errno: error)
-            }
-            throw BrokerError(.io, "send failed after \(offset) of \(bytes.count) bytes", errno: error)
+        while try !sendAvailable(bytes, from: &offset, to: fd) {
+            _ = try await reactor.wait(for: .writable, on: fd, until: deadline)
         }
     }
 
@@ -187,4 +171,28 @@ public func connectUnixSocket(_ path: String, nonBlocking: Bool = false) throws(
         throw BrokerError(.connectFailed, "cannot connect: \(String(cString: strerror(error)))", at: path, errno: error)
     }
     return descriptor
+}
+
+/// Sends what the socket takes now of `bytes` past `offset`, advancing it: true once all is
+/// sent, false when the socket is full (wait for writable, then call again). Non-blocking,
+/// MSG_NOSIGNAL: a closed peer is an error, not a signal.
+func sendAvailable(_ bytes: [UInt8], from offset: inout Int, to fd: Int32) throws(BrokerError) -> Bool {
+    while offset < bytes.count {
+        let start = offset
+        let written = bytes.withUnsafeBytes { raw in
+            send(fd, raw.baseAddress! + start, raw.count - start, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+        }
+        if written > 0 {
+            offset += written
+            continue
+        }
+        let error = errno
+        if error == EINTR { continue }
+        if error == EAGAIN { return false }
+        if error == EPIPE || error == ECONNRESET {
+            throw BrokerError(.peerClosed, "the peer closed the connection after \(offset) of \(bytes.count) bytes were sent", errno: error)
+        }
+        throw BrokerError(.io, "send failed after \(offset) of \(bytes.count) bytes", errno: error)
+    }
+    return true
 }
