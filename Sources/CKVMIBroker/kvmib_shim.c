@@ -5,6 +5,7 @@
 #include "kvmib_shim.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <string.h>
 #include <fcntl.h>
@@ -298,4 +299,9 @@ int kvmib_unix_dgram_socket(void)
 void kvmib_name_thread(const char *name)
 {
     pthread_setname_np(pthread_self(), name);
+}
+
+int kvmib_malloc_one_arena(void)
+{
+    return mallopt(M_ARENA_MAX, 1) == 1 ? 0 : -1;
 }

@@ -402,6 +402,10 @@ public struct PeerVerifier: Sendable {
             }
             if count == 0 { break }
             bytes += chunk.prefix(count)
+            // A short read is the end: /proc/PID/stat is one record that a read returns whole,
+            // and /proc/PID/cmdline fills the buffer unless its end comes first (one system call
+            // per file, not two, for each guest that connects).
+            if count < chunk.count { break }
         }
         return .success(bytes)
     }

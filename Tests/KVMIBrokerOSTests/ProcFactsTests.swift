@@ -1,6 +1,13 @@
+import Foundation
+import KVMIBrokerCore
+import KVMITestIntrospector
 import Testing
 
 @testable import KVMIBrokerDaemon
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 @Suite("/proc facts: the start time and the process image")
 struct ProcFactsTests {
@@ -38,5 +45,31 @@ struct ProcFactsTests {
         var noInodeNoPath = noInode
         noInodeNoPath.executable = ""
         #expect(!noInodeNoPath.isSameImage(as: checked))
+    }
+
+    /// The command line is read to its end however long it is (a read stops early only at a
+    /// short read, which /proc gives at the end): libvirt's QEMUs have long ones, and the
+    /// `-uuid` argument can come after the first pages.
+    @Test("a command line of several pages with -uuid at the end is read whole; the peer is accepted")
+    func longCommandLine() throws {
+        let uuid = GuestUUID("5eed0000-1111-4222-8333-444455556666")!
+        // Three pages and a bit of arguments that the shell ignores, then -uuid.
+        let filler = (0..<26).map { _ in String(repeating: "x", count: 500) }
+        let log = "\(NSTemporaryDirectory())kvmib-long-cmdline-\(getpid()).log"
+        defer { unlink(log) }
+        // Two commands, so the shell stays (no exec of sleep) with its own command line.
+        let child = try SpawnedProcess("/bin/sh", ["-c", "sleep 600; :", "sh"] + filler + ["-uuid", "\(uuid)"], logPath: log)
+        defer { child.terminate() }
+        let hello = Channel.Hello(
+            flags: [.running], pid: UInt32(child.pid), uuid: uuid, startTime: 0, maxGPA: 0, hookedABI: nil, capV12: -25, capV7: -25,
+            introspectionParameter: -1, name: "long")
+        let verifier = PeerVerifier(emulators: ["/bin/sh"])
+        let peer = PeerCredentials(pid: child.pid, uid: getuid(), gid: getgid())
+        let cmdline = try #require(FileManager.default.contents(atPath: "/proc/\(child.pid)/cmdline"))
+        #expect(cmdline.count > 3 * 4096)
+        #expect(verifier.verdict(for: hello, from: peer) == .accepted)
+        var other = hello
+        other.uuid = GuestUUID("5eed0000-1111-4222-8333-444455556667")!
+        #expect(verifier.verdict(for: other, from: peer) != .accepted)
     }
 }

@@ -58,6 +58,10 @@ int kvmib_pidfd_alive(int pidfd);
 /* Names the calling thread (at most 15 bytes kept), for ps -L and top -H. */
 void kvmib_name_thread(const char *name);
 
+/* Has every thread allocate from glibc's main arena (mallopt M_ARENA_MAX 1); call before
+ * threads start.  0 on success. */
+int kvmib_malloc_one_arena(void);
+
 /*
  * sendmsg() of `len` bytes with at most one descriptor as SCM_RIGHTS
  * (pass -1 for none). MSG_NOSIGNAL | MSG_DONTWAIT. Returns bytes or -1/errno.
