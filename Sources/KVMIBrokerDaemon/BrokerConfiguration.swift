@@ -49,6 +49,12 @@ public struct BrokerConfiguration: Sendable {
     /// Introspectors being drained (`kvmi-broker drain`), applied to every decision.
     public var drains = IntrospectorDrains()
 
+    /// Test equipment (nil in the daemon): called for each frame a session's reader takes, on
+    /// the reactor's thread with the reader's lock held, before the frame is queued. A test
+    /// holds the reader there to prove that nothing else waits for that lock (a session's
+    /// cancellation handler must not).
+    public var frameTaken: (@Sendable () -> Void)?
+
     /// The source of session decisions in force.
     public var plans: any PlanSource { policy ?? self }
 

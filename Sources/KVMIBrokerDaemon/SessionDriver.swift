@@ -225,7 +225,13 @@ final class SessionDriver: Sendable {
         let inputs = admitted.inputs
         // The reader: a readiness callback on the reactor, not a task. Each frame is queued at
         // once; past the mailbox's bound the reader pauses until the session takes one.
-        let reader = ChannelReader(socket, feeding: inputs, frame: { .frame($0) }, closed: { .closed($0) })
+        let frameTaken = configuration.frameTaken
+        let reader = ChannelReader(
+            socket, feeding: inputs,
+            frame: { frame in
+                frameTaken?()
+                return .frame(frame)
+            }, closed: { .closed($0) })
         reader.start()
         var state = LoopState(
             machine: GuestSessionMachine(allowLists: .kernelDefaults(.v12)),

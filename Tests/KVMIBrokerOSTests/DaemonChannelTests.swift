@@ -92,15 +92,17 @@ extension OSLayerTests {
                 ).encoded())
         }
 
-        func startBroker(procRoot: String, introspector: IntrospectorEndpoint, statusFile: String? = nil) throws -> (
-            ChannelServer, Task<Void, Never>, String
-        ) {
+        func startBroker(
+            procRoot: String, introspector: IntrospectorEndpoint, statusFile: String? = nil,
+            configure: (inout BrokerConfiguration) -> Void = { _ in }
+        ) throws -> (ChannelServer, Task<Void, Never>, String) {
             let socketPath = temporarySocketPath("channel")
-            let configuration = BrokerConfiguration(
+            var configuration = BrokerConfiguration(
                 channelSocketPath: socketPath, introspector: introspector, cookie: CookieHash(secret: testSecret),
                 allowLists: try Channel.AllowLists(abi: .v12, commands: [-1], events: [0, 5]),
                 backoff: try Backoff(initial: .milliseconds(300), maximum: .seconds(1), multiplier: 2, jitter: 0),
                 handshakeTimeout: .seconds(2), verifier: PeerVerifier(emulators: [fakeEmulator], procRoot: procRoot), statusFile: statusFile)
+            configure(&configuration)
             let server = ChannelServer(configuration: configuration, logger: Logger(label: "test-broker"))
             let listener = try server.bind()
             let task = Task { await server.run(listener: listener) }
