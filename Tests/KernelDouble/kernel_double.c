@@ -128,6 +128,17 @@ static void kd_log(const char *fmt, ...)
 	}
 }
 
+/*
+ * QEMU's log says how the process ended: this line comes from exit() (a
+ * signal such as SIGKILL or SIGSEGV ends it without), so a log without QEMU's
+ * "terminating on signal" line still tells a clean exit from a kill.
+ */
+static void kd_at_exit(void) __attribute__((destructor));
+static void kd_at_exit(void)
+{
+	kd_log("pid %d exits (exit, not a signal)", (int)getpid());
+}
+
 /* ---- generation tables ----------------------------------------------------------- */
 
 static int kd_num_commands(enum kd_gen g)
