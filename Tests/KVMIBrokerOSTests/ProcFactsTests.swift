@@ -65,7 +65,14 @@ struct ProcFactsTests {
             introspectionParameter: -1, name: "long")
         let verifier = PeerVerifier(emulators: ["/bin/sh"])
         let peer = PeerCredentials(pid: child.pid, uid: getuid(), gid: getgid())
-        let cmdline = try #require(FileManager.default.contents(atPath: "/proc/\(child.pid)/cmdline"))
+        // posix_spawn returns once the exec has replaced the child's memory, which is before the
+        // kernel has laid out the new command line (it reads as empty until then): wait for it.
+        var cmdline = Data()
+        #expect(
+            eventually {
+                cmdline = FileManager.default.contents(atPath: "/proc/\(child.pid)/cmdline") ?? Data()
+                return !cmdline.isEmpty
+            })
         #expect(cmdline.count > 3 * 4096)
         #expect(verifier.verdict(for: hello, from: peer) == .accepted)
         var other = hello
