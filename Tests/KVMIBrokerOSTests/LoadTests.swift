@@ -195,7 +195,9 @@ extension OSLayerTests {
                     }
                 }
             }
-            while pacer.load(of: endpoint).inFlight < 2 { await Task.yield() }
+            // Both holders have started (a slot granted is not yet a body that ran: one that starts
+            // only after the gate opens would record after the waiters it let in).
+            while order.values.count < 2 { await Task.yield() }
             // Each waiter holds its slot until the test lets it go, so exactly one slot is
             // handed over at a time and the order of the grants is observable (two slots
             // granted together may start in either order on two threads).
