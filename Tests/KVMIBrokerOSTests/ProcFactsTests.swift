@@ -57,9 +57,14 @@ struct ProcFactsTests {
         let filler = (0..<26).map { _ in String(repeating: "x", count: 500) }
         let log = "\(NSTemporaryDirectory())kvmib-long-cmdline-\(getpid()).log"
         defer { unlink(log) }
-        // Two commands, so the shell stays (no exec of sleep) with its own command line.
-        let child = try SpawnedProcess("/bin/sh", ["-c", "sleep 600; :", "sh"] + filler + ["-uuid", "\(uuid)"], logPath: log)
-        defer { child.terminate() }
+        // The shell waits in open() of a FIFO nobody writes: no child of its own, so nothing
+        // outlives it holding descriptors it inherited (a pipe another test reads to its end).
+        let fifo = "\(NSTemporaryDirectory())kvmib-long-cmdline-\(getpid()).fifo"
+        unlink(fifo)
+        #expect(mkfifo(fifo, 0o600) == 0)
+        defer { unlink(fifo) }
+        let child = try SpawnedProcess("/bin/sh", ["-c", "read line < \"$0\"", fifo] + filler + ["-uuid", "\(uuid)"], logPath: log)
+        defer { child.terminate(SIGKILL) }
         let hello = Channel.Hello(
             flags: [.running], pid: UInt32(child.pid), uuid: uuid, startTime: 0, maxGPA: 0, hookedABI: nil, capV12: -25, capV7: -25,
             introspectionParameter: -1, name: "long")
