@@ -1,6 +1,9 @@
 import CKVMIBroker
 
-/// Has every thread allocate from glibc's main arena; call before any thread starts.
+/// Has the threads that start from now on allocate from glibc's main arena (threads that
+/// have allocated already keep the arenas they made): call it before the threads that matter
+/// start. `kvmi-broker run` calls it before the reactor's, the log writer's and the blocking
+/// work's threads exist, after Swift's own pool threads.
 ///
 /// glibc gives each thread that allocates its own arena, and a thread's arena grows a page or
 /// two at a time with `mprotect` (the main arena grows with `brk`, 128 KiB at a time). In a boot

@@ -58,8 +58,8 @@ int kvmib_pidfd_alive(int pidfd);
 /* Names the calling thread (at most 15 bytes kept), for ps -L and top -H. */
 void kvmib_name_thread(const char *name);
 
-/* Has every thread allocate from glibc's main arena (mallopt M_ARENA_MAX 1); call before
- * threads start.  0 on success. */
+/* Has threads that start from now on allocate from glibc's main arena (mallopt M_ARENA_MAX
+ * 1); threads that have allocated keep their arenas.  0 on success. */
 int kvmib_malloc_one_arena(void);
 
 /*
