@@ -1,9 +1,10 @@
 import CKVMIBroker
 
-/// Has the threads that start from now on allocate from glibc's main arena (threads that
-/// have allocated already keep the arenas they made): call it before the threads that matter
-/// start. `kvmi-broker run` calls it before the reactor's, the log writer's and the blocking
-/// work's threads exist, after Swift's own pool threads.
+/// Has glibc serve every thread from its main arena: call it while the calling thread is the
+/// only one that has allocated (`kvmi-broker`'s `main` calls it first thing). Arenas made
+/// before the call stay, and glibc hands them out again to threads that start later, so a call
+/// made after Swift's pool threads have allocated (as `run` made it until 2026-12-04) left the
+/// reactor's thread on a pool thread's arena or not, depending on timing.
 ///
 /// glibc gives each thread that allocates its own arena, and a thread's arena grows a page or
 /// two at a time with `mprotect` (the main arena grows with `brk`, 128 KiB at a time). In a boot

@@ -1,5 +1,6 @@
 import ArgumentParser
 import KVMIBrokerCore
+import KVMIBrokerOS
 
 /// kvmi-broker: connects introspected guests to their introspection tools.
 @main
@@ -19,4 +20,13 @@ struct KVMIBroker: AsyncParsableCommand {
             UnenrollCommand.self, HookCommand.self,
             InstallHookCommand.self,
         ])
+
+    /// Limits glibc to one malloc arena while this is still the only thread that allocates:
+    /// glibc fixes the arena limit the first time a second thread allocates, so a later call
+    /// (as `run` made it) takes effect or not depending on whether one of Swift's pool threads
+    /// allocated first. See `useOneMallocArena`.
+    static func main() async {
+        useOneMallocArena()
+        await main(nil)
+    }
 }

@@ -352,8 +352,6 @@ struct RunCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        // Before the broker's threads start (the reactor's, the log writer's, the blocking work's).
-        useOneMallocArena()
         let metricsAddress: MetricsServer.Address?
         do {
             metricsAddress = try self.metricsAddress()

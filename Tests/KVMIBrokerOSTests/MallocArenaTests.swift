@@ -1,0 +1,64 @@
+import Foundation
+import KVMIBrokerCore
+import Testing
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+extension OSLayerTests {
+    @Suite("kvmi-broker run allocates from glibc's main arena only")
+    struct MallocArenaTests {
+        /// glibc's other arenas, read from /proc/PID/maps: each is a heap glibc maps at an
+        /// address aligned to its 64 MiB maximum and spanning exactly that (its used part
+        /// read-write, the rest reserved), anonymous. The main arena grows with `brk` instead.
+        static func secondaryArenas(pid: Int32) -> Int {
+            guard let maps = try? String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8) else { return -1 }
+            let heapSize: UInt64 = 64 << 20
+            var regions: [(start: UInt64, end: UInt64)] = []
+            for line in maps.split(separator: "\n") {
+                let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+                // Anonymous: no path, inode 0.
+                guard fields.count == 5, fields[4] == "0" else { continue }
+                let range = fields[0].split(separator: "-")
+                guard range.count == 2, let start = UInt64(range[0], radix: 16), let end = UInt64(range[1], radix: 16) else { continue }
+                if let last = regions.last, last.end == start {
+                    regions[regions.count - 1].end = end
+                } else {
+                    regions.append((start, end))
+                }
+            }
+            // Adjacent anonymous mappings were merged above; a heap may also touch its neighbours,
+            // so look for aligned 64 MiB spans that start a region.
+            return regions.filter { $0.start % heapSize == 0 && $0.end - $0.start >= heapSize }.count
+        }
+
+        static func threadNames(pid: Int32) -> [String] {
+            let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+            return tasks.compactMap { try? String(contentsOfFile: "/proc/\(pid)/task/\($0)/comm", encoding: .utf8) }
+                .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
+        }
+
+        @Test("the reactor, the log writer and Swift's pool threads share the main arena (no mprotect-grown heaps)")
+        func oneArena() throws {
+            let secret = temporarySecretFile("arena")
+            defer { unlink(secret) }
+            let channel = temporarySocketPath("arena")
+            let broker = try ChildProcess(
+                productsDirectory().appendingPathComponent("kvmi-broker"),
+                [
+                    "run", "--channel-socket", channel, "--introspector", "unix:\(temporarySocketPath("arena-tool"))",
+                    "--secret-file", secret, "--abi", "v12", "--commands", "12", "--events", "0", "--log-level", "debug",
+                    "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--emulator", "/bin/true", "--control-socket", "",
+                ])
+            let pid = broker.process.pid
+            // Every thread the broker has while it serves exists and has allocated: the reactor
+            // (it accepts on the channel socket), the log writer (it wrote "listening"), and the
+            // pool thread that ran `run`.
+            #expect(eventually { broker.log.contains("listening") && FileManager.default.fileExists(atPath: channel) }, "broker log:\n\(broker.log)")
+            #expect(eventually { Set(Self.threadNames(pid: pid)).isSuperset(of: ["kvmib-reactor", "kvmib-log"]) }, "\(Self.threadNames(pid: pid))")
+            #expect(Self.secondaryArenas(pid: pid) == 0, "maps:\n\((try? String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8)) ?? "")")
+            broker.kill()
+        }
+    }
+}
