@@ -299,6 +299,29 @@ struct JournalFieldsTests {
         #expect(stuck.written.last == "r8")
     }
 
+    @Test(
+        "a lone record is written at once; records queued while the writer lingers after it need no wake-up; flush ends the linger",
+        .timeLimit(.minutes(1)))
+    func lingeringWriter() throws {
+        let handler = StuckHandler()
+        handler.open()
+        // A linger far longer than the test: only `flush` can end it.
+        let writer = LogWriter(capacity: 64, label: "test.log-linger", linger: .seconds(3600))
+        let logger = Logger(label: "kvmi-broker") { _ in QueuedLogHandler(wrapping: handler, writer: writer) }
+        logger.notice("r0")
+        #expect(eventually { handler.written == ["r0"] })
+        for index in 1...5 { logger.notice("r\(index)") }
+        // The writer lingers after r0: r1-r5 were queued without handing it the queue again.
+        #expect(writer.wakeUps == 1)
+        #expect(handler.written == ["r0"])
+        #expect(writer.flush(timeout: .seconds(30)))
+        #expect(handler.written == ["r0", "r1", "r2", "r3", "r4", "r5"])
+        // After the flush the writer let go: the next record hands it the queue again.
+        logger.notice("r6")
+        #expect(eventually { handler.written.last == "r6" })
+        #expect(writer.wakeUps == 2)
+    }
+
     @Test("the test's parser reads both forms of the native protocol")
     func nativeProtocol() throws {
         var bytes = Array("MESSAGE=a\nPRIORITY=5\nMULTI\n".utf8)
