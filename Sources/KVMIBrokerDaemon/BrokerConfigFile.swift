@@ -12,7 +12,8 @@ public enum BrokerDefaults {
     public static let channelSocket = "/run/kvmi-broker/qemu.sock"
     public static let libvirtURI = "qemu:///system"
     public static let controlSocket = "/run/kvmi-broker/control.sock"
-    public static let handshakesPerIntrospector = 8
+    /// Measured: `HandshakePacer` says why 64.
+    public static let handshakesPerIntrospector = 64
     public static let logLevel = "info"
     /// Seconds a stop (SIGTERM, SIGINT) may take before the broker exits anyway.
     public static let stopTimeout = 10.0

@@ -33,7 +33,7 @@ public struct BrokerConfiguration: Sendable {
     /// Log lines one session may write per 10 s (a QEMU streaming events cannot flood the log).
     public var sessionLogLines = 30
     /// Handshakes in flight to one introspector at once; the rest queue in arrival order.
-    public var handshakesPerIntrospector = 8
+    public var handshakesPerIntrospector = BrokerDefaults.handshakesPerIntrospector
     /// Tells systemd the session counts and reload outcomes (STATUS=); nil outside `kvmi-broker run`.
     public var notifier: ServiceNotifier?
     /// Counts sessions, hooks, failures and reloads for `/metrics`; nil when metrics are off.

@@ -116,6 +116,14 @@ public final class HandshakeTurn: Sendable {
 /// queued in arrival order. Real introspector libraries accept one guest at a time (libkvmi
 /// listens with a backlog of 0 and finishes a KVMI round trip before the next accept), so a
 /// boot storm must not throw a thousand connects at once at them.
+///
+/// The default, 64, is sized by what a storm does to a handshake's latency: each handshake
+/// takes three turns of the reactor (connected, reply, done), and with hundreds of guests ready
+/// at once a turn takes about a millisecond, so K in flight carry about K / 3 ms: 8 capped a
+/// storm near 2,700 guests a second, below what a tool that accepts in parallel takes (the
+/// boot-storm benchmark, `Documentation/benchmarks.md`, measured 8, 16, 32 and 64). A tool
+/// that accepts one guest at a time is paced by its backlog whatever K is: the others retry
+/// `EAGAIN` within milliseconds.
 public final class HandshakePacer: Sendable {
     public let limit: Int
 
@@ -169,7 +177,7 @@ public final class HandshakePacer: Sendable {
 
     private let state = Mutex(State())
 
-    public init(limit: Int = 8) {
+    public init(limit: Int = 64) {
         precondition(limit > 0)
         self.limit = limit
     }
