@@ -117,13 +117,14 @@ public final class HandshakeTurn: Sendable {
 /// listens with a backlog of 0 and finishes a KVMI round trip before the next accept), so a
 /// boot storm must not throw a thousand connects at once at them.
 ///
-/// The default, 64, is sized by what a storm does to a handshake's latency: each handshake
-/// takes three turns of the reactor (connected, reply, done), and with hundreds of guests ready
-/// at once a turn takes about a millisecond, so K in flight carry about K / 3 ms: 8 capped a
-/// storm near 2,700 guests a second, below what a tool that accepts in parallel takes (the
-/// boot-storm benchmark, `Documentation/benchmarks.md`, measured 8, 16, 32 and 64). A tool
-/// that accepts one guest at a time is paced by its backlog whatever K is: the others retry
-/// `EAGAIN` within milliseconds.
+/// The default, 64, is sized by what a storm does to a handshake's latency: a handshake waits
+/// for three turns of the reactor (connected, reply, done), and with hundreds of guests ready
+/// at once a turn takes half a millisecond to a millisecond (300 to 800 `epoll_wait`s in a
+/// storm of 1,000), so K in flight carry at most K per 1.5 to 3 ms: with 8 that is 2,700 to
+/// 5,300 guests a second, about the rate a storm runs at, and the pacer, not the tool, set the
+/// pace (`Documentation/benchmarks.md` measured 8, 16, 32 and 64). A tool that accepts one
+/// guest at a time is paced by its backlog whatever K is: the others retry `EAGAIN` within
+/// milliseconds.
 public final class HandshakePacer: Sendable {
     public let limit: Int
 

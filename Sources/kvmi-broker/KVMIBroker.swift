@@ -22,9 +22,9 @@ struct KVMIBroker: AsyncParsableCommand {
         ])
 
     /// Limits glibc to one malloc arena while this is still the only thread that allocates:
-    /// glibc fixes the arena limit the first time a second thread allocates, so a later call
-    /// (as `run` made it) takes effect or not depending on whether one of Swift's pool threads
-    /// allocated first. See `useOneMallocArena`.
+    /// arenas made before the limit stay, and glibc hands them out again to threads started
+    /// later, so the call `run` used to make (on a pool thread with an arena of its own) left the
+    /// reactor's thread on that arena or not, depending on timing. See `useOneMallocArena`.
     static func main() async {
         useOneMallocArena()
         await main(nil)
