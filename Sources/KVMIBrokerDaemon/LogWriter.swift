@@ -17,9 +17,10 @@ import Logging
 ///
 /// After a batch the writer lingers (`linger`, 2 ms) before it lets go: records queued meanwhile
 /// do not wake it, and it takes them all at once when the linger ends. In a boot storm (two
-/// audit records per guest, one every 100 us or so) that is one timer wake-up per linger instead
-/// of a futex wake-up per record on the session's thread and a sleep and a wake on the writer's.
-/// A lone record is written at once; `flush` cuts a linger short.
+/// audit records per guest, one every 100 us or so) that is a wake-up per millisecond of linger
+/// instead of a futex wake-up per record on the session's thread and a sleep and a wake on the
+/// writer's. A record that finds the writer idle is written at once; one that comes while it
+/// lingers waits at most the linger. `flush` and a full queue end a linger early.
 public final class LogWriter: @unchecked Sendable {
     /// The broker's writer (`kvmi-broker run` installs handlers that use it).
     public static let shared = LogWriter(capacity: 16_384)
@@ -43,8 +44,10 @@ public final class LogWriter: @unchecked Sendable {
     private var dropped = 0
     /// Where the drop warning goes: the handler of the last record dropped.
     private var dropHandler: (any LogHandler)?
-    /// Callers inside `flush`: a linger ends at once when one waits.
+    /// Callers inside `flush`: a linger ends (within a millisecond) when one waits.
     private var flushing = 0
+    /// The writer is lingering after a batch (for tests).
+    private var lingering = false
     /// Times the writer's thread was handed the queue (woken) since it was created.
     private var handOvers = 0
 
@@ -66,6 +69,13 @@ public final class LogWriter: @unchecked Sendable {
         return handOvers
     }
 
+    /// Whether the writer is lingering after a batch now (for tests).
+    public var isLingering: Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        return lingering
+    }
+
     /// Queues `event` for `handler`. Returns at once unless the queue is full and the record
     /// is at `notice` or above (then it waits for room).
     public func write(_ event: LogEvent, with handler: any LogHandler) {
@@ -77,7 +87,6 @@ public final class LogWriter: @unchecked Sendable {
                 condition.unlock()
                 return
             }
-            condition.broadcast()  // a lingering writer takes the full queue now
             while pending.count + inFlight >= capacity { condition.wait() }
         }
         pending.append(Pending(handler: handler, event: event))
@@ -95,13 +104,30 @@ public final class LogWriter: @unchecked Sendable {
         let deadline = Date(timeIntervalSinceNow: timeout.secondsDouble)
         condition.lock()
         defer { condition.unlock() }
-        flushing += 1
+        flushing += 1  // a lingering writer stops lingering
         defer { flushing -= 1 }
-        condition.broadcast()  // a lingering writer stops lingering
         while draining || !pending.isEmpty {
             if !condition.wait(until: deadline) { return false }
         }
         return true
+    }
+
+    /// Sleeps for `linger` in slices of at most a millisecond, on the monotonic clock (a timed
+    /// wait on the condition would run on the wall clock: a clock stepped back would stretch the
+    /// linger, and the records with it), ending early when a flush starts or the queue is full.
+    private func lingerUntilDue() {
+        let due = ContinuousClock.now.advanced(by: linger)
+        while true {
+            let left = ContinuousClock.now.duration(to: due)
+            if left <= .zero { return }
+            let slice = min(left, .milliseconds(1)).components
+            var request = timespec(tv_sec: Int(slice.seconds), tv_nsec: Int(slice.attoseconds / 1_000_000_000))
+            _ = nanosleep(&request, nil)
+            condition.lock()
+            let cut = flushing > 0 || pending.count >= capacity
+            condition.unlock()
+            if cut { return }
+        }
     }
 
     private func drain() {
@@ -112,10 +138,12 @@ public final class LogWriter: @unchecked Sendable {
             if pending.isEmpty && dropped == 0 && !lingered && flushing == 0 && linger > .zero {
                 // Wait for more before letting go; a writer that queues meanwhile does not wake us.
                 lingered = true
+                lingering = true
                 condition.broadcast()  // room again for callers waiting to queue
-                let until = Date(timeIntervalSinceNow: linger.secondsDouble)
-                // Until the linger ends, a flush starts, or the queue is full (not on a spurious wake-up).
-                while flushing == 0 && pending.count < capacity && condition.wait(until: until) {}
+                condition.unlock()
+                lingerUntilDue()
+                condition.lock()
+                lingering = false
                 condition.unlock()
                 continue
             }

@@ -300,7 +300,7 @@ struct JournalFieldsTests {
     }
 
     @Test(
-        "a lone record is written at once; records queued while the writer lingers after it need no wake-up; flush ends the linger",
+        "a record that finds the writer idle is written at once; records queued while it lingers after it need no wake-up; flush ends the linger",
         .timeLimit(.minutes(1)))
     func lingeringWriter() throws {
         let handler = StuckHandler()
@@ -310,8 +310,10 @@ struct JournalFieldsTests {
         let logger = Logger(label: "kvmi-broker") { _ in QueuedLogHandler(wrapping: handler, writer: writer) }
         logger.notice("r0")
         #expect(eventually { handler.written == ["r0"] })
+        // The writer took r0 alone and lingers now (without a linger it would go to sleep).
+        #expect(eventually { writer.isLingering })
         for index in 1...5 { logger.notice("r\(index)") }
-        // The writer lingers after r0: r1-r5 were queued without handing it the queue again.
+        // Queued while it lingers: no hand-over, and nothing written before the linger ends.
         #expect(writer.wakeUps == 1)
         #expect(handler.written == ["r0"])
         #expect(writer.flush(timeout: .seconds(30)))
@@ -320,6 +322,21 @@ struct JournalFieldsTests {
         logger.notice("r6")
         #expect(eventually { handler.written.last == "r6" })
         #expect(writer.wakeUps == 2)
+        #expect(writer.flush(timeout: .seconds(30)))  // ends the linger that followed r6
+    }
+
+    @Test("a full queue ends the writer's linger: the records are written without a flush", .timeLimit(.minutes(1)))
+    func fullQueueEndsTheLinger() throws {
+        let handler = StuckHandler()
+        handler.open()
+        let writer = LogWriter(capacity: 4, label: "test.log-full", linger: .seconds(3600))
+        let logger = Logger(label: "kvmi-broker") { _ in QueuedLogHandler(wrapping: handler, writer: writer) }
+        logger.info("r0")
+        #expect(eventually { writer.isLingering })
+        // Four info records fill the queue; the fifth would be dropped unless the writer takes them.
+        for index in 1...4 { logger.info("r\(index)") }
+        #expect(eventually { handler.written == ["r0", "r1", "r2", "r3", "r4"] })
+        #expect(writer.flush(timeout: .seconds(30)))
     }
 
     @Test("the test's parser reads both forms of the native protocol")
