@@ -28,6 +28,8 @@ public final class ConnectionAdmission: Sendable {
         var order = Deque<UInt64>()
         var nextID: UInt64 = 1
         var slotWaiter: CheckedContinuation<Void, Never>?
+        /// `waitForAnEnd(orAfter:on:)`'s bound passed before its waiter was in place.
+        var nudged = false
         var evicted = 0
     }
 
@@ -74,16 +76,34 @@ public final class ConnectionAdmission: Sendable {
         }
     }
 
-    /// Returns after the next connection ends (or at once when none is live).
-    func waitForAnEnd() async {
+    /// Returns when a connection ends or `bound` has passed, whichever comes first: after
+    /// accept met EMFILE, descriptors also come back from elsewhere (a handshake's socket to an
+    /// introspector, a file), and the guests that hold the rest may stay for days.
+    func waitForAnEnd(orAfter bound: Duration, on reactor: IOReactor) async {
+        state.withLock { $0.nudged = false }
+        let timer = reactor.schedule(at: .now.advanced(by: bound)) { [self] in
+            let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+                guard let waiter = state.slotWaiter else {
+                    state.nudged = true
+                    return nil
+                }
+                state.slotWaiter = nil
+                return waiter
+            }
+            waiter?.resume()
+        }
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let resumeNow = state.withLock { state -> Bool in
-                if state.live == 0 { return true }
+                if state.live == 0 || state.nudged {
+                    state.nudged = false
+                    return true
+                }
                 state.slotWaiter = continuation
                 return false
             }
             if resumeNow { continuation.resume() }
         }
+        reactor.cancel(timer)
     }
 
     func admitted() {
@@ -136,8 +156,9 @@ public final class ConnectionAdmission: Sendable {
 /// Accepts connections on a non-blocking listener until the task is cancelled, each handled in
 /// its own child task (no thread per connection), then closes the listener. Admission is
 /// bounded (`admission`); when accept fails for lack of descriptors (EMFILE, ENFILE, ENOBUFS)
-/// it waits for a connection to end, and says so once per episode, so it can neither spin
-/// nor flood the log.
+/// it tries again when a connection ends or 100 ms later (descriptors also come back from
+/// handshake sockets and files), and says so once per episode, so it can neither spin, nor
+/// stall while guests hold their connections, nor flood the log.
 public func serveConnections(
     on listener: Descriptor, io: AsyncSocketIO, logger: Logger, what: String, admission: ConnectionAdmission? = nil,
     _ handle: @escaping @Sendable (Descriptor) async -> Void
@@ -190,12 +211,13 @@ public func serveConnections(
             case EMFILE, ENFILE, ENOBUFS, ENOMEM:
                 if !atLimit {
                     limitNotices.log(
-                        logger, level: .error, "accept failed on the \(what) socket: out of descriptors; waiting for a connection to end",
+                        logger, level: .error,
+                        "accept failed on the \(what) socket: out of descriptors; trying again when a connection ends or within 100 ms",
                         metadata: ["errno": "\(errnoName(error))", "connections": "\(admission.counts.live)"])
                     atLimit = true
                 }
                 if admission.counts.live > 0 {
-                    await admission.waitForAnEnd()
+                    await admission.waitForAnEnd(orAfter: .milliseconds(100), on: io.reactor)
                 } else {
                     try? await Task.sleep(for: .milliseconds(100))
                 }

@@ -118,6 +118,33 @@ extension OSLayerTests {
             #expect(reactor.timerCount == 0)
         }
 
+        @Test(
+            "out of descriptors with guests connected, accept tries again within its bound though no guest leaves; a guest leaving ends the wait at once",
+            .timeLimit(.minutes(1)))
+        func outOfDescriptorsWaitIsBounded() async throws {
+            let reactor = IOReactor()
+            let admission = ConnectionAdmission(maximumConnections: 8, maximumGreeting: 2)
+            admission.admitted()
+            // No connection ends (guests stay for days): the bound ends the wait. Before, accept
+            // waited for a guest to leave, though the descriptors that ran out were handshake
+            // sockets that close on their own.
+            await admission.waitForAnEnd(orAfter: .milliseconds(1), on: reactor)
+            #expect(admission.counts.live == 1)
+            // A connection that ends wakes it, however long the bound: the waiter is either in
+            // place when one of the two ends comes, or finds none live.
+            admission.admitted()
+            let woken = Mailbox<Bool>(capacity: 1)
+            let waiting = Task {
+                await admission.waitForAnEnd(orAfter: .seconds(3600), on: reactor)
+                woken.post(true)
+            }
+            admission.ended()
+            admission.ended()
+            #expect(await woken.next() == true)
+            await waiting.value
+            #expect(reactor.timerCount == 0)
+        }
+
         @Test("an introspector that accepts one guest at a time, with a backlog of 0: every handshake gets its turn")
         func backlogZeroIntrospector() async throws {
             let path = temporarySocketPath("serial-tool")
