@@ -9,28 +9,33 @@ import Testing
 extension OSLayerTests {
     @Suite("kvmi-broker run allocates from glibc's main arena only")
     struct MallocArenaTests {
-        /// glibc's other arenas, read from /proc/PID/maps: each is a heap glibc maps at an
-        /// address aligned to its 64 MiB maximum and spanning exactly that (its used part
-        /// read-write, the rest reserved), anonymous. The main arena grows with `brk` instead.
+        /// glibc's other arenas, read from /proc/PID/maps. Each is a heap glibc maps at an address
+        /// aligned to its 64 MiB maximum, spanning exactly that: anonymous, its used part
+        /// read-write first, the rest reserved (`---p`) after it, so one or two lines. (A thread's
+        /// stack is the other way round: its guard page first. The main arena grows with `brk`.)
         static func secondaryArenas(pid: Int32) -> Int {
             guard let maps = try? String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8) else { return -1 }
             let heapSize: UInt64 = 64 << 20
-            var regions: [(start: UInt64, end: UInt64)] = []
+            var lines: [(start: UInt64, end: UInt64, permissions: Substring)] = []
             for line in maps.split(separator: "\n") {
                 let fields = line.split(separator: " ", omittingEmptySubsequences: true)
                 // Anonymous: no path, inode 0.
                 guard fields.count == 5, fields[4] == "0" else { continue }
                 let range = fields[0].split(separator: "-")
                 guard range.count == 2, let start = UInt64(range[0], radix: 16), let end = UInt64(range[1], radix: 16) else { continue }
-                if let last = regions.last, last.end == start {
-                    regions[regions.count - 1].end = end
-                } else {
-                    regions.append((start, end))
+                lines.append((start, end, fields[1]))
+            }
+            var heaps = 0
+            for (index, line) in lines.enumerated() where line.start % heapSize == 0 && line.permissions == "rw-p" {
+                if line.end == line.start + heapSize {
+                    heaps += 1
+                } else if index + 1 < lines.count, lines[index + 1].start == line.end, lines[index + 1].permissions == "---p",
+                    lines[index + 1].end == line.start + heapSize
+                {
+                    heaps += 1
                 }
             }
-            // Adjacent anonymous mappings were merged above; a heap may also touch its neighbours,
-            // so look for aligned 64 MiB spans that start a region.
-            return regions.filter { $0.start % heapSize == 0 && $0.end - $0.start >= heapSize }.count
+            return heaps
         }
 
         static func threadNames(pid: Int32) -> [String] {
