@@ -119,10 +119,10 @@ public final class HandshakeTurn: Sendable {
 ///
 /// The default, 64, is sized by what a storm does to a handshake's latency: a handshake waits
 /// for three turns of the reactor (connected, reply, done), and with hundreds of guests ready
-/// at once a turn takes half a millisecond to a millisecond (300 to 800 `epoll_wait`s in a
-/// storm of 1,000), so K in flight carry at most K per 1.5 to 3 ms: with 8 that is 2,700 to
-/// 5,300 guests a second, about the rate a storm runs at, and the pacer, not the tool, set the
-/// pace (`Documentation/benchmarks.md` measured 8, 16, 32 and 64). A tool that accepts one
+/// at once a turn takes half a millisecond or more (325 to 954 `epoll_wait`s in storms of
+/// 1,000 lasting 430 to 570 ms under perf), so K in flight carry at most about K per 1.5 ms:
+/// with 8, some 5,000 guests a second at best, about the rate a storm runs at, and the pacer,
+/// not the tool, set the pace (`Documentation/benchmarks.md` measured 8, 16, 32 and 64). A tool that accepts one
 /// guest at a time is paced by its backlog whatever K is: the others retry `EAGAIN` within
 /// milliseconds.
 public final class HandshakePacer: Sendable {
