@@ -299,15 +299,21 @@ struct JournalFieldsTests {
         #expect(stuck.written.last == "r8")
     }
 
+    /// A writer whose linger (an hour) outlasts the test, so only a flush or a full queue ends
+    /// it, over a handler that writes at once.
+    func writerThatLingers(capacity: Int, label: String) -> (handler: StuckHandler, writer: LogWriter, logger: Logger) {
+        let handler = StuckHandler()
+        handler.open()
+        let writer = LogWriter(capacity: capacity, label: label, linger: .seconds(3600))
+        return (handler, writer, Logger(label: "kvmi-broker") { _ in QueuedLogHandler(wrapping: handler, writer: writer) })
+    }
+
     @Test(
         "a record that finds the writer idle is written at once; records queued while it lingers after it need no wake-up; flush ends the linger",
         .timeLimit(.minutes(1)))
     func lingeringWriter() throws {
-        let handler = StuckHandler()
-        handler.open()
-        // A linger far longer than the test: only `flush` can end it.
-        let writer = LogWriter(capacity: 64, label: "test.log-linger", linger: .seconds(3600))
-        let logger = Logger(label: "kvmi-broker") { _ in QueuedLogHandler(wrapping: handler, writer: writer) }
+        // The queue never fills here: only `flush` can end the linger.
+        let (handler, writer, logger) = writerThatLingers(capacity: 64, label: "test.log-linger")
         logger.notice("r0")
         #expect(eventually { handler.written == ["r0"] })
         // The writer took r0 alone and lingers now (without a linger it would go to sleep).
@@ -327,10 +333,7 @@ struct JournalFieldsTests {
 
     @Test("a full queue ends the writer's linger: the records are written without a flush", .timeLimit(.minutes(1)))
     func fullQueueEndsTheLinger() throws {
-        let handler = StuckHandler()
-        handler.open()
-        let writer = LogWriter(capacity: 4, label: "test.log-full", linger: .seconds(3600))
-        let logger = Logger(label: "kvmi-broker") { _ in QueuedLogHandler(wrapping: handler, writer: writer) }
+        let (handler, writer, logger) = writerThatLingers(capacity: 4, label: "test.log-full")
         logger.info("r0")
         #expect(eventually { writer.isLingering })
         // Four info records fill the queue; the fifth would be dropped unless the writer takes them.

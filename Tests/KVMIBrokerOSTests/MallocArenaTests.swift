@@ -38,12 +38,6 @@ extension OSLayerTests {
             return heaps
         }
 
-        static func threadNames(pid: Int32) -> [String] {
-            let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
-            return tasks.compactMap { try? String(contentsOfFile: "/proc/\(pid)/task/\($0)/comm", encoding: .utf8) }
-                .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
-        }
-
         @Test("the reactor, the log writer and Swift's pool threads share the main arena (no mprotect-grown heaps)")
         func oneArena() throws {
             let secret = temporarySecretFile("arena")
@@ -61,7 +55,7 @@ extension OSLayerTests {
             // (it accepts on the channel socket), the log writer (it wrote "listening"), and the
             // pool thread that ran `run`.
             #expect(eventually { broker.log.contains("listening") && FileManager.default.fileExists(atPath: channel) }, "broker log:\n\(broker.log)")
-            #expect(eventually { Set(Self.threadNames(pid: pid)).isSuperset(of: ["kvmib-reactor", "kvmib-log"]) }, "\(Self.threadNames(pid: pid))")
+            #expect(eventually { Set(threadNames(pid: "\(pid)")).isSuperset(of: ["kvmib-reactor", "kvmib-log"]) }, "\(threadNames(pid: "\(pid)"))")
             #expect(Self.secondaryArenas(pid: pid) == 0, "maps:\n\((try? String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8)) ?? "")")
             broker.kill()
         }
