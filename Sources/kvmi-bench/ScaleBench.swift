@@ -53,6 +53,13 @@ struct ScaleBench: ParsableCommand {
     @Option(help: "The directory with fake_qemu.c and scale_floor.c (default: Benchmarks/scale above the current directory or this executable).")
     var sources: String?
 
+    @Flag(
+        help: """
+            Also print, for both, how many guests reached WELCOME and how many were hooked in each tenth of the storm: \
+            a throughput-bound storm finishes guests evenly, a latency-bound one leaves a tail.
+            """)
+    var timeline = false
+
     @Flag(help: "Keep the work directory (the servers', introspectors' and launchers' logs) instead of removing it.")
     var keepLogs = false
 
@@ -136,7 +143,7 @@ struct ScaleBench: ParsableCommand {
                 })
             print("")
             print("run \(run) of \(runs)")
-            Report(floor: floor, broker: brokerResult, guests: guests).print()
+            Report(floor: floor, broker: brokerResult, guests: guests, timeline: timeline).print()
         }
     }
 
@@ -179,6 +186,7 @@ private struct GuestRecord {
 
     var kind: Kind
     var index: Int
+    var pid: Int32
     var value: Int32
     var tConnect: UInt64
     var tHello: UInt64
@@ -193,6 +201,7 @@ private struct GuestRecord {
         }
         self.kind = kind
         index = Int(raw.read(UInt32.self, at: 8, order: .host))
+        pid = raw.read(Int32.self, at: 12, order: .host)
         value = raw.read(Int32.self, at: 16, order: .host)
         tConnect = raw.read(UInt64.self, at: 32, order: .host)
         tHello = raw.read(UInt64.self, at: 40, order: .host)
@@ -231,6 +240,65 @@ private struct MachineCPU {
     }
 }
 
+/// A process's CPU time (utime + stime of /proc/PID/stat), in seconds.
+private func cpuSeconds(stat: String) -> Double? {
+    guard let closing = stat.lastIndex(of: ")") else { return nil }
+    // Fields after "comm)": state is field 3, utime 14, stime 15.
+    let fields = stat[stat.index(after: closing)...].split(separator: " ")
+    guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return nil }
+    return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+}
+
+/// A process's time on the CPU so far, in seconds, to the nanosecond: the sum of its threads'
+/// `/proc/PID/task/TID/schedstat` (the clock ticks of /proc/PID/stat round a fake QEMU's few
+/// milliseconds to zero); nil once it is gone.
+private func preciseCPUSeconds(of pid: pid_t) -> Double? {
+    guard let threads = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task") else { return nil }
+    var nanoseconds: UInt64 = 0
+    for thread in threads {
+        guard let line = readProcFile("/proc/\(pid)/task/\(thread)/schedstat"), let first = line.split(separator: " ").first,
+            let value = UInt64(first)
+        else { return nil }
+        nanoseconds += value
+    }
+    return Double(nanoseconds) / 1e9
+}
+
+/// A process's threads by name (`comm`): seconds on a CPU and seconds runnable but waiting for
+/// one (the first two fields of `/proc/PID/task/TID/schedstat`, to the nanosecond).
+private func cpuSecondsByThread(of pid: pid_t) -> [String: (running: Double, waiting: Double)] {
+    guard let threads = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task") else { return [:] }
+    var seconds: [String: (running: Double, waiting: Double)] = [:]
+    for thread in threads {
+        guard let line = readProcFile("/proc/\(pid)/task/\(thread)/schedstat") else { continue }
+        let fields = line.split(separator: " ").compactMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        guard fields.count >= 2 else { continue }
+        let name = readProcFile("/proc/\(pid)/task/\(thread)/comm")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+        let sum = seconds[name, default: (0, 0)]
+        seconds[name] = (sum.running + Double(fields[0]) / 1e9, sum.waiting + Double(fields[1]) / 1e9)
+    }
+    return seconds
+}
+
+/// The peers' CPU time during the storm: the test introspector and the fake QEMUs, read before
+/// the release and once all are finished. The same peers do the same work on both sides, so a
+/// difference is work the server made them do (more wake-ups, retried connects).
+private struct PeerCPU {
+    var introspector: Double
+    var guests: Double
+
+    init?(introspector: pid_t, guests: [Int32]) {
+        guard let tool = preciseCPUSeconds(of: introspector) else { return nil }
+        var sum = 0.0
+        for pid in guests {
+            guard let seconds = preciseCPUSeconds(of: pid) else { return nil }
+            sum += seconds
+        }
+        self.introspector = tool
+        self.guests = sum
+    }
+}
+
 /// A server process's footprint from /proc.
 private struct ProcessSample {
     var rssKiB: Int
@@ -242,9 +310,7 @@ private struct ProcessSample {
     var cpuSeconds: Double
 
     init?(pid: pid_t) {
-        guard let status = readProcFile("/proc/\(pid)/status"), let stat = readProcFile("/proc/\(pid)/stat"),
-            let closing = stat.lastIndex(of: ")")
-        else { return nil }
+        guard let status = readProcFile("/proc/\(pid)/status"), let stat = readProcFile("/proc/\(pid)/stat") else { return nil }
         func field(_ name: String) -> Int {
             guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix(name + ":") }) else { return -1 }
             return Int(line.dropFirst(name.count + 1).split(whereSeparator: { $0 == " " || $0 == "\t" }).first ?? "") ?? -1
@@ -259,10 +325,8 @@ private struct ProcessSample {
         }
         threadNames = names.sorted { $0.key < $1.key }.map { $0.value == 1 ? $0.key : "\($0.key) x\($0.value)" }.joined(separator: ", ")
         descriptors = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1
-        // Fields after "comm)": state is field 3, utime 14, stime 15.
-        let fields = stat[stat.index(after: closing)...].split(separator: " ")
-        guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return nil }
-        cpuSeconds = (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+        guard let seconds = kvmi_bench.cpuSeconds(stat: stat) else { return nil }
+        cpuSeconds = seconds
     }
 }
 
@@ -283,6 +347,11 @@ private struct StormResult {
     var stealPercent: Double?
     /// The share of the machine's CPU time used during the storm (by anything).
     var busyPercent: Double?
+    /// The peers' CPU seconds during the storm (introspector, fake QEMUs).
+    var peerCPU: (introspector: Double, guests: Double)?
+    /// The server's threads during the storm by name (those that ran, most first): seconds on a
+    /// CPU and seconds runnable but waiting for one.
+    var threadCPU: [(name: String, running: Double, waiting: Double)] = []
     /// Set when a wait ran out (what was not reached).
     var unfinished: String?
     var baseline: ProcessSample?
@@ -379,9 +448,13 @@ private final class Storm {
 
         // Every guest started and blocked on the go pipe.
         var ready = 0
+        var guestPIDs: [Int32] = []
         var end = try reader.pump(until: .now.advanced(by: timeout)) { record in
             result.apply(record)
-            if record.kind == .ready { ready += 1 }
+            if record.kind == .ready {
+                ready += 1
+                guestPIDs.append(record.pid)
+            }
             return result.launched > 0 && ready >= result.launched
         }
         if end != .done {
@@ -392,6 +465,8 @@ private final class Storm {
             var now = timespec()
             clock_gettime(CLOCK_MONOTONIC, &now)
             result.releasedAt = UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+            let peersBefore = PeerCPU(introspector: tool.pid, guests: guestPIDs)
+            let threadsBefore = cpuSecondsByThread(of: server.pid)
             let cpuBefore = MachineCPU()
             close(go.write)
             end = try reader.pump(until: .now.advanced(by: timeout)) { record in
@@ -402,6 +477,13 @@ private final class Storm {
                 result.stealPercent = after.stealPercent(since: before)
                 result.busyPercent = after.busyPercent(since: before)
             }
+            if let before = peersBefore, let after = PeerCPU(introspector: tool.pid, guests: guestPIDs) {
+                result.peerCPU = (after.introspector - before.introspector, after.guests - before.guests)
+            }
+            result.threadCPU = cpuSecondsByThread(of: server.pid).map { name, after in
+                let before = threadsBefore[name] ?? (0, 0)
+                return (name, after.running - before.running, after.waiting - before.waiting)
+            }.filter { $0.running >= 0.0005 }.sorted { $0.running > $1.running }
             if end != .done {
                 result.unfinished = "did not finish: \(result.hooked.count) of \(result.launched) hooked (\(end))"
             } else if result.kvmiAnswered < result.hooked.count {
@@ -569,6 +651,7 @@ private struct Report {
     let floor: StormResult
     let broker: StormResult
     let guests: Int
+    let timeline: Bool
 
     func print() {
         func row(_ label: String, _ floorCell: String, _ brokerCell: String, _ ratio: String = "") {
@@ -616,12 +699,23 @@ private struct Report {
             "\(value.0.map { String(format: "%.2f", $0) } ?? "?") / \(value.1.map { String(format: "%.2f", $0) } ?? "?")"
         }
         row("CPU s: storm / whole run", cpuCell(cpu[0]), cpuCell(cpu[1]), "storm \(ratio(cpu[0].0, cpu[1].0))")
+        let peers = [floor, broker].map { result in
+            result.peerCPU.map { String(format: "%.3f / %.3f", $0.introspector, $0.guests) } ?? "?"
+        }
+        row("peers' CPU s (storm): tool / fake QEMUs", peers[0], peers[1])
+        for result in [floor, broker] where !result.threadCPU.isEmpty {
+            let threads = result.threadCPU.map { "\($0.name) \(String(format: "%.3f / %.3f", $0.running, $0.waiting))" }
+            Swift.print("\(result.name): threads' s on a CPU / waiting for one (storm): \(threads.joined(separator: ", "))")
+        }
         row(
             "machine CPU busy, both cores (storm)", floor.busyPercent.map { String(format: "%.0f %%", $0) } ?? "?",
             broker.busyPercent.map { String(format: "%.0f %%", $0) } ?? "?")
         row(
             "machine CPU stolen by the host (storm)", floor.stealPercent.map { String(format: "%.0f %%", $0) } ?? "?",
             broker.stealPercent.map { String(format: "%.0f %%", $0) } ?? "?")
+        if timeline {
+            for result in [floor, broker] { printTimeline(result) }
+        }
         for result in [floor, broker] {
             if result.reaped != result.launched || result.reapedNonZero != 0 {
                 Swift.print(
@@ -643,6 +737,24 @@ private struct Report {
             ("HELLO sent -> WELCOME", { result in result.hooked.values.map { $0.tWelcome &- $0.tHello } }),
             ("HELLO sent -> HOOK received", { result in result.hooked.values.map { $0.tHook &- $0.tHello } }),
         ]
+    }
+
+    /// WELCOMEs and hooks in each tenth of the time from release to the last hook.
+    private func printTimeline(_ result: StormResult) {
+        guard let end = result.hooked.values.map(\.tResult).max(), end > result.releasedAt else { return }
+        let span = Double(end &- result.releasedAt)
+        func counts(_ time: (GuestRecord) -> UInt64) -> [Int] {
+            var bins = [Int](repeating: 0, count: 10)
+            for record in result.hooked.values {
+                let offset = Double(time(record) &- result.releasedAt)
+                bins[min(9, max(0, Int(10 * offset / span)))] += 1
+            }
+            return bins
+        }
+        let welcomed = counts(\.tWelcome).map { String(format: "%5d", $0) }.joined()
+        let hooked = counts(\.tResult).map { String(format: "%5d", $0) }.joined()
+        Swift.print("\(result.name): tenths of \(duration(span / 1e9)): WELCOMEd\(welcomed)")
+        Swift.print("\(result.name): tenths of \(duration(span / 1e9)): hooked  \(hooked)")
     }
 
     private func allHookedSeconds(_ result: StormResult) -> Double? {
