@@ -47,6 +47,10 @@ public struct ProcessPin: Sendable {
         return ProcessPin(pid: pid, pidfd: nil, source: "none")
     }
 
+    /// Pinned by the channel socket (SO_PEERPIDFD): the socket names this process whenever it
+    /// is asked, so the re-check before HOOK can ask it again instead of comparing start times.
+    public var isFromSocket: Bool { pidfd != nil && source == "SO_PEERPIDFD" }
+
     /// False once the pinned process has exited.
     public var isAlive: Bool {
         guard let pidfd else { return kill(pid, 0) == 0 || errno == EPERM }
@@ -54,14 +58,25 @@ public struct ProcessPin: Sendable {
     }
 }
 
-/// What identifies one process image: its start time (boot-relative clock ticks, unique per pid
-/// over time) and its executable (path, device and inode). An exec changes the executable, a
-/// pid reuse changes the start time.
+/// What identifies one process image: who it is (its start time, boot-relative clock ticks,
+/// unique per pid over time; or nil when the channel socket itself names the process, see
+/// `PeerVerifier.recheck`) and its executable (device and inode; the path only where those
+/// could not be read or a message needs it). An exec changes the executable, a pid reuse
+/// changes the start time.
 public struct ProcessFacts: Sendable, Equatable {
-    public var startTime: UInt64
+    /// Nil: pinned by the channel socket (SO_PEERPIDFD names the process that connected, whenever
+    /// it is asked), so that no start time is needed to tell it from a later process with its pid.
+    public var startTime: UInt64?
     public var executable: String
     public var executableDevice: UInt64?
     public var executableInode: UInt64?
+
+    public init(startTime: UInt64?, executable: String, executableDevice: UInt64?, executableInode: UInt64?) {
+        self.startTime = startTime
+        self.executable = executable
+        self.executableDevice = executableDevice
+        self.executableInode = executableInode
+    }
 
     /// The same process image: the same start time (not a reused pid) and the same executable
     /// file (no exec since): by device and inode when both have them, else by path.
@@ -124,14 +139,19 @@ public struct PeerVerifier: Sendable {
     /// was of that one process image. Returns the facts to re-check before HOOK (and, with
     /// libvirt, to compare with the domain's emulator). With `emulatorList` false the
     /// executable is left to `verdict(for:uuid:facts:peer:)` (libvirt's `<emulator>`).
+    ///
+    /// A pin from the channel socket (SO_PEERPIDFD) needs no start time, now or at the re-check
+    /// (which asks the socket again), so /proc/PID/stat is read only on kernels without it:
+    /// in a boot storm that read and the re-check's were a third of the identity work.
     public func verdict(for hello: Channel.Hello, from peer: PeerCredentials, pin: ProcessPin, emulatorList: Bool = true) -> (
         Verdict, ProcessFacts?
     ) {
         if Int32(bitPattern: hello.pid) != peer.pid {
             return (.refused("HELLO claims pid \(hello.pid) but the socket peer is pid \(peer.pid)"), nil)
         }
+        let socketPinned = pin.isFromSocket
         let before: ProcessFacts
-        switch facts(of: peer.pid) {
+        switch facts(of: peer.pid, startTime: socketPinned ? .pinnedBySocket : .read) {
         case .success(let facts): before = facts
         case .failure(let error) where Self.isTransient(error.code):
             return (.transient("cannot read the facts of pid \(peer.pid) now: \(errnoName(error.code))"), nil)
@@ -143,9 +163,9 @@ public struct PeerVerifier: Sendable {
         // With a pidfd that is still alive afterwards, the pid named the pinned process all along
         // (a pid is not reused before its process is reaped): only an exec can have changed the
         // image, so the executable is compared again but the start time is not read again.
-        let pinned = pin.pidfd != nil && before.executableInode != nil ? before.startTime : nil
-        guard case .success(let after) = facts(of: peer.pid, path: before.executableInode == nil, startTime: pinned),
-            after.isSameImage(as: before), pin.isAlive
+        let known: StartTime =
+            socketPinned ? .pinnedBySocket : pin.pidfd != nil && before.executableInode != nil ? .known(before.startTime) : .read
+        guard case .success(let after) = facts(of: peer.pid, startTime: known), after.isSameImage(as: before), pin.isAlive
         else {
             return (.refused("pid \(peer.pid) exited, exec'd or was replaced while its identity was being checked"), nil)
         }
@@ -159,7 +179,7 @@ public struct PeerVerifier: Sendable {
     /// `BlockingWork`.
     public func verdict(for domain: DomainIdentity, uuid: GuestUUID, facts: ProcessFacts, peer: PeerCredentials) -> Verdict {
         let name = escapedForLog(domain.name, limit: 64)
-        let executable = escapedForLog(Self.withoutDeleted(facts.executable))
+        let executable = shownExecutable(facts, pid: peer.pid)
         guard let emulator = domain.emulator else {
             return .refused(
                 "libvirt records no <emulator> for domain \(name) (\(uuid)), so QEMU pid \(peer.pid) (\(executable)) cannot be checked against it")
@@ -201,32 +221,63 @@ public struct PeerVerifier: Sendable {
     }
 
     /// Right before HOOK hands the introspector's socket over: pid `pid` is still the process
-    /// image whose identity was checked (same start time: not a reused pid; same executable:
-    /// no exec since). Nil when it is. (The pidfd is not kept for this, so that a hooked guest
-    /// costs the broker one descriptor, not two.)
+    /// image whose identity was checked (the same process: its start time, or, for facts pinned
+    /// by the socket, the channel's own SO_PEERPIDFD, still alive; the same executable: no exec
+    /// since). Nil when it is. (No pidfd is kept for this, so that a hooked guest costs the
+    /// broker one descriptor, not two.)
+    public func recheck(pid: Int32, _ facts: ProcessFacts, channel: Int32) -> String? {
+        guard facts.startTime == nil else { return recheck(pid: pid, facts) }
+        // The process that connected the channel, whoever holds it now.
+        let pidfd = kvmib_peer_pidfd(channel)
+        guard pidfd >= 0 else {
+            let error = errno
+            return Self.isTransient(error)
+                ? "cannot check QEMU pid \(pid) now: \(errnoName(error))" : "QEMU pid \(pid), which connected the channel, has exited"
+        }
+        defer { close(pidfd) }
+        let now = self.facts(of: pid, startTime: .pinnedBySocket)
+        // Alive after the read: the pid named that process during it.
+        guard kvmib_pidfd_alive(pidfd) != 0 else { return "QEMU pid \(pid), which connected the channel, has exited" }
+        switch now {
+        case .success(let now) where now.isSameImage(as: facts): return nil
+        case .success(let now): return "QEMU pid \(pid) exec'd \(shownExecutable(now, pid: pid)) since its identity was checked"
+        case .failure(let error) where Self.isTransient(error.code): return "cannot check QEMU pid \(pid) now: \(errnoName(error.code))"
+        case .failure: return "QEMU pid \(pid) has exited"
+        }
+    }
+
+    /// The re-check for facts with a start time (kernels without SO_PEERPIDFD).
     public func recheck(pid: Int32, _ facts: ProcessFacts) -> String? {
-        guard case .success(let quick) = self.facts(of: pid, path: false) else { return "QEMU pid \(pid) has exited" }
-        if quick.startTime != facts.startTime { return "pid \(pid) is now another process (its start time changed)" }
-        guard !quick.isSameImage(as: facts) else { return nil }
-        guard case .success(let now) = self.facts(of: pid) else { return "QEMU pid \(pid) has exited" }
+        guard case .success(let now) = self.facts(of: pid), now.startTime != nil else { return "QEMU pid \(pid) has exited" }
         if now.startTime != facts.startTime { return "pid \(pid) is now another process (its start time changed)" }
         if !now.isSameImage(as: facts) {
-            return "QEMU pid \(pid) exec'd \(escapedForLog(now.executable)) since its identity was checked"
+            return "QEMU pid \(pid) exec'd \(shownExecutable(now, pid: pid)) since its identity was checked"
         }
         return nil
     }
 
+    /// Where a process's start time comes from.
+    enum StartTime {
+        /// /proc/PID/stat.
+        case read
+        /// Already known (a live pidfd pins the pid to the process it was read for).
+        case known(UInt64?)
+        /// Not needed: the channel socket names the process.
+        case pinnedBySocket
+    }
+
     /// Start time (field 22 of /proc/PID/stat, after the parenthesised command name, which may
-    /// hold anything) and the executable.
-    /// With `path` false the executable's path is not read (`executable` is empty): enough to
-    /// compare with facts read before (`isSameImage`), and one system call less per check.
-    /// With `startTime` given (known to be the pid's: a live pidfd pins it), /proc/PID/stat is
-    /// not read.
-    func facts(of pid: Int32, path: Bool = true, startTime known: UInt64? = nil) -> Result<ProcessFacts, SystemErrno> {
-        let startTime: UInt64
-        if let known {
+    /// hold anything) and the executable: its device and inode (`fstatat` of /proc/PID/exe);
+    /// its path only when those cannot be read (then the path is what is compared). A message
+    /// that shows the executable reads the path (`shownExecutable`).
+    func facts(of pid: Int32, startTime source: StartTime = .read) -> Result<ProcessFacts, SystemErrno> {
+        let startTime: UInt64?
+        switch source {
+        case .known(let known):
             startTime = known
-        } else {
+        case .pinnedBySocket:
+            startTime = nil
+        case .read:
             let stat: [UInt8]
             switch readFile("\(procRoot)/\(pid)/stat", limit: 4096) {
             case .success(let bytes): stat = bytes
@@ -235,27 +286,33 @@ public struct PeerVerifier: Sendable {
             guard let read = Self.startTime(stat: stat) else { return .failure(SystemErrno(EINVAL)) }
             startTime = read
         }
-        var executable = ""
-        if path {
-            switch readLink("\(procRoot)/\(pid)/exe") {
-            case .success(let target): executable = target
-            case .failure(let error): return .failure(error)
-            }
-        }
         var info = Glibc.stat()
-        let found = fstatat(AT_FDCWD, "\(procRoot)/\(pid)/exe", &info, 0) == 0
-        return .success(
-            ProcessFacts(
-                startTime: startTime, executable: executable, executableDevice: found ? UInt64(info.st_dev) : nil,
-                executableInode: found ? UInt64(info.st_ino) : nil))
+        if fstatat(AT_FDCWD, "\(procRoot)/\(pid)/exe", &info, 0) == 0 {
+            return .success(
+                ProcessFacts(startTime: startTime, executable: "", executableDevice: UInt64(info.st_dev), executableInode: UInt64(info.st_ino)))
+        }
+        let statError = errno
+        switch readLink("\(procRoot)/\(pid)/exe") {
+        case .success(let target):
+            return .success(ProcessFacts(startTime: startTime, executable: target, executableDevice: nil, executableInode: nil))
+        case .failure(let error):
+            return .failure(Self.isTransient(statError) ? SystemErrno(statError) : error)
+        }
+    }
+
+    /// The executable for a message: the path the facts hold, else read now (escaped, without
+    /// " (deleted)"); "an unreadable executable" when it cannot be read.
+    func shownExecutable(_ facts: ProcessFacts, pid: Int32) -> String {
+        var path = facts.executable
+        if path.isEmpty, case .success(let target) = readLink("\(procRoot)/\(pid)/exe") { path = target }
+        return path.isEmpty ? "an unreadable executable" : escapedForLog(Self.withoutDeleted(path))
     }
 
     /// Without libvirt: the peer's executable must be one of `emulators` (same device and inode).
     private func emulatorProblem(_ facts: ProcessFacts, _ peer: PeerCredentials) -> String? {
-        let executable = escapedForLog(Self.withoutDeleted(facts.executable))
         guard !emulators.isEmpty else {
             return
-                "pid \(peer.pid) runs \(executable), and no emulator is configured (--emulator): without libvirt's identity check only the listed executables are QEMUs"
+                "pid \(peer.pid) runs \(shownExecutable(facts, pid: peer.pid)), and no emulator is configured (--emulator): without libvirt's identity check only the listed executables are QEMUs"
         }
         if let device = facts.executableDevice, let inode = facts.executableInode {
             for emulator in emulators {
@@ -264,7 +321,7 @@ public struct PeerVerifier: Sendable {
             }
         }
         let list = emulators.map { escapedForLog($0) }.joined(separator: ", ")
-        return "pid \(peer.pid) runs \(executable), which is not a configured emulator (\(list))"
+        return "pid \(peer.pid) runs \(shownExecutable(facts, pid: peer.pid)), which is not a configured emulator (\(list))"
     }
 
     /// Field 22 of /proc/PID/stat (the start time), counted after the parenthesised command

@@ -114,7 +114,8 @@ final class SessionDriver: Sendable {
         let emulatorList = configuration.identity == nil
         let (verdict, facts) = await BlockingWork.shared.run {
             // Pinned for the checks only: SO_PEERPIDFD names the process that connected, whenever
-            // it is asked; from the verdict on, the facts (start time, executable) carry the
+            // it is asked (the re-check before HOOK asks again); from the verdict on, the facts
+            // (the executable, and the start time where the kernel has no SO_PEERPIDFD) carry the
             // identity, so a guest costs one descriptor, not two.
             let pin = ProcessPin.peer(of: channel.raw, pid: peer.pid)
             defer { pin.pidfd?.close() }
@@ -141,7 +142,7 @@ final class SessionDriver: Sendable {
                 // The pinned process image (its facts) against what libvirt started: the emulator
                 // file and the user and group.
                 let uuid = hello.uuid
-                let pinned = facts ?? ProcessFacts(startTime: 0, executable: "", executableDevice: nil, executableInode: nil)
+                let pinned = facts ?? ProcessFacts(startTime: nil, executable: "", executableDevice: nil, executableInode: nil)
                 switch await BlockingWork.shared.run({ verifier.verdict(for: domain, uuid: uuid, facts: pinned, peer: peer) }) {
                 case .accepted:
                     break
@@ -937,7 +938,8 @@ final class SessionDriver: Sendable {
         if let facts = state.facts {
             let verifier = configuration.verifier
             let pid = peer.pid
-            if let problem = await BlockingWork.shared.run({ verifier.recheck(pid: pid, facts) }) {
+            let channel = socket.descriptor
+            if let problem = await BlockingWork.shared.run({ verifier.recheck(pid: pid, facts, channel: channel.raw) }) {
                 descriptor.close()
                 logger.error("not hooking: \(problem); closing the channel")
                 return false

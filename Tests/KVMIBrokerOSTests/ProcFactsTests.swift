@@ -1,3 +1,4 @@
+import CKVMIBroker
 import Foundation
 import KVMIBrokerCore
 import KVMITestIntrospector
@@ -31,6 +32,9 @@ struct ProcFactsTests {
     @Test("the same image: start time, then device and inode, else the path")
     func sameImage() {
         let checked = ProcessFacts(startTime: 10, executable: "/usr/bin/qemu-system-x86_64", executableDevice: 1, executableInode: 2)
+        var socketPinned = checked
+        socketPinned.startTime = nil
+        #expect(!socketPinned.isSameImage(as: checked))
         var quick = checked
         quick.executable = ""
         #expect(quick.isSameImage(as: checked))
@@ -83,5 +87,45 @@ struct ProcFactsTests {
         var other = hello
         other.uuid = GuestUUID("5eed0000-1111-4222-8333-444455556667")!
         #expect(verifier.verdict(for: other, from: peer) != .accepted)
+    }
+
+    /// A kernel with SO_PEERPIDFD names the process that connected whenever it is asked, so the
+    /// identity needs no start time: /proc/PID/stat (the costliest read, once in the checks and
+    /// once before each HOOK) is not read. Here /proc is a copy without it: the checks pass and
+    /// the re-check passes, until the executable changes. Without SO_PEERPIDFD (Debian 12's
+    /// 6.1), the start time is read, so the same copy fails the checks.
+    @Test("with the channel socket as the pin, neither the checks nor the re-check before HOOK read /proc/PID/stat")
+    func socketPinNeedsNoStartTime() throws {
+        let root = "\(NSTemporaryDirectory())kvmib-proc-\(getpid())"
+        let directory = "\(root)/\(getpid())"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let uuid = GuestUUID("5eed0000-1111-4222-8333-444455556666")!
+        #expect(FileManager.default.createFile(atPath: "\(directory)/cmdline", contents: Data("qemu\0-uuid\0\(uuid)\0".utf8)))
+        #expect(symlink("/bin/sh", "\(directory)/exe") == 0)
+        var pair: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0)
+        defer { pair.forEach { _ = close($0) } }
+
+        let verifier = PeerVerifier(emulators: ["/bin/sh"], procRoot: root)
+        let hello = Channel.Hello(
+            flags: [.running], pid: UInt32(getpid()), uuid: uuid, startTime: 0, maxGPA: 0, hookedABI: nil, capV12: -25, capV7: -25,
+            introspectionParameter: -1, name: "pinned")
+        let pin = ProcessPin.peer(of: pair[0], pid: getpid())
+        defer { pin.pidfd?.close() }
+        let (verdict, facts) = verifier.verdict(for: hello, from: PeerCredentials(pid: getpid(), uid: getuid(), gid: getgid()), pin: pin)
+        guard pin.isFromSocket else {
+            // No SO_PEERPIDFD: the start time is needed, and this /proc has none.
+            #expect(verdict == .refused("cannot read the facts of pid \(getpid()) (ENOENT)"), "\(verdict)")
+            return
+        }
+        #expect(verdict == .accepted)
+        let checked = try #require(facts)
+        #expect(checked.startTime == nil)
+        #expect(verifier.recheck(pid: getpid(), checked, channel: pair[0]) == nil)
+        // An exec: /proc/PID/exe is another file now.
+        #expect(unlink("\(directory)/exe") == 0 && symlink("/usr/bin/env", "\(directory)/exe") == 0)
+        let problem = verifier.recheck(pid: getpid(), checked, channel: pair[0])
+        #expect(problem == "QEMU pid \(getpid()) exec'd /usr/bin/env since its identity was checked", "\(problem ?? "nil")")
     }
 }
