@@ -13,20 +13,29 @@ import Synchronization
 /// streams frames waits for its session, not the broker's memory. Inputs given with `post`
 /// must be bounded by their producer (one handshake outcome per attempt, one input per armed
 /// timer, coalesced reload notices).
+///
+/// Inlinable so that its user's module specializes it for its element type: unspecialized, each
+/// call looked up the metadata of the queue's tuple and optional types at run time, which was
+/// several percent of the reactor thread's time in a boot storm.
 public final class Mailbox<Element: Sendable>: Sendable {
-    private struct State {
+    @usableFromInline
+    struct State {
         /// Each element with whether it was offered (those count against the capacity).
-        var queue = Deque<(element: Element, offered: Bool)>()
+        @usableFromInline var queue = Deque<(element: Element, offered: Bool)>()
         /// Offered elements in `queue`.
-        var bounded = 0
-        var consumer: (id: UInt64, continuation: CheckedContinuation<Element?, Never>)?
+        @usableFromInline var bounded = 0
+        @usableFromInline var consumer: (id: UInt64, continuation: CheckedContinuation<Element?, Never>)?
         /// Producers told to pause, oldest first: called once there is room.
-        var paused = Deque<@Sendable () -> Void>()
-        var nextID: UInt64 = 0
+        @usableFromInline var paused = Deque<@Sendable () -> Void>()
+        @usableFromInline var nextID: UInt64 = 0
         /// The consumer's wait cancelled before it registered.
-        var early = EarlyCancellations()
-        var finished = false
+        @usableFromInline var early = EarlyCancellations()
+        @usableFromInline var finished = false
 
+        @usableFromInline
+        init() {}
+
+        @inlinable
         mutating func newWait() -> UInt64 {
             nextID += 1
             early.given(nextID)
@@ -34,7 +43,8 @@ public final class Mailbox<Element: Sendable>: Sendable {
         }
     }
 
-    private let state = Mutex(State())
+    @usableFromInline
+    let state = Mutex(State())
 
     /// How many offered elements may be queued before their producer pauses.
     public let capacity: Int
@@ -45,6 +55,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
     }
 
     /// Queues `element` now (dropped once finished). For inputs bounded by their producer.
+    @inlinable
     public func post(_ element: Element) {
         let consumer = state.withLock { state -> CheckedContinuation<Element?, Never>? in
             guard !state.finished else { return nil }
@@ -62,6 +73,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
     /// go on. False: more than `capacity` offered elements are queued; the producer pauses and
     /// `whenRoom` is called once (never under the mailbox's lock, never from within this call)
     /// when the consumer has taken enough of them, or when the mailbox finishes.
+    @inlinable
     public func offer(_ element: Element, whenRoom: @escaping @Sendable () -> Void) -> Bool {
         let (consumer, goOn) = state.withLock { state -> (CheckedContinuation<Element?, Never>?, Bool) in
             if state.finished { return (nil, true) }
@@ -81,6 +93,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
 
     /// The next element, waiting for one; nil once finished and drained, or when the
     /// consumer's task is cancelled while it waits.
+    @inlinable
     public func next() async -> Element? {
         var admitted: (@Sendable () -> Void)?
         let taken = state.withLock { state -> Element? in
@@ -124,6 +137,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
 
     /// Ends the mailbox: queued elements are still delivered, new ones are dropped, paused
     /// producers are called back and a waiting consumer gets nil.
+    @inlinable
     public func finish() {
         let (consumer, paused) = state.withLock { state in
             state.finished = true
@@ -152,7 +166,8 @@ public final class Mailbox<Element: Sendable>: Sendable {
 
     /// An offered element left the queue: the oldest paused producer goes on once at most
     /// `capacity` offered elements are queued.
-    private func admitProducer(_ state: inout State) -> (@Sendable () -> Void)? {
+    @inlinable
+    func admitProducer(_ state: inout State) -> (@Sendable () -> Void)? {
         state.bounded -= 1
         guard state.bounded <= capacity else { return nil }
         return state.paused.popFirst()
