@@ -261,7 +261,7 @@ public enum Channel {
             }
             flags = Flags(rawValue: payload.read(UInt16.self, at: 2, order: .little))
             pid = payload.read(UInt32.self, at: 4, order: .little)
-            uuid = GuestUUID(bytes: Array(payload[8..<24]))!
+            uuid = GuestUUID(bytes: payload[8..<24])!
             startTime = payload.read(Int64.self, at: 24, order: .little)
             maxGPA = payload.read(UInt64.self, at: 32, order: .little)
             let abiCode = payload[40]

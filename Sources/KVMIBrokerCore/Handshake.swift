@@ -175,7 +175,7 @@ public struct HandshakeRequestReader: Sendable {
         let name = String(decoding: nameBytes.prefix { $0 != 0 }, as: UTF8.self)
         return ReceivedHandshake(
             structSize: structSize,
-            uuid: GuestUUID(bytes: Array(padded[4..<20]))!,
+            uuid: GuestUUID(bytes: padded[4..<20])!,
             startTime: padded.read(Int64.self, at: 24, order: .host),
             name: name,
             maxGPA: kept.count >= 104 ? kept.read(UInt64.self, at: 96, order: .host) : nil)

@@ -128,4 +128,23 @@ struct UUIDTests {
         #expect(random.bytes[6] >> 4 == 4)
         #expect(GuestUUID(random.description) == random)
     }
+
+    @Test("the 16 bytes in canonical order; text of the wrong length, shape or alphabet is refused")
+    func bytesAndShapes() {
+        let text = "00112233-4455-6677-8899-aabbccddeeff"
+        let uuid = GuestUUID(text)
+        #expect(uuid?.bytes == [0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff])
+        #expect(GuestUUID(bytes: uuid?.bytes ?? []) == uuid)
+        #expect(GuestUUID(bytes: (uuid?.bytes ?? [])[0..<16]).map { Set([$0, uuid!]).count } == 1)
+        #expect(GuestUUID(bytes: [UInt8](repeating: 1, count: 15)) == nil)
+        #expect(GuestUUID(bytes: [UInt8](repeating: 1, count: 17)) == nil)
+        for bad in [
+            String(text.dropLast()), text + "0", "001122334-455-6677-8899-aabbccddeeff", "00112233-4455-6677-8899-aabbccddeef\u{e9}",
+            "00112233-4455-6677-8899-aabbccddee-f", "", "------------------------------------",
+        ] {
+            #expect(GuestUUID(bad) == nil, "\(bad)")
+        }
+        #expect(GuestUUID.zero.description == "00000000-0000-0000-0000-000000000000")
+        #expect(GuestUUID(text)?.hashValue == GuestUUID(text.uppercased())?.hashValue)
+    }
 }
