@@ -25,10 +25,22 @@ public final class LogWriter: @unchecked Sendable {
     /// The broker's writer (`kvmi-broker run` installs handlers that use it).
     public static let shared = LogWriter(capacity: 16_384)
 
-    /// A record waiting to be written: the handler that writes it and the event.
+    /// A record waiting to be written: the handler that writes it, the event and the logger's
+    /// metadata, merged under the event's own on the writer's thread.
     private struct Pending {
         var handler: any LogHandler
         var event: LogEvent
+        var loggerMetadata: Logger.Metadata
+
+        /// The event with the logger's metadata under its own (as swift-log's handlers merge them).
+        var merged: LogEvent {
+            guard !loggerMetadata.isEmpty else { return event }
+            var merged = event
+            var all = loggerMetadata
+            if let explicit = event.metadata { all.merge(explicit) { $1 } }
+            merged.metadata = all
+            return merged
+        }
     }
 
     private let capacity: Int
@@ -76,9 +88,10 @@ public final class LogWriter: @unchecked Sendable {
         return lingering
     }
 
-    /// Queues `event` for `handler`. Returns at once unless the queue is full and the record
-    /// is at `notice` or above (then it waits for room).
-    public func write(_ event: LogEvent, with handler: any LogHandler) {
+    /// Queues `event` for `handler`, with `loggerMetadata` to merge under the event's own when it
+    /// is written. Returns at once unless the queue is full and the record is at `notice` or
+    /// above (then it waits for room).
+    public func write(_ event: LogEvent, loggerMetadata: Logger.Metadata = [:], with handler: any LogHandler) {
         condition.lock()
         if pending.count + inFlight >= capacity {
             guard event.level >= .notice else {
@@ -89,7 +102,7 @@ public final class LogWriter: @unchecked Sendable {
             }
             while pending.count + inFlight >= capacity { condition.wait() }
         }
-        pending.append(Pending(handler: handler, event: event))
+        pending.append(Pending(handler: handler, event: event, loggerMetadata: loggerMetadata))
         let start = !draining
         draining = true
         if start { handOvers += 1 }
@@ -167,7 +180,7 @@ public final class LogWriter: @unchecked Sendable {
             // to queue a notice-or-above record.
             condition.broadcast()
             condition.unlock()
-            for record in batch { record.handler.log(event: record.event) }
+            for record in batch { record.handler.log(event: record.merged) }
             if lost > 0, let lostHandler {
                 let warning = LogEvent(
                     level: .warning,
@@ -183,8 +196,9 @@ public final class LogWriter: @unchecked Sendable {
 }
 
 /// A handler that hands each record to a `LogWriter` and returns: `base` formats and writes it
-/// on the writer's thread. Metadata from the base's provider (task-local values) is read here,
-/// on the caller's task, where it is set.
+/// on the writer's thread, where the logger's metadata is merged with the record's too (a
+/// dictionary copy per record, not on the session's thread). Metadata from the base's provider
+/// (task-local values) is read here, on the caller's task, where it is set.
 ///
 /// The logger's metadata is kept here, not in `base`, and handed to `base` with each record:
 /// swift-log's stream handler renders all of its metadata again on every change of one key, and
@@ -203,14 +217,16 @@ public struct QueuedLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
+        guard let provider = base.metadataProvider else {
+            // The merge with the logger's metadata happens on the writer's thread.
+            writer.write(event, loggerMetadata: metadata, with: base)
+            return
+        }
         var event = event
         var handler = base
-        var all = Logger.Metadata()
-        if let provider = base.metadataProvider {
-            all = provider.get()
-            handler.metadataProvider = nil
-        }
+        handler.metadataProvider = nil
         // The provider's, then the logger's, then the call's own: as swift-log's handlers merge them.
+        var all = provider.get()
         if !metadata.isEmpty { all.merge(metadata) { $1 } }
         if let explicit = event.metadata {
             if all.isEmpty { all = explicit } else { all.merge(explicit) { $1 } }

@@ -237,7 +237,8 @@ final class SessionDriver: Sendable {
         var state = LoopState(
             machine: GuestSessionMachine(allowLists: .kernelDefaults(.v12)),
             request: HandshakeRequest(uuid: hello.uuid, name: hello.name, startTime: hello.startTime, maxGPA: hello.maxGPA), plan: nil,
-            logLimit: RateLimitedLog(linesPerWindow: configuration.sessionLogLines, window: .seconds(10)), facts: admitted.facts)
+            logLimit: RateLimitedLog(linesPerWindow: configuration.sessionLogLines, window: .seconds(10)), facts: admitted.facts,
+            audit: admitted.logger.audit)
         state.channelVersion = Channel.negotiatedVersion(hello.version)
         let session = SessionContext(
             hello: hello, name: admitted.name, metadata: admitted.metadata, nova: admitted.nova, token: admitted.token, inputs: inputs,
@@ -300,7 +301,7 @@ final class SessionDriver: Sendable {
         let plan = decision.plan
         state.failClosed = decision.failsClosed
         state.rule = decision.rule ?? "-"
-        logger.audit.notice("policy decision: \(reason)", metadata: state.auditMetadata(plan))
+        state.audit.notice("policy decision: \(reason)", metadata: state.auditMetadata(plan))
         state.plan = plan
         state.machine = GuestSessionMachine(allowLists: plan?.allowLists ?? .kernelDefaults(.v12))
         // The introspector's id (a SHA-256) matters only to reconcile a guest QEMU says is hooked.
@@ -309,7 +310,7 @@ final class SessionDriver: Sendable {
             .helloAccepted(hello, introspect: plan != nil, introspectorID: introspectorID, failsClosed: state.failClosed))
         if let reconciliation = state.machine.reconciliation {
             // A restart found the guest hooked: what QEMU said, what is done, and the deciding rule (audit).
-            logger.audit.notice(
+            state.audit.notice(
                 "restart reconciliation: \(reconciliation)",
                 metadata: state.auditMetadata(plan).merging([
                     "qemu.applied": "\(escapedForLog(hello.applied.map { "\($0)" } ?? "unknown", limit: 128))",
@@ -393,9 +394,9 @@ final class SessionDriver: Sendable {
         var metadata = state.auditMetadata(state.plan)
         metadata["unhook.reason"] = "\(reason)"
         switch reason {
-        case "policy": logger.audit.notice("guest unhooked for the policy change", metadata: metadata)
-        case "introspector-closed": logger.audit.warning("the introspector closed its connection; QEMU unhooked the guest", metadata: metadata)
-        default: logger.audit.notice("QEMU unhooked the guest (\(reason))", metadata: metadata)
+        case "policy": state.audit.notice("guest unhooked for the policy change", metadata: metadata)
+        case "introspector-closed": state.audit.warning("the introspector closed its connection; QEMU unhooked the guest", metadata: metadata)
+        default: state.audit.notice("QEMU unhooked the guest (\(reason))", metadata: metadata)
         }
     }
 
@@ -529,7 +530,7 @@ final class SessionDriver: Sendable {
             }
             // Every decision is audited; a changed one at notice level.
             state.rule = decision.rule ?? "-"
-            logger.audit.log(
+            state.audit.log(
                 level: next != state.plan ? .notice : .info, "policy reloaded: \(next != state.plan ? "changed" : "unchanged"): \(reason)",
                 metadata: state.auditMetadata(next))
             if same, let next { state.plan = next } else { state.pendingPlan = next }
@@ -561,6 +562,9 @@ final class SessionDriver: Sendable {
     }
 
     struct LoopState {
+        /// The audit trail's logger with the session's metadata, made once (its records are
+        /// two per guest in a boot storm; making the logger is a handler and a closure each).
+        let audit: Logger
         var machine: GuestSessionMachine
         /// What the broker tells the tool: QEMU's own identity from HELLO, kept current.
         var request: HandshakeRequest
@@ -648,8 +652,12 @@ final class SessionDriver: Sendable {
         /// The checked process image, compared again right before each HOOK.
         let facts: ProcessFacts?
 
-        init(machine: GuestSessionMachine, request: HandshakeRequest, plan: SessionPlan?, logLimit: RateLimitedLog, facts: ProcessFacts?) {
+        init(
+            machine: GuestSessionMachine, request: HandshakeRequest, plan: SessionPlan?, logLimit: RateLimitedLog, facts: ProcessFacts?,
+            audit: Logger
+        ) {
             self.machine = machine
+            self.audit = audit
             self.request = request
             self.plan = plan
             self.logLimit = logLimit
@@ -844,12 +852,12 @@ final class SessionDriver: Sendable {
         case .sendRelease:
             // Required but unservable: the guest must not run unmonitored, so it stays held.
             guard !state.failClosed else {
-                logger.audit.warning(
+                state.audit.warning(
                     "the policy requires this guest to be introspected but cannot serve it; not releasing its vCPUs",
                     metadata: state.auditMetadata(nil))
                 return .done
             }
-            logger.audit.notice("RELEASE: the guest is not introspected; QEMU releases any vCPUs it holds", metadata: state.auditMetadata(nil))
+            state.audit.notice("RELEASE: the guest is not introspected; QEMU releases any vCPUs it holds", metadata: state.auditMetadata(nil))
             return .request(.release, [])
         case .scheduleRetry(let failures):
             var generator = SystemRandomNumberGenerator()
@@ -922,7 +930,7 @@ final class SessionDriver: Sendable {
             if case .recovered(let attempts, let over) = state.streak.succeeded(at: .now) {
                 text += ", after \(attempts) failed attempt\(attempts == 1 ? "" : "s") over \(format(over))"
             }
-            logger.audit.notice("\(text)", metadata: state.auditMetadata(state.plan))
+            state.audit.notice("\(text)", metadata: state.auditMetadata(state.plan))
         case .closeChannel:
             return .close
         }

@@ -123,6 +123,7 @@ final class StuckHandler: LogHandler, @unchecked Sendable {
     private let condition = NSCondition()
     private var isOpen = false
     private var lines: [String] = []
+    private var metadataByLine: [String: Logger.Metadata] = [:]
 
     subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }
@@ -132,6 +133,7 @@ final class StuckHandler: LogHandler, @unchecked Sendable {
     func log(event: LogEvent) {
         condition.lock()
         lines.append("\(event.message)")
+        metadataByLine["\(event.message)"] = event.metadata ?? [:]
         while !isOpen { condition.wait() }
         condition.unlock()
     }
@@ -147,6 +149,13 @@ final class StuckHandler: LogHandler, @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         return lines
+    }
+
+    /// The metadata the record `line` came with.
+    func metadata(of line: String) -> Logger.Metadata? {
+        condition.lock()
+        defer { condition.unlock() }
+        return metadataByLine[line]
     }
 }
 
@@ -329,6 +338,26 @@ struct JournalFieldsTests {
         #expect(eventually { handler.written.last == "r6" })
         #expect(writer.wakeUps == 2)
         #expect(writer.flush(timeout: .seconds(30)))  // ends the linger that followed r6
+    }
+
+    /// The merge of the logger's metadata with the record's happens on the writer's thread: it
+    /// must still be the logger's metadata as it was when the record was logged, under the
+    /// record's own.
+    @Test("a queued record carries the logger's metadata of when it was logged, under its own", .timeLimit(.minutes(1)))
+    func queuedMetadata() throws {
+        let (handler, writer, base) = writerThatLingers(capacity: 64, label: "test.log-meta")
+        var logger = base
+        logger[metadataKey: "guest.uuid"] = "one"
+        logger[metadataKey: "rule"] = "logger"
+        logger.notice("m0")
+        #expect(eventually { writer.isLingering })
+        logger.notice("m1", metadata: ["rule": "record", "errno": "EPERM"])
+        logger[metadataKey: "guest.uuid"] = "two"
+        logger.audit.notice("m2")
+        #expect(writer.flush(timeout: .seconds(30)))
+        #expect(handler.metadata(of: "m0") == ["guest.uuid": "one", "rule": "logger"])
+        #expect(handler.metadata(of: "m1") == ["guest.uuid": "one", "rule": "record", "errno": "EPERM"])
+        #expect(handler.metadata(of: "audit: m2") == ["guest.uuid": "two", "rule": "logger"])
     }
 
     @Test("a full queue ends the writer's linger: the records are written without a flush", .timeLimit(.minutes(1)))
