@@ -77,33 +77,20 @@ final class SessionDriver: Sendable {
     }
 
     /// HELLO, identity checks, claim; nil when the connection was refused or closed.
+    ///
+    /// Only the waits are here (HELLO, the /proc and libvirt checks, a REFUSE); the decisions
+    /// and their messages are made in synchronous helpers. A boot storm keeps a thousand
+    /// sessions in this function at once, each holding its frame in its task's allocator: the
+    /// frame was 6 KB while the messages and the status were built here, first-touched memory
+    /// that cost page faults on the reactor's thread.
     @inline(never)
     private func admit() async -> Admitted? {
         var logger = baseLogger
         logger[metadataKey: "qemu.pid"] = "\(peer.pid)"
-        let hello: Channel.Hello
-        do {
-            // A silent connection counts against the greeting cap until it speaks.
-            let ticket = admission?.greeting(socket.descriptor)
-            defer { ticket.map { admission?.greeted($0) } }
-            guard let frame = try await socket.receive(until: .now.advanced(by: configuration.helloTimeout)) else {
-                configuration.refusals.log(logger, level: .info, "the peer closed the channel before HELLO", metadata: ["peer": "\(peer)"])
-                return nil
-            }
-            guard frame.knownType == .hello else {
-                throw BrokerError(.protocolViolation, "first message is type 0x\(String(frame.type, radix: 16)), not HELLO")
-            }
-            hello = try Channel.Hello(decoding: frame.payload)
-        } catch {
-            configuration.refusals.log(logger, "refusing channel peer", metadata: ["peer": "\(peer)", "reason": "\(error)"])
-            return nil
-        }
-        logger[metadataKey: "guest.uuid"] = "\(hello.uuid)"
-        logger[metadataKey: "guest.name"] = "\(escapedForLog(hello.name, limit: 64))"
-        guard hello.version >= 1 else {
-            let reason = "channel version \(hello.version) is not a version of this protocol (the broker speaks \(Channel.version))"
-            configuration.refusals.log(logger, "refusing QEMU: \(reason)", metadata: ["peer": "\(peer)"])
-            await refuse(EPROTONOSUPPORT, reason)
+        guard let hello = await receiveHello(logger) else { return nil }
+        Self.name(&logger, hello)
+        if let refusal = versionRefusal(hello, logger) {
+            await refuse(refusal.errno, refusal.reason)
             return nil
         }
         let verifier = configuration.verifier
@@ -121,61 +108,139 @@ final class SessionDriver: Sendable {
             defer { pin.pidfd?.close() }
             return verifier.verdict(for: hello, from: peer, pin: pin, emulatorList: emulatorList)
         }
-        switch verdict {
-        case .accepted:
-            break
-        case .refused(let problem):
-            configuration.refusals.log(logger, "refusing QEMU: \(problem)", metadata: ["peer": "\(peer)"])
-            await refuse(EPERM, problem)
-            return nil
-        case .transient(let problem):
-            configuration.refusals.log(logger, "refusing QEMU for now: \(problem)", metadata: ["peer": "\(peer)"])
-            await refuse(EAGAIN, problem)
+        if let refusal = refusal(verdict, logger) {
+            await refuse(refusal.errno, refusal.reason)
             return nil
         }
-        var name = escapedForLog(hello.name, limit: 64)
-        var metadata: GuestMetadata?
-        var nova: NovaMetadata?
+        var domain: DomainIdentity?
         if let identity = configuration.identity {
-            switch await identity.verify(uuid: hello.uuid, pid: peer.pid) {
-            case .accepted(let domain):
-                // The pinned process image (its facts) against what libvirt started: the emulator
-                // file and the user and group.
-                let uuid = hello.uuid
-                let pinned = facts ?? ProcessFacts(startTime: nil, executable: "", executableDevice: nil, executableInode: nil)
-                switch await BlockingWork.shared.run({ verifier.verdict(for: domain, uuid: uuid, facts: pinned, peer: peer) }) {
-                case .accepted:
-                    break
-                case .refused(let problem):
-                    configuration.refusals.log(logger, "refusing QEMU: \(problem)", metadata: ["peer": "\(peer)"])
-                    await refuse(EPERM, problem)
-                    return nil
-                case .transient(let problem):
-                    configuration.refusals.log(logger, "refusing QEMU for now: \(problem)", metadata: ["peer": "\(peer)"])
-                    await refuse(EAGAIN, problem)
-                    return nil
-                }
-                name = domain.name
-                metadata = domain.metadata
-                nova = domain.nova
-                logger[metadataKey: "guest.name"] = "\(escapedForLog(name, limit: 64))"
-            case .refused(let why):
-                configuration.refusals.log(logger, "refusing QEMU: libvirt says \(why)", metadata: ["peer": "\(peer)"])
-                await refuse(EPERM, "libvirt: \(why)")
-                return nil
-            case .unavailable(let why):
-                configuration.refusals.log(
-                    logger, "refusing QEMU for now: its identity cannot be checked with libvirt: \(why)", metadata: ["peer": "\(peer)"])
-                await refuse(EAGAIN, "libvirt unavailable: \(why)")
+            let answer = await identity.verify(uuid: hello.uuid, pid: peer.pid)
+            guard case .accepted(let found) = answer else {
+                if let refusal = libvirtRefusal(answer, logger) { await refuse(refusal.errno, refusal.reason) }
                 return nil
             }
+            // The pinned process image (its facts) against what libvirt started: the emulator
+            // file and the user and group.
+            let uuid = hello.uuid
+            let pinned = facts ?? ProcessFacts(startTime: nil, executable: "", executableDevice: nil, executableInode: nil)
+            let emulatorVerdict = await BlockingWork.shared.run { verifier.verdict(for: found, uuid: uuid, facts: pinned, peer: peer) }
+            if let refusal = refusal(emulatorVerdict, logger) {
+                await refuse(refusal.errno, refusal.reason)
+                return nil
+            }
+            domain = found
         }
+        switch claim(hello, domain: domain, facts: facts, logger: logger) {
+        case .success(let admitted):
+            return admitted
+        case .failure(let refusal):
+            await refuse(refusal.errno, refusal.reason)
+            return nil
+        }
+    }
+
+    /// What a refused QEMU is told (REFUSE), already logged.
+    struct Refusal: Error {
+        let errno: Int32
+        let reason: String
+    }
+
+    /// HELLO, within the HELLO deadline; nil (logged) when the peer closed or sent something else.
+    @inline(never)
+    private func receiveHello(_ logger: Logger) async -> Channel.Hello? {
+        // A silent connection counts against the greeting cap until it speaks.
+        let ticket = admission?.greeting(socket.descriptor)
+        defer { ticket.map { admission?.greeted($0) } }
+        let frame: Channel.Frame?
+        do {
+            frame = try await socket.receive(until: .now.advanced(by: configuration.helloTimeout))
+        } catch {
+            refusedPeer(error, logger)
+            return nil
+        }
+        return hello(from: frame, logger)
+    }
+
+    @inline(never)
+    private func hello(from frame: Channel.Frame?, _ logger: Logger) -> Channel.Hello? {
+        guard let frame else {
+            configuration.refusals.log(logger, level: .info, "the peer closed the channel before HELLO", metadata: ["peer": "\(peer)"])
+            return nil
+        }
+        do {
+            guard frame.knownType == .hello else {
+                throw BrokerError(.protocolViolation, "first message is type 0x\(String(frame.type, radix: 16)), not HELLO")
+            }
+            return try Channel.Hello(decoding: frame.payload)
+        } catch {
+            refusedPeer(error, logger)
+            return nil
+        }
+    }
+
+    @inline(never)
+    private func refusedPeer(_ error: any Error, _ logger: Logger) {
+        configuration.refusals.log(logger, "refusing channel peer", metadata: ["peer": "\(peer)", "reason": "\(error)"])
+    }
+
+    /// The guest's UUID and (escaped) name in the session's log metadata.
+    @inline(never)
+    private static func name(_ logger: inout Logger, _ hello: Channel.Hello) {
+        logger[metadataKey: "guest.uuid"] = "\(hello.uuid)"
+        logger[metadataKey: "guest.name"] = "\(escapedForLog(hello.name, limit: 64))"
+    }
+
+    @inline(never)
+    private func versionRefusal(_ hello: Channel.Hello, _ logger: Logger) -> Refusal? {
+        guard hello.version < 1 else { return nil }
+        let reason = "channel version \(hello.version) is not a version of this protocol (the broker speaks \(Channel.version))"
+        configuration.refusals.log(logger, "refusing QEMU: \(reason)", metadata: ["peer": "\(peer)"])
+        return Refusal(errno: EPROTONOSUPPORT, reason: reason)
+    }
+
+    /// The refusal (logged) for a verdict of the identity checks; nil when accepted.
+    @inline(never)
+    private func refusal(_ verdict: PeerVerifier.Verdict, _ logger: Logger) -> Refusal? {
+        switch verdict {
+        case .accepted:
+            return nil
+        case .refused(let problem):
+            configuration.refusals.log(logger, "refusing QEMU: \(problem)", metadata: ["peer": "\(peer)"])
+            return Refusal(errno: EPERM, reason: problem)
+        case .transient(let problem):
+            configuration.refusals.log(logger, "refusing QEMU for now: \(problem)", metadata: ["peer": "\(peer)"])
+            return Refusal(errno: EAGAIN, reason: problem)
+        }
+    }
+
+    /// The refusal (logged) for what libvirt answered other than `accepted`.
+    @inline(never)
+    private func libvirtRefusal(_ answer: IdentityCheck, _ logger: Logger) -> Refusal? {
+        switch answer {
+        case .accepted:
+            return nil
+        case .refused(let why):
+            configuration.refusals.log(logger, "refusing QEMU: libvirt says \(why)", metadata: ["peer": "\(peer)"])
+            return Refusal(errno: EPERM, reason: "libvirt: \(why)")
+        case .unavailable(let why):
+            configuration.refusals.log(
+                logger, "refusing QEMU for now: its identity cannot be checked with libvirt: \(why)", metadata: ["peer": "\(peer)"])
+            return Refusal(errno: EAGAIN, reason: "libvirt unavailable: \(why)")
+        }
+    }
+
+    /// Claims the guest (its status and the session's inputs in the registry): the session is
+    /// admitted; or the refusal (logged) when another channel holds it.
+    @inline(never)
+    private func claim(_ hello: Channel.Hello, domain: DomainIdentity?, facts: ProcessFacts?, logger: Logger) -> Result<Admitted, Refusal> {
+        var logger = logger
+        let name = domain?.name ?? escapedForLog(hello.name, limit: 64)
+        if let domain { logger[metadataKey: "guest.name"] = "\(escapedForLog(domain.name, limit: 64))" }
         let status = SessionStatus(
             uuid: "\(hello.uuid)", name: name, qemuPID: peer.pid, state: "connected", hooked: hello.flags.contains(.hooked), failures: 0,
             lastFailure: nil, startTime: hello.startTime, since: Date(),
             identity: configuration.identity == nil ? "proc only (libvirt identity check OFF)" : "libvirt",
             hookedSince: hello.flags.contains(.hooked) ? Date() : nil)
-        let token: UInt64
         // The reader pauses while more than 4 frames are queued (back-pressure on a QEMU that
         // streams them); the other inputs are bounded by their producers (one per attempt, timer
         // or reload).
@@ -191,19 +256,18 @@ final class SessionDriver: Sendable {
                 }
             },
             injector: { input in inputs.post(input) })
+        let token: UInt64
         switch claim {
         case .success(let claimed):
             token = claimed
         case .failure(.otherProcess(let pid)):
             let reason = "QEMU pid \(pid) already holds the session of guest \(hello.uuid)"
             configuration.refusals.log(logger, "refusing QEMU: \(reason)")
-            await refuse(EBUSY, reason)
-            return nil
+            return .failure(Refusal(errno: EBUSY, reason: reason))
         case .failure(.alreadyConnected):
             let reason = "this QEMU already has a live channel for guest \(hello.uuid); one channel per guest"
             configuration.refusals.log(logger, "refusing QEMU: \(reason)")
-            await refuse(EBUSY, reason)
-            return nil
+            return .failure(Refusal(errno: EBUSY, reason: reason))
         }
         logger.info(
             "QEMU connected",
@@ -212,10 +276,13 @@ final class SessionDriver: Sendable {
                 "start_time": "\(hello.startTime)", "max_gpa": "\(hello.maxGPA)", "kvm.cap206": "\(hello.capV12)", "kvm.cap180": "\(hello.capV7)",
                 "kvm.introspection": "\(hello.introspectionParameter)",
             ])
-        return Admitted(
-            hello: hello, name: name, metadata: metadata, nova: nova, facts: facts, token: token, logger: logger, inputs: inputs, reload: reload)
+        return .success(
+            Admitted(
+                hello: hello, name: name, metadata: domain?.metadata, nova: domain?.nova, facts: facts, token: token, logger: logger,
+                inputs: inputs, reload: reload))
     }
 
+    @inline(never)
     private func refuse(_ errno: Int32, _ reason: String) async {
         try? await socket.send(
             Channel.Frame(.refuse, seq: 1, payload: Channel.refuse(errno: errno, reason: reason)), until: .now.advanced(by: .seconds(1)))
@@ -284,7 +351,7 @@ final class SessionDriver: Sendable {
         let first = decideFirst(
             hello: session.hello, name: session.name, metadata: session.metadata, nova: session.nova, state: &state, logger: session.logger)
         if await perform(first, &state, session.inputs, session.logger) == false { return false }
-        await publish(&state, session.hello.uuid, session.token)
+        publish(&state, session.hello.uuid, session.token)
         return true
     }
 
@@ -340,7 +407,7 @@ final class SessionDriver: Sendable {
         guard let actions = react(to: input, session, &state) else { return false }
         if await perform(actions, &state, session.inputs, session.logger) == false { return false }
         if await sendQueuedRequest(&state, session.inputs, session.logger) == false { return false }
-        await publish(&state, session.hello.uuid, session.token)
+        publish(&state, session.hello.uuid, session.token)
         return true
     }
 
@@ -732,7 +799,7 @@ final class SessionDriver: Sendable {
     /// Updates the status view when what it shows changed (most inputs change nothing there,
     /// and then the registry is not called).
     @inline(never)
-    private func publish(_ state: inout LoopState, _ uuid: GuestUUID, _ token: UInt64) async {
+    private func publish(_ state: inout LoopState, _ uuid: GuestUUID, _ token: UInt64) {
         let published = Published(state)
         if let metrics = configuration.metrics {
             let standing: BrokerMetrics.Standing?
