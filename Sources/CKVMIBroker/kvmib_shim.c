@@ -107,7 +107,15 @@ int kvmib_pidfd_open(pid_t pid)
 int kvmib_pidfd_alive(int pidfd)
 {
 #ifdef SYS_pidfd_send_signal
-    return syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) == 0;
+    if (syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) == 0) {
+        return 1;
+    }
+    /*
+     * The kernel finds the process before it checks permission: ESRCH once it
+     * has exited, EPERM for a live process this one may not signal (root
+     * without CAP_KILL, as the service runs, and a QEMU of another user).
+     */
+    return errno == EPERM;
 #else
     (void)pidfd;
     return 1;

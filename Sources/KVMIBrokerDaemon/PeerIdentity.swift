@@ -38,10 +38,35 @@ public struct ProcessPin: Sendable {
         self.source = source
     }
 
+    /// What to do when SO_PEERPIDFD gave no pidfd.
+    enum SocketPinFailure: Equatable {
+        /// The kernel has no SO_PEERPIDFD (before 6.5): pin the pid with `pidfd_open`.
+        case unsupported
+        /// Out of descriptors: the identity cannot be checked now.
+        case transient
+        /// The kernel has it and names no live process (6.5 - 6.15 answer EINVAL once the
+        /// process that connected is reaped): the pid may already be another process's, so it
+        /// must not be pinned by number.
+        case gone
+    }
+
+    static func socketPinFailure(_ error: Int32) -> SocketPinFailure {
+        switch error {
+        case ENOPROTOOPT, EOPNOTSUPP: return .unsupported
+        case EMFILE, ENFILE, ENOMEM: return .transient
+        default: return .gone
+        }
+    }
+
     /// Pins the peer of a connected unix socket.
     public static func peer(of socket: Int32, pid: Int32) -> ProcessPin {
         let fromSocket = kvmib_peer_pidfd(socket)
         if fromSocket >= 0 { return ProcessPin(pid: pid, pidfd: Descriptor(adopting: fromSocket), source: "SO_PEERPIDFD") }
+        switch socketPinFailure(errno) {
+        case .unsupported: break
+        case .transient: return ProcessPin(pid: pid, pidfd: nil, source: "out of descriptors")
+        case .gone: return ProcessPin(pid: pid, pidfd: nil, source: "gone")
+        }
         let opened = kvmib_pidfd_open(pid)
         if opened >= 0 { return ProcessPin(pid: pid, pidfd: Descriptor(adopting: opened), source: "pidfd_open") }
         return ProcessPin(pid: pid, pidfd: nil, source: "none")
@@ -53,6 +78,7 @@ public struct ProcessPin: Sendable {
 
     /// False once the pinned process has exited.
     public var isAlive: Bool {
+        if source == "gone" { return false }
         guard let pidfd else { return kill(pid, 0) == 0 || errno == EPERM }
         return kvmib_pidfd_alive(pidfd.raw) != 0
     }
@@ -149,6 +175,11 @@ public struct PeerVerifier: Sendable {
         if Int32(bitPattern: hello.pid) != peer.pid {
             return (.refused("HELLO claims pid \(hello.pid) but the socket peer is pid \(peer.pid)"), nil)
         }
+        switch pin.source {
+        case "gone": return (.refused("pid \(peer.pid), which connected the channel, has exited"), nil)
+        case "out of descriptors": return (.transient("cannot pin pid \(peer.pid) now: out of descriptors"), nil)
+        default: break
+        }
         let socketPinned = pin.isFromSocket
         let before: ProcessFacts
         switch facts(of: peer.pid, startTime: socketPinned ? .pinnedBySocket : .read) {
@@ -179,7 +210,8 @@ public struct PeerVerifier: Sendable {
     /// `BlockingWork`.
     public func verdict(for domain: DomainIdentity, uuid: GuestUUID, facts: ProcessFacts, peer: PeerCredentials) -> Verdict {
         let name = escapedForLog(domain.name, limit: 64)
-        let executable = shownExecutable(facts, pid: peer.pid)
+        // Read only for a refusal's message.
+        var executable: String { shownExecutable(facts, pid: peer.pid) }
         guard let emulator = domain.emulator else {
             return .refused(
                 "libvirt records no <emulator> for domain \(name) (\(uuid)), so QEMU pid \(peer.pid) (\(executable)) cannot be checked against it")

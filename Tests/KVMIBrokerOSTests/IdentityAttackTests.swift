@@ -261,6 +261,46 @@ extension OSLayerTests {
             }
         }
 
+        /// The unit keeps one capability (dist/systemd/kvmi-broker.service:
+        /// `CapabilityBoundingSet=CAP_SYS_PTRACE`): root without CAP_KILL may not signal a
+        /// process of another user, so a liveness check by signal 0 answers EPERM for libvirt's
+        /// QEMUs, which run as their own user. Read as "exited", that refused every such QEMU.
+        @Test("with only the service's capability (CAP_SYS_PTRACE, no CAP_KILL), a QEMU of another user is admitted and hooked")
+        func serviceCapabilitiesOnly() async throws {
+            let arena = try AttackArena()
+            defer { arena.cleanUp() }
+            let secret = arena.directory + "/secret"
+            #expect(FileManager.default.createFile(atPath: secret, contents: Data(testSecret), attributes: [.posixPermissions: 0o600]))
+            let tool = temporarySocketPath("tool")
+            let introspector = try TestIntrospector(.init(endpoint: .unix(path: tool), secret: testSecret))
+            defer { introspector.stop() }
+            // As the unit runs it: root, CAP_SYS_PTRACE alone, the channel socket's group a
+            // supplementary group (here nogroup, the peer's).
+            let broker = try SpawnedProcess(
+                "/usr/bin/setpriv",
+                [
+                    "--bounding-set", "-all,+sys_ptrace", "--groups", "65534", "--",
+                    productsDirectory().appendingPathComponent("kvmi-broker").path, "run", "--channel-socket", arena.channel,
+                    "--socket-group", "nogroup", "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--emulator", python,
+                    "--control-socket", "", "--status-file", "", "--introspector", "unix:\(tool)", "--secret-file", secret, "--commands",
+                    "all", "--events", "0", "--log-level", "debug",
+                ], logPath: arena.directory + "/broker.log")
+            defer { broker.terminate(SIGKILL, grace: 0) }
+            #expect(eventually { FileManager.default.fileExists(atPath: arena.channel) }, "\(broker.log)")
+            // The broker really runs without CAP_KILL (bit 5) and with CAP_SYS_PTRACE (bit 19).
+            let status = (try? String(contentsOfFile: "/proc/\(broker.pid)/status", encoding: .utf8)) ?? ""
+            let effective = status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }.flatMap {
+                UInt64($0.dropFirst("CapEff:".count).trimmingCharacters(in: .whitespaces), radix: 16)
+            }
+            #expect(effective == 1 << 19, "\(status)")
+            let (peer, gate) = try arena.peer(
+                "nobody", uuid: victim, launcher: ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+            defer { peer.terminate(SIGKILL, grace: 0) }
+            arena.open(gate)
+            #expect(eventually { peer.log.contains("HOOK fds=1") }, "\(peer.log)\n\(broker.log)")
+            #expect(introspector.waitForRecords(1).first?.handshake?.uuid == victim)
+        }
+
         @Test("a reused pid, forced in a new pid namespace: the identity checked for pid P is not given to the next process with pid P")
         func reusedPID() async throws {
             let arena = try AttackArena()

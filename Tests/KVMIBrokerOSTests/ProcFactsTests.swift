@@ -128,4 +128,29 @@ struct ProcFactsTests {
         let problem = verifier.recheck(pid: getpid(), checked, channel: pair[0])
         #expect(problem == "QEMU pid \(getpid()) exec'd /usr/bin/env since its identity was checked", "\(problem ?? "nil")")
     }
+
+    /// Where SO_PEERPIDFD gives no pidfd, only a kernel without it sends the check to
+    /// `pidfd_open` on the pid's number; a kernel with it that names no process (6.5 - 6.15
+    /// once the process that connected is reaped) must not, or a reused pid would be pinned.
+    @Test("a failed SO_PEERPIDFD: pidfd_open only on a kernel without it; out of descriptors is 'not now'; else the peer is gone")
+    func socketPinFailures() {
+        #expect(ProcessPin.socketPinFailure(ENOPROTOOPT) == .unsupported)
+        #expect(ProcessPin.socketPinFailure(EMFILE) == .transient)
+        #expect(ProcessPin.socketPinFailure(ENFILE) == .transient)
+        #expect(ProcessPin.socketPinFailure(EINVAL) == .gone)
+        #expect(ProcessPin.socketPinFailure(ESRCH) == .gone)
+        let gone = ProcessPin(pid: getpid(), pidfd: nil, source: "gone")
+        #expect(!gone.isAlive)
+        let hello = Channel.Hello(
+            flags: [.running], pid: UInt32(getpid()), uuid: GuestUUID.zero, startTime: 0, maxGPA: 0, hookedABI: nil, capV12: -25,
+            capV7: -25, introspectionParameter: -1, name: "gone")
+        let peer = PeerCredentials(pid: getpid(), uid: getuid(), gid: getgid())
+        #expect(
+            PeerVerifier(emulators: ["/bin/sh"]).verdict(for: hello, from: peer, pin: gone).0
+                == .refused("pid \(getpid()), which connected the channel, has exited"))
+        let short = ProcessPin(pid: getpid(), pidfd: nil, source: "out of descriptors")
+        #expect(
+            PeerVerifier(emulators: ["/bin/sh"]).verdict(for: hello, from: peer, pin: short).0
+                == .transient("cannot pin pid \(getpid()) now: out of descriptors"))
+    }
 }

@@ -52,7 +52,8 @@ int kvmib_peer_in_group(int fd, gid_t gid);
 int kvmib_peer_pidfd(int fd);
 /* pidfd_open(pid, 0) (Linux 5.3+); -1/errno. Close-on-exec. */
 int kvmib_pidfd_open(pid_t pid);
-/* 1 while the process of `pidfd` has not exited (pidfd_send_signal with 0). */
+/* 1 while the process of `pidfd` has not exited (pidfd_send_signal with 0;
+ * EPERM, a live process this one may not signal, counts as alive). */
 int kvmib_pidfd_alive(int pidfd);
 
 /* Names the calling thread (at most 15 bytes kept), for ps -L and top -H. */
