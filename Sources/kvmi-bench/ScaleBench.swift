@@ -249,33 +249,31 @@ private func cpuSeconds(stat: String) -> Double? {
     return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
 }
 
-/// A process's time on the CPU so far, in seconds, to the nanosecond: the sum of its threads'
-/// `/proc/PID/task/TID/schedstat` (the clock ticks of /proc/PID/stat round a fake QEMU's few
-/// milliseconds to zero); nil once it is gone.
-private func preciseCPUSeconds(of pid: pid_t) -> Double? {
+/// Each thread of a process: the first two fields of `/proc/PID/task/TID/schedstat`, seconds on a
+/// CPU and seconds runnable but waiting for one, to the nanosecond (the clock ticks of
+/// /proc/PID/stat round a fake QEMU's few milliseconds to zero); nil once the process is gone.
+private func threadTimes(of pid: pid_t) -> [(tid: String, running: Double, waiting: Double)]? {
     guard let threads = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task") else { return nil }
-    var nanoseconds: UInt64 = 0
-    for thread in threads {
-        guard let line = readProcFile("/proc/\(pid)/task/\(thread)/schedstat"), let first = line.split(separator: " ").first,
-            let value = UInt64(first)
-        else { return nil }
-        nanoseconds += value
+    return threads.compactMap { tid in
+        guard let line = readProcFile("/proc/\(pid)/task/\(tid)/schedstat") else { return nil }
+        let fields = line.split(separator: " ").compactMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        guard fields.count >= 2 else { return nil }
+        return (tid, Double(fields[0]) / 1e9, Double(fields[1]) / 1e9)
     }
-    return Double(nanoseconds) / 1e9
 }
 
-/// A process's threads by name (`comm`): seconds on a CPU and seconds runnable but waiting for
-/// one (the first two fields of `/proc/PID/task/TID/schedstat`, to the nanosecond).
+/// A process's time on a CPU so far, in seconds (all its threads); nil once it is gone.
+private func preciseCPUSeconds(of pid: pid_t) -> Double? {
+    threadTimes(of: pid).map { $0.reduce(0) { $0 + $1.running } }
+}
+
+/// A process's threads by name (`comm`): seconds on a CPU and seconds waiting for one.
 private func cpuSecondsByThread(of pid: pid_t) -> [String: (running: Double, waiting: Double)] {
-    guard let threads = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task") else { return [:] }
     var seconds: [String: (running: Double, waiting: Double)] = [:]
-    for thread in threads {
-        guard let line = readProcFile("/proc/\(pid)/task/\(thread)/schedstat") else { continue }
-        let fields = line.split(separator: " ").compactMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-        guard fields.count >= 2 else { continue }
-        let name = readProcFile("/proc/\(pid)/task/\(thread)/comm")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+    for thread in threadTimes(of: pid) ?? [] {
+        let name = readProcFile("/proc/\(pid)/task/\(thread.tid)/comm")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
         let sum = seconds[name, default: (0, 0)]
-        seconds[name] = (sum.running + Double(fields[0]) / 1e9, sum.waiting + Double(fields[1]) / 1e9)
+        seconds[name] = (sum.running + thread.running, sum.waiting + thread.waiting)
     }
     return seconds
 }
@@ -461,13 +459,14 @@ private final class Storm {
             close(go.write)
             result.unfinished = "only \(ready) of \(guests) fake QEMUs started (\(end))"
         } else {
-            // The storm.
-            var now = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &now)
-            result.releasedAt = UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+            // The storm. The samples before it are read first: reading a thousand guests' counters
+            // takes milliseconds, which must not count as the storm's.
             let peersBefore = PeerCPU(introspector: tool.pid, guests: guestPIDs)
             let threadsBefore = cpuSecondsByThread(of: server.pid)
             let cpuBefore = MachineCPU()
+            var now = timespec()
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            result.releasedAt = UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
             close(go.write)
             end = try reader.pump(until: .now.advanced(by: timeout)) { record in
                 result.apply(record)
