@@ -84,6 +84,23 @@ struct AttackArena {
         return process
     }
 
+    /// The shared secret in a root-only file of the arena, for a broker run as a process.
+    func secretFile() -> String {
+        let path = directory + "/secret"
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(testSecret), attributes: [.posixPermissions: 0o600]))
+        return path
+    }
+
+    /// `kvmi-broker run` on the arena's channel in static mode, /proc identity only (the fixture's
+    /// interpreter as the emulator), for the tool at `tool`; `extra` options appended.
+    func brokerCommand(tool: String, secret: String, _ extra: [String] = []) -> [String] {
+        [
+            productsDirectory().appendingPathComponent("kvmi-broker").path, "run", "--channel-socket", channel, "--libvirt-uri", "",
+            "--insecure-no-libvirt-identity", "--emulator", python, "--control-socket", "", "--status-file", "", "--introspector",
+            "unix:\(tool)", "--secret-file", secret, "--commands", "all", "--events", "0", "--log-level", "debug",
+        ] + extra
+    }
+
     func cleanUp() { try? FileManager.default.removeItem(atPath: directory) }
 }
 
@@ -269,8 +286,7 @@ extension OSLayerTests {
         func serviceCapabilitiesOnly() async throws {
             let arena = try AttackArena()
             defer { arena.cleanUp() }
-            let secret = arena.directory + "/secret"
-            #expect(FileManager.default.createFile(atPath: secret, contents: Data(testSecret), attributes: [.posixPermissions: 0o600]))
+            let secret = arena.secretFile()
             let tool = temporarySocketPath("tool")
             let introspector = try TestIntrospector(.init(endpoint: .unix(path: tool), secret: testSecret))
             defer { introspector.stop() }
@@ -278,13 +294,9 @@ extension OSLayerTests {
             // supplementary group (here nogroup, the peer's).
             let broker = try SpawnedProcess(
                 "/usr/bin/setpriv",
-                [
-                    "--bounding-set", "-all,+sys_ptrace", "--groups", "65534", "--",
-                    productsDirectory().appendingPathComponent("kvmi-broker").path, "run", "--channel-socket", arena.channel,
-                    "--socket-group", "nogroup", "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--emulator", python,
-                    "--control-socket", "", "--status-file", "", "--introspector", "unix:\(tool)", "--secret-file", secret, "--commands",
-                    "all", "--events", "0", "--log-level", "debug",
-                ], logPath: arena.directory + "/broker.log")
+                ["--bounding-set", "-all,+sys_ptrace", "--groups", "65534", "--"]
+                    + arena.brokerCommand(tool: tool, secret: secret, ["--socket-group", "nogroup"]),
+                logPath: arena.directory + "/broker.log")
             defer { broker.terminate(SIGKILL, grace: 0) }
             #expect(eventually { FileManager.default.fileExists(atPath: arena.channel) }, "\(broker.log)")
             // The broker really runs without CAP_KILL (bit 5) and with CAP_SYS_PTRACE (bit 19).
@@ -305,20 +317,16 @@ extension OSLayerTests {
         func reusedPID() async throws {
             let arena = try AttackArena()
             defer { arena.cleanUp() }
-            let secret = arena.directory + "/secret"
-            #expect(FileManager.default.createFile(atPath: secret, contents: Data(testSecret), attributes: [.posixPermissions: 0o600]))
+            let secret = arena.secretFile()
             let tool = arena.directory + "/tool.sock"
             // The broker in a pid namespace of its own, where pids can be chosen (clone3 with
             // set_tid): it sees the namespace's pids, in SO_PEERCRED and in its /proc. No
             // introspector yet: the HOOK waits until the pid has been reused.
             let broker = try SpawnedProcess(
                 "/usr/bin/unshare",
-                [
-                    "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL", "--", productsDirectory().appendingPathComponent("kvmi-broker").path,
-                    "run", "--channel-socket", arena.channel, "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--emulator", python,
-                    "--control-socket", "", "--status-file", "", "--introspector", "unix:\(tool)", "--secret-file", secret, "--commands", "all",
-                    "--events", "0", "--backoff-initial", "0.2", "--backoff-max", "1", "--log-level", "debug",
-                ], logPath: arena.directory + "/broker.log")
+                ["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL", "--"]
+                    + arena.brokerCommand(tool: tool, secret: secret, ["--backoff-initial", "0.2", "--backoff-max", "1"]),
+                logPath: arena.directory + "/broker.log")
             defer { broker.terminate(SIGKILL, grace: 0) }
             #expect(eventually { FileManager.default.fileExists(atPath: arena.channel) }, "\(broker.log)")
             let children = (try? String(contentsOfFile: "/proc/\(broker.pid)/task/\(broker.pid)/children", encoding: .utf8)) ?? ""
