@@ -88,53 +88,90 @@ public enum Channel {
         }
     }
 
-    /// Incremental, bounded frame reader: at most one frame's bytes are asked for at a time.
+    /// Incremental, bounded frame reader. It holds at most one largest frame's bytes.
+    ///
+    /// Two ways to feed it: `readLimit` bytes at a time, never a byte of the next frame (for a
+    /// reader that hands the stream on after a frame), or up to `room` at a time, so that one
+    /// `recv` takes a frame whole, header and payload, or several small ones: `consume` returns
+    /// the first and `next` the others. The broker reads its channels the second way (one system
+    /// call a frame where the first way takes two, and a third to learn that nothing follows).
     public struct FrameReader: Sendable {
-        private var header: [UInt8] = []
-        private var payload: [UInt8] = []
-        private var payloadSize: Int?
+        /// Bytes read and not yet returned in a frame.
+        private var pending: [UInt8] = []
 
         public init() {}
 
+        /// The most bytes a reader holds: one frame of the largest size.
+        public static let capacity = Channel.headerSize + Channel.maximumPayload
+
         /// Bytes to read next without crossing into the following frame.
         public var readLimit: Int {
-            guard let payloadSize else { return Channel.headerSize - header.count }
-            return payloadSize - payload.count
+            guard pending.count >= Channel.headerSize else { return Channel.headerSize - pending.count }
+            let size = Int(pending.read(UInt32.self, at: 12, order: .little))
+            return max(0, Channel.headerSize + size - pending.count)
         }
 
-        /// True between frames (nothing of the next one read yet).
-        public var atFrameBoundary: Bool { header.isEmpty }
+        /// Bytes that may be read next (once `next` has returned nil: the frame in progress and
+        /// more). Never less than `readLimit` then.
+        public var room: Int { Self.capacity - pending.count }
 
-        /// Feeds at most `readLimit` bytes; returns a frame when one is complete.
-        public mutating func consume(_ bytes: some Collection<UInt8>) throws(BrokerError) -> Frame? {
-            precondition(bytes.count <= readLimit)
-            if payloadSize == nil {
-                header += bytes
-                guard header.count == Channel.headerSize else { return nil }
-                let magic = header.read(UInt32.self, at: 0, order: .little)
-                guard magic == Channel.magic else {
-                    throw BrokerError(.protocolViolation, "channel frame has magic 0x\(String(magic, radix: 16)), not 0x494d564b")
-                }
-                let size = Int(header.read(UInt32.self, at: 12, order: .little))
-                guard size <= Channel.maximumPayload else {
-                    throw BrokerError(
-                        .protocolViolation, "channel frame announces \(size) payload bytes, above the \(Channel.maximumPayload)-byte limit")
-                }
-                let type = header.read(UInt16.self, at: 4, order: .little)
-                if let known = MessageType(rawValue: type), size < known.minimumPayload {
-                    throw BrokerError(.protocolViolation, "\(known) payload is \(size) bytes, below its minimum of \(known.minimumPayload)")
-                }
-                payloadSize = size
-            } else {
-                payload += bytes
+        /// True between frames (nothing of the next one read yet).
+        public var atFrameBoundary: Bool { pending.isEmpty }
+
+        /// True when the bytes read hold a whole frame, or a header `next` refuses: `next` has
+        /// something to say without another read.
+        public var hasFrame: Bool {
+            do {
+                guard let size = try payloadSize() else { return false }
+                return pending.count >= Channel.headerSize + size
+            } catch {
+                return true
             }
-            guard let payloadSize, payload.count == payloadSize else { return nil }
+        }
+
+        /// Feeds bytes read from the stream (at most `room`); returns the first frame complete.
+        /// Bytes after it stay for `next`.
+        public mutating func consume(_ bytes: some Collection<UInt8>) throws(BrokerError) -> Frame? {
+            precondition(bytes.count <= room, "more bytes than a frame reader holds")
+            pending.append(contentsOf: bytes)
+            return try next()
+        }
+
+        /// The next complete frame among the bytes read; nil until there is one. A header is
+        /// checked as soon as it is all there.
+        public mutating func next() throws(BrokerError) -> Frame? {
+            guard let size = try payloadSize() else { return nil }
+            let end = Channel.headerSize + size
+            guard pending.count >= end else { return nil }
             let frame = Frame(
-                type: header.read(UInt16.self, at: 4, order: .little), seq: header.read(UInt32.self, at: 8, order: .little), payload: payload)
-            header = []
-            payload = []
-            self.payloadSize = nil
+                type: pending.read(UInt16.self, at: 4, order: .little), seq: pending.read(UInt32.self, at: 8, order: .little),
+                payload: Array(pending[Channel.headerSize..<end]))
+            if end == pending.count {
+                pending = []
+            } else {
+                pending.removeSubrange(0..<end)
+            }
             return frame
+        }
+
+        /// The payload size the header of the frame in progress announces, checked; nil until
+        /// the header is all there.
+        private func payloadSize() throws(BrokerError) -> Int? {
+            guard pending.count >= Channel.headerSize else { return nil }
+            let magic = pending.read(UInt32.self, at: 0, order: .little)
+            guard magic == Channel.magic else {
+                throw BrokerError(.protocolViolation, "channel frame has magic 0x\(String(magic, radix: 16)), not 0x494d564b")
+            }
+            let size = Int(pending.read(UInt32.self, at: 12, order: .little))
+            guard size <= Channel.maximumPayload else {
+                throw BrokerError(
+                    .protocolViolation, "channel frame announces \(size) payload bytes, above the \(Channel.maximumPayload)-byte limit")
+            }
+            let type = pending.read(UInt16.self, at: 4, order: .little)
+            if let known = MessageType(rawValue: type), size < known.minimumPayload {
+                throw BrokerError(.protocolViolation, "\(known) payload is \(size) bytes, below its minimum of \(known.minimumPayload)")
+            }
+            return size
         }
     }
 

@@ -75,6 +75,10 @@ public struct HandshakeReply: Sendable, Equatable {
 /// The tool may queue its first KVMI message right behind the reply, and that message belongs
 /// to the kernel, so the I/O layer asks `readLimit` before every read and reads at most that.
 /// The reader keeps the first 24 bytes, discards an unknown tail and bounds the size.
+///
+/// The first read asks for 24 bytes, not for the 4 of the size: a valid reply has at least
+/// 24, and a reply announcing fewer fails the handshake, whose socket is then closed, so the
+/// bytes read past it never were the kernel's. A reply of the usual size takes one `recv`.
 public struct HandshakeReplyReader: Sendable {
     public enum Progress: Sendable, Equatable {
         case needMore
@@ -88,9 +92,10 @@ public struct HandshakeReplyReader: Sendable {
 
     public init() {}
 
-    /// How many bytes may be read next without passing the end of the reply (0 once complete).
+    /// How many bytes may be read next without passing the end of a valid reply (0 once
+    /// complete).
     public var readLimit: Int {
-        guard let structSize else { return 4 - bytesRead }
+        guard let structSize else { return HandshakeReply.minimumSize - bytesRead }
         return Int(structSize) - bytesRead
     }
 

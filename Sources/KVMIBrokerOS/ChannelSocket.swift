@@ -11,6 +11,9 @@ import Synchronization
 public final class ChannelSocket: Sendable {
     public let descriptor: Descriptor
     private let io: AsyncSocketIO
+    /// Bytes `receive` read past the frame it returned (a peer may send frames back to back);
+    /// the channel's `ChannelReader` starts with them.
+    private let buffered = Mutex(Channel.FrameReader())
     /// The reactor this channel's waits go through: the executor its session's tasks prefer.
     public var reactor: IOReactor { io.reactor }
 
@@ -47,32 +50,52 @@ public final class ChannelSocket: Sendable {
     }
 
     /// Receives the next frame; nil at a clean end of stream (between frames). Any descriptor
-    /// that arrives is closed and reported as a protocol error: QEMU never sends one.
+    /// that arrives is closed and reported as a protocol error: QEMU never sends one. Bytes read
+    /// past the frame are kept for the next `receive` or the channel's `ChannelReader`.
     public func receive(until deadline: ContinuousClock.Instant?) async throws -> Channel.Frame? {
-        var reader = Channel.FrameReader()
+        var reader = takeBuffered()
+        defer { buffered.withLock { $0 = reader } }
         while true {
+            if let frame = try reader.next() { return frame }
             switch try receiveAvailable(into: &reader) {
             case .frame(let frame): return frame
             case .endOfStream: return nil
-            case .partial: continue
-            case .wouldBlock: _ = try await io.reactor.wait(for: .readable, on: descriptor.raw, until: deadline)
+            case .partial(drained: false): continue
+            case .partial(drained: true), .wouldBlock:
+                _ = try await io.reactor.wait(for: .readable, on: descriptor.raw, until: deadline)
             }
         }
     }
 
+    /// What `receive` read past its last frame (an empty reader if nothing).
+    fileprivate func takeBuffered() -> Channel.FrameReader {
+        buffered.withLock { reader in
+            defer { reader = Channel.FrameReader() }
+            return reader
+        }
+    }
+
     fileprivate enum Received {
+        /// The first frame the read completed (the reader may hold more: `next`).
         case frame(Channel.Frame)
         case endOfStream
-        case partial
+        /// Part of a frame; drained: the read took less than it asked for, so the socket had
+        /// nothing more (wait for readiness rather than `recv` EAGAIN).
+        case partial(drained: Bool)
         case wouldBlock
     }
+
+    /// The most one read takes: a frame the channel carries is smaller (HELLO, RESULT, EVENT),
+    /// so one `recv` takes it whole, and 1 KiB is what Swift keeps on the stack (more, and
+    /// `withUnsafeTemporaryAllocation` takes it from the heap at every read).
+    static let readSize = 1024
 
     /// One `recvmsg` into a buffer on the stack: synchronous, so no buffer is held across the
     /// wait for the next byte (a thousand idle sessions wait there).
     @inline(never)
     fileprivate func receiveAvailable(into reader: inout Channel.FrameReader) throws -> Received {
-        let limit = min(reader.readLimit, 4096)
-        return try withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 4096) { buffer in
+        let limit = min(reader.room, Self.readSize)
+        return try withUnsafeTemporaryAllocation(of: UInt8.self, capacity: Self.readSize) { buffer in
             try withUnsafeTemporaryAllocation(of: Int32.self, capacity: 4) { fds in
                 fds.initialize(repeating: -1)
                 var count: Int32 = 0
@@ -85,7 +108,7 @@ public final class ChannelSocket: Sendable {
                     }
                     if received > 0 {
                         let frame = try reader.consume(UnsafeBufferPointer(rebasing: buffer[..<received]))
-                        return frame.map { .frame($0) } ?? .partial
+                        return frame.map { .frame($0) } ?? .partial(drained: received < limit)
                     }
                     if received == 0 {
                         if reader.atFrameBoundary { return .endOfStream }
@@ -119,6 +142,8 @@ public final class ChannelReader: Sendable {
         /// The bytes of a frame not complete yet.
         var frame = Channel.FrameReader()
         var watch: IOReactor.Watch?
+        /// A turn of the reactor asked for, to deliver frames read already (`start`, `resume`).
+        var turn: IOReactor.Timer?
         var paused = false
         var stopped = false
     }
@@ -136,6 +161,8 @@ public final class ChannelReader: Sendable {
     public init(_ socket: ChannelSocket, deliver: @escaping @Sendable (Event, ChannelReader) -> Bool) {
         self.socket = socket
         self.deliver = deliver
+        // What `receive` read past HELLO, if QEMU sent more at once.
+        state.withLock { $0.frame = socket.takeBuffered() }
     }
 
     /// A reader that queues each frame in `mailbox`, pausing while more than its capacity are
@@ -155,11 +182,12 @@ public final class ChannelReader: Sendable {
         }
     }
 
-    /// Starts reading (once): frames are delivered as the descriptor reports them.
+    /// Starts reading (once): frames are delivered as the descriptor reports them (those read
+    /// before, by the socket's `receive`, at once).
     public func start() {
         state.withLock { state in
-            guard !state.stopped, state.watch == nil, !state.paused else { return }
-            arm(&state)
+            guard !state.stopped, state.watch == nil, state.turn == nil, !state.paused else { return }
+            proceed(&state)
         }
     }
 
@@ -168,9 +196,10 @@ public final class ChannelReader: Sendable {
         state.withLock { state in
             guard !state.stopped, state.paused else { return }
             state.paused = false
-            // The next look at the descriptors reports what is waiting: this reader takes its
-            // turn after the others (a QEMU that streams frames gets its share, not a thread).
-            arm(&state)
+            // The next turn of the reactor delivers what is read already or, for the socket,
+            // reports what is waiting: this reader takes its turn after the others (a QEMU that
+            // streams frames gets its share, not a thread).
+            proceed(&state)
         }
     }
 
@@ -188,7 +217,9 @@ public final class ChannelReader: Sendable {
         state.withLock { state in
             state.stopped = true
             if let watch = state.watch { socket.reactor.cancel(watch) }
+            if let turn = state.turn { socket.reactor.cancel(turn) }
             state.watch = nil
+            state.turn = nil
         }
     }
 
@@ -204,38 +235,68 @@ public final class ChannelReader: Sendable {
         }
     }
 
+    /// Waits for the socket, or for the reactor's next turn when a frame is read already (on
+    /// the reactor's thread, as every frame is delivered).
+    private func proceed(_ state: inout State) {
+        guard state.frame.hasFrame else { return arm(&state) }
+        state.turn = socket.reactor.schedule(at: .now) { [self] in
+            self.state.withLock { state in
+                state.turn = nil
+                guard !state.stopped, !state.paused else { return }
+                pump(&state, reading: false)
+            }
+        }
+    }
+
     private func readable() {
         state.withLock { state in
             state.watch = nil
             guard !state.stopped, !state.paused else { return }
-            while true {
-                guard !stopRequested.load(ordering: .acquiring) else {
-                    state.stopped = true
-                    return
-                }
-                let received: ChannelSocket.Received
-                do {
+            pump(&state, reading: true)
+        }
+    }
+
+    /// Delivers the frames read already, then reads while `reading`, which ends once a read
+    /// gives a frame: a channel that streams frames yields to the others after each read (its
+    /// one-shot registration reports at once what is still waiting). Arms the descriptor when
+    /// the socket is drained: a read that took less than it asked for says so, with no `recv`
+    /// to hear EAGAIN.
+    private func pump(_ state: inout State, reading: Bool) {
+        var reading = reading
+        while true {
+            guard !stopRequested.load(ordering: .acquiring) else {
+                state.stopped = true
+                return
+            }
+            let received: ChannelSocket.Received
+            do {
+                if let frame = try state.frame.next() {
+                    received = .frame(frame)
+                } else if reading {
                     received = try socket.receiveAvailable(into: &state.frame)
-                } catch {
-                    end(.closed(error as? BrokerError ?? BrokerError(.io, "\(error)")), &state)
-                    return
-                }
-                switch received {
-                case .frame(let frame):
-                    state.frame = Channel.FrameReader()
-                    if !deliver(.frame(frame), self) {
-                        state.paused = true
-                        return
-                    }
-                case .partial:
-                    continue
-                case .wouldBlock:
+                } else {
                     arm(&state)
                     return
-                case .endOfStream:
-                    end(.closed(nil), &state)
+                }
+            } catch {
+                end(.closed(error as? BrokerError ?? BrokerError(.io, "\(error)")), &state)
+                return
+            }
+            switch received {
+            case .frame(let frame):
+                reading = false
+                if !deliver(.frame(frame), self) {
+                    state.paused = true
                     return
                 }
+            case .partial(drained: false):
+                continue
+            case .partial(drained: true), .wouldBlock:
+                arm(&state)
+                return
+            case .endOfStream:
+                end(.closed(nil), &state)
+                return
             }
         }
     }

@@ -547,14 +547,17 @@ public final class HandshakeAttempt: Sendable {
             return finished(.failure(error), &state)
         }
         state.phase = .reading(descriptor, HandshakeReplyReader())
-        return read(&state)
+        // The reply cannot be there yet (the tool has not run since): wait for it rather than
+        // learn that from a `recv`.
+        return watch(.readable, descriptor, &state)
     }
 
     private func read(_ state: inout State) -> Finish? {
         guard case .reading(let descriptor, let progress) = state.phase else { return nil }
         var reader = progress
-        // Into a buffer on the stack: nothing is held between two callbacks but the reader.
-        return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 4096) { buffer -> Finish? in
+        // Into a buffer on the stack (1 KiB or less, or Swift takes it from the heap): nothing
+        // is held between two callbacks but the reader.
+        return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 1024) { buffer -> Finish? in
             read(descriptor, &reader, into: buffer, &state)
         }
     }
@@ -563,7 +566,8 @@ public final class HandshakeAttempt: Sendable {
         _ descriptor: Descriptor, _ reader: inout HandshakeReplyReader, into buffer: UnsafeMutableBufferPointer<UInt8>, _ state: inout State
     ) -> Finish? {
         while true {
-            let count = Glibc.recv(descriptor.raw, buffer.baseAddress!, min(reader.readLimit, buffer.count), Int32(MSG_DONTWAIT))
+            let asked = min(reader.readLimit, buffer.count)
+            let count = Glibc.recv(descriptor.raw, buffer.baseAddress!, asked, Int32(MSG_DONTWAIT))
             if count < 0 {
                 let error = errno
                 if error == EINTR { continue }
@@ -585,7 +589,14 @@ public final class HandshakeAttempt: Sendable {
             } catch {
                 return finished(.failure(error), &state)
             }
-            guard case .complete(let reply) = progress else { continue }
+            guard case .complete(let reply) = progress else {
+                // A short read emptied the socket: wait for the rest rather than `recv` EAGAIN.
+                if count < asked {
+                    state.phase = .reading(descriptor, reader)
+                    return watch(.readable, descriptor, &state)
+                }
+                continue
+            }
             var authenticated = false
             if let expected = parameters.expectedCookie {
                 guard reply.cookieHash.constantTimeEquals(expected) else {

@@ -133,6 +133,31 @@ struct ChannelCodecTests {
         var short = Channel.FrameReader()
         #expect(throws: BrokerError.self) { _ = try short.consume(Channel.Frame(.hello, seq: 1, payload: [1, 2]).encoded().prefix(16)) }
     }
+
+    @Test("one read may take several frames and the start of another: each comes out whole, in order, and the reader stays bounded")
+    func frameReaderTakesFramesWhole() throws {
+        let frames = (1...3).map { Channel.Frame(.event, seq: UInt32($0), payload: [UInt8](repeating: UInt8($0), count: 24 + $0)) }
+        let stream = frames.flatMap { $0.encoded() }
+        var reader = Channel.FrameReader()
+        #expect(reader.room == Channel.FrameReader.capacity && reader.readLimit == Channel.headerSize)
+        // The first two frames and 20 bytes of the third (its header and 4 bytes of payload).
+        let firstRead = frames[0].encoded().count + frames[1].encoded().count + 20
+        #expect(try reader.consume(stream[..<firstRead]) == frames[0])
+        #expect(reader.hasFrame)
+        #expect(try reader.next() == frames[1])
+        #expect(!reader.hasFrame && !reader.atFrameBoundary)
+        #expect(try reader.next() == nil)
+        // Exactly the rest of the third frame is left to read; the reader may take more.
+        #expect(reader.readLimit == stream.count - firstRead)
+        #expect(reader.room == Channel.FrameReader.capacity - 20)
+        #expect(try reader.consume(stream[firstRead...]) == frames[2])
+        #expect(reader.atFrameBoundary && !reader.hasFrame && reader.room == Channel.FrameReader.capacity)
+        // A bad header behind a good frame is reported by `next`, and `hasFrame` says it is there.
+        var behind = Channel.FrameReader()
+        #expect(try behind.consume(frames[0].encoded() + [UInt8](repeating: 0x41, count: 16)) == frames[0])
+        #expect(behind.hasFrame)
+        #expect(throws: BrokerError.self) { _ = try behind.next() }
+    }
 }
 
 @Suite("Guest session state machine")

@@ -79,16 +79,32 @@ struct ReplyReaderTests {
 
     /// Feeds `stream` the way the engine does: never more than `readLimit` at a time.
     static func run(_ stream: [UInt8], chunk: Int) throws(BrokerError) -> (HandshakeReply?, Int) {
+        let (reply, consumed, _) = try runCountingReads(stream, chunk: chunk)
+        return (reply, consumed)
+    }
+
+    /// `run`, with the number of reads it took.
+    static func runCountingReads(_ stream: [UInt8], chunk: Int) throws(BrokerError) -> (HandshakeReply?, Int, Int) {
         var reader = HandshakeReplyReader()
         var offset = 0
+        var reads = 0
         while offset < stream.count {
             let take = min(chunk, reader.readLimit, stream.count - offset)
             if take == 0 { break }
+            reads += 1
             let progress = try reader.consume(stream[offset..<offset + take])
             offset += take
-            if case .complete(let reply) = progress { return (reply, offset) }
+            if case .complete(let reply) = progress { return (reply, offset, reads) }
         }
-        return (nil, offset)
+        return (nil, offset, reads)
+    }
+
+    @Test("the usual 24-byte reply is taken in one read, the KVMI message behind it left alone")
+    func usualReplyInOneRead() throws {
+        #expect(HandshakeReplyReader().readLimit == HandshakeReply.minimumSize)
+        let getVersion: [UInt8] = [2, 0, 0, 0, 1, 0, 0, 0]
+        let (reply, consumed, reads) = try Self.runCountingReads(HandshakeReply.encoded(cookieHash: Self.hash) + getVersion, chunk: 1024)
+        #expect(reply?.cookieHash == Self.hash && consumed == 24 && reads == 1)
     }
 
     @Test("a 24-byte reply followed by a KVMI message: exactly 24 bytes consumed", arguments: [1, 3, 4, 5, 24, 4096])

@@ -57,19 +57,65 @@ struct ChannelReaderTests {
         fixture.reader.start()
         #expect(await fixture.delivered.next() == "1 on kvmib-reactor")
         #expect(await fixture.delivered.next() == "2 on kvmib-reactor")
-        // Frame 3 is waiting in the socket, but the paused reader reads nothing and waits for nothing.
+        // Frame 3 came in the same read as 1 and 2, but the paused reader delivers nothing and
+        // waits for nothing.
         await fixture.reactorTurn()
         #expect(fixture.delivered.count == 0)
         #expect(fixture.reactor.footprint.waiters == 0)
+        // Resumed, it delivers frame 3 from what it read, with nothing more from the socket,
+        // still on the reactor's thread (two turns: the first has run the resumption's).
         fixture.reader.resume()
+        await fixture.reactorTurn()
+        await fixture.reactorTurn()
+        try #require(fixture.delivered.count == 1)
         #expect(await fixture.delivered.next() == "3 on kvmib-reactor")
         fixture.send(4...4)
         #expect(await fixture.delivered.next() == "4 on kvmib-reactor")
+        // Paused with frame 6 still in the socket: nothing is read until resumed.
+        let paused = try Fixture(pauseAfter: 5)
+        paused.send(5...5)
+        paused.reader.start()
+        #expect(await paused.delivered.next() == "5 on kvmib-reactor")
+        paused.send(6...6)
+        await paused.reactorTurn()
+        #expect(paused.delivered.count == 0 && paused.reactor.footprint.waiters == 0)
+        paused.reader.resume()
+        #expect(await paused.delivered.next() == "6 on kvmib-reactor")
+        paused.reader.stop()
         fixture.far.close()
         #expect(await fixture.delivered.next() == "closed cleanly")
         await fixture.reactorTurn()
         #expect(fixture.delivered.count == 0)
         #expect(fixture.reactor.footprint.descriptors == 0 && fixture.reactor.footprint.waiters == 0)
+    }
+
+    @Test("frames QEMU sent right behind HELLO: what the socket's receive read past HELLO goes to the reader, in order")
+    func framesBehindHello() async throws {
+        let fixture = try Fixture()
+        let socket = ChannelSocket(fixture.near, io: AsyncSocketIO(reactor: fixture.reactor))
+        let hello = Channel.Frame(.hello, seq: 1, payload: [UInt8](repeating: 0, count: Channel.Hello.sizeV1))
+        let behind = (2...3).flatMap { Channel.Frame(.event, seq: UInt32($0), payload: [UInt8](repeating: 0, count: 24)).encoded() }
+        let bytes = hello.encoded() + behind + Array(Channel.Frame(.event, seq: 4, payload: [UInt8](repeating: 0, count: 24)).encoded().prefix(10))
+        #expect(Glibc.send(fixture.far.raw, bytes, bytes.count, 0) == bytes.count)
+        #expect(try await socket.receive(until: nil) == hello)
+        // The rest of frame 4 comes from the socket, after what was read with HELLO.
+        let rest = Array(Channel.Frame(.event, seq: 4, payload: [UInt8](repeating: 0, count: 24)).encoded().dropFirst(10))
+        #expect(Glibc.send(fixture.far.raw, rest, rest.count, 0) == rest.count)
+        fixture.far.close()
+        let delivered = Mailbox<String>(capacity: 8)
+        let reader = ChannelReader(socket) { event, _ in
+            switch event {
+            case .frame(let frame): delivered.post("\(frame.seq) on \(currentThread().name)")
+            case .closed(let error): delivered.post("closed \(error.map { "\($0.code)" } ?? "cleanly")")
+            }
+            return true
+        }
+        reader.start()
+        try #require(await delivered.next() == "2 on kvmib-reactor")
+        try #require(await delivered.next() == "3 on kvmib-reactor")
+        try #require(await delivered.next() == "4 on kvmib-reactor")
+        #expect(await delivered.next() == "closed cleanly")
+        reader.stop()
     }
 
     @Test("stop: nothing is delivered once it returns, and nothing stays registered")
