@@ -1,5 +1,6 @@
 import CKVMIBroker
 import DequeModule
+import Foundation
 import KVMIBrokerCore
 import Logging
 import Synchronization
@@ -248,6 +249,37 @@ public func raiseDescriptorLimit() -> (soft: Int, hard: Int) {
         _ = setrlimit(RLIMIT_NOFILE_VALUE, &limit)
     }
     return currentDescriptorLimit()
+}
+
+/// The descriptors `reserveDescriptorTable` makes room for: 16,384 (a table of 128 KiB in the
+/// kernel), thousands of guests' channels and handshakes.
+public let reservedDescriptorTable = 16_384
+
+/// Grows the process's descriptor table now to hold `count` descriptors (at most the soft
+/// limit), so that it does not grow while guests connect.
+///
+/// The kernel doubles the table when a new descriptor does not fit, and in a process with more
+/// than one thread it then waits for an RCU grace period (`synchronize_rcu` in
+/// `expand_files`) before the system call returns: 10 to 25 ms on this kind of machine, in
+/// `accept4` on the reactor's thread and in `pidfd_open` on the blocking-work thread, with
+/// every other thread that opens a descriptor waiting behind it. A boot storm of 1,000 guests
+/// doubled it from 64 to 2,048 entries, and the machine sat idle for about 100 ms of a 280 ms
+/// storm (`perf sched timehist`; the reactor in state D in `expand_files`). The table never
+/// shrinks, so once is enough. False when the descriptor could not be made (the table stays).
+@discardableResult
+public func reserveDescriptorTable(_ count: Int = reservedDescriptorTable) -> Bool {
+    let limit = currentDescriptorLimit().soft
+    return kvmib_reserve_descriptor_table(Int32(clamping: min(count, limit))) == 0
+}
+
+/// The size of this process's descriptor table (`FDSize` in /proc/self/status); nil if unknown.
+public func descriptorTableSize(of pid: Int32? = nil) -> Int? {
+    let path = pid.map { "/proc/\($0)/status" } ?? "/proc/self/status"
+    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+    for line in text.split(separator: "\n") where line.hasPrefix("FDSize:") {
+        return Int(line.dropFirst("FDSize:".count).trimmingCharacters(in: .whitespaces))
+    }
+    return nil
 }
 
 #if canImport(Glibc)

@@ -370,6 +370,9 @@ struct RunCommand: AsyncParsableCommand {
         let logger = Logger(label: "kvmi-broker")
         // Hundreds of guests need more than the usual 1,024 descriptors: take what the hard limit allows.
         let limit = raiseDescriptorLimit()
+        // Room for thousands of descriptors now: growing the table while guests connect stalls
+        // every thread that opens one for an RCU grace period, each time it doubles.
+        reserveDescriptorTable()
         if limit.soft < 4096 {
             logger.warning(
                 "the descriptor limit is \(limit.soft) (hard \(limit.hard)): at most \(ConnectionAdmission(descriptorLimit: limit.soft).maximumConnections) guests can be connected at once; raise LimitNOFILE"

@@ -307,6 +307,35 @@ extension OSLayerTests.DaemonChannelTests {
 }
 
 extension OSLayerTests.DaemonChannelTests {
+    @Test("the broker grows its descriptor table before guests connect, so no accept waits for the kernel to grow it")
+    func descriptorTableGrownAtStart() throws {
+        let python = URL(fileURLWithPath: "/usr/bin/python3").resolvingSymlinksInPath().path
+        let toolPath = temporarySocketPath("tool")
+        let introspector = try TestIntrospector(.init(endpoint: .unix(path: toolPath), secret: testSecret))
+        defer { introspector.stop() }
+        let secret = temporarySocketPath("secret")
+        #expect(FileManager.default.createFile(atPath: secret, contents: Data(testSecret), attributes: [.posixPermissions: 0o600]))
+        defer { unlink(secret) }
+        let channel = temporarySocketPath("channel")
+        // The broker raises its soft limit to the hard one it inherits from this process.
+        let hard = currentDescriptorLimit().hard
+        let broker = try SpawnedProcess(
+            productsDirectory().appendingPathComponent("kvmi-broker").path,
+            [
+                "run", "--channel-socket", channel, "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--control-socket", "", "--status-file",
+                "",
+                "--introspector", "unix:\(toolPath)", "--secret-file", secret, "--commands", "all", "--events", "0", "--emulator", python,
+            ], logPath: temporarySocketPath("broker") + ".log")
+        defer { broker.terminate(SIGKILL, grace: 0) }
+        try #require(eventually { FileManager.default.fileExists(atPath: channel) || !broker.isRunning }, "\(broker.log)")
+        let size = try #require(descriptorTableSize(of: broker.pid), "\(broker.log)")
+        // Room for the reservation (or the whole limit, when that is lower), and no more than
+        // the reservation however high the limit: the table is kernel memory the process keeps.
+        #expect(size >= min(reservedDescriptorTable, hard), "FDSize \(size), hard limit \(hard)")
+        #expect(size <= max(reservedDescriptorTable, 256), "FDSize \(size), hard limit \(hard)")
+        broker.terminate(SIGTERM)
+    }
+
     @Test("turning libvirt's identity check off takes a loudly named option and --emulator; either half alone is refused")
     func identityCheckOffIsExplicit() throws {
         let broker = productsDirectory().appendingPathComponent("kvmi-broker")

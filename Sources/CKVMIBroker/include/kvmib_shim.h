@@ -63,6 +63,11 @@ void kvmib_name_thread(const char *name);
  * 1); threads that have allocated keep their arenas.  0 on success. */
 int kvmib_malloc_one_arena(void);
 
+/* Grows this process's descriptor table now to hold descriptors 0 .. count - 1 (count at most
+ * the soft RLIMIT_NOFILE), by duplicating a descriptor of /dev/null to count - 1 and closing
+ * it.  0 on success, -1/errno. */
+int kvmib_reserve_descriptor_table(int count);
+
 /*
  * sendmsg() of `len` bytes with at most one descriptor as SCM_RIGHTS
  * (pass -1 for none). MSG_NOSIGNAL | MSG_DONTWAIT. Returns bytes or -1/errno.
