@@ -104,11 +104,12 @@ public enum Channel {
         /// The most bytes a reader holds: one frame of the largest size.
         public static let capacity = Channel.headerSize + Channel.maximumPayload
 
-        /// Bytes to read next without crossing into the following frame.
+        /// Bytes to read next without crossing into the following frame (never more than
+        /// `room`, whatever a header announces: `consume` refuses an oversized one).
         public var readLimit: Int {
             guard pending.count >= Channel.headerSize else { return Channel.headerSize - pending.count }
             let size = Int(pending.read(UInt32.self, at: 12, order: .little))
-            return max(0, Channel.headerSize + size - pending.count)
+            return min(room, max(0, Channel.headerSize + size - pending.count))
         }
 
         /// Bytes that may be read next (once `next` has returned nil: the frame in progress and

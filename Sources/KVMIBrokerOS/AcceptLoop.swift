@@ -1,6 +1,5 @@
 import CKVMIBroker
 import DequeModule
-import Foundation
 import KVMIBrokerCore
 import Logging
 import Synchronization
@@ -270,16 +269,6 @@ public let reservedDescriptorTable = 16_384
 public func reserveDescriptorTable(_ count: Int = reservedDescriptorTable) -> Bool {
     let limit = currentDescriptorLimit().soft
     return kvmib_reserve_descriptor_table(Int32(clamping: min(count, limit))) == 0
-}
-
-/// The size of this process's descriptor table (`FDSize` in /proc/self/status); nil if unknown.
-public func descriptorTableSize(of pid: Int32? = nil) -> Int? {
-    let path = pid.map { "/proc/\($0)/status" } ?? "/proc/self/status"
-    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
-    for line in text.split(separator: "\n") where line.hasPrefix("FDSize:") {
-        return Int(line.dropFirst("FDSize:".count).trimmingCharacters(in: .whitespaces))
-    }
-    return nil
 }
 
 #if canImport(Glibc)

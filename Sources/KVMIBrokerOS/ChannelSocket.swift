@@ -139,7 +139,8 @@ public final class ChannelReader: Sendable {
     }
 
     private struct State {
-        /// The bytes of a frame not complete yet.
+        /// The bytes read and not delivered yet: a frame in progress, and frames read with
+        /// the last one delivered.
         var frame = Channel.FrameReader()
         var watch: IOReactor.Watch?
         /// A turn of the reactor asked for, to deliver frames read already (`start`, `resume`).
@@ -284,6 +285,9 @@ public final class ChannelReader: Sendable {
             }
             switch received {
             case .frame(let frame):
+                // No more reads this turn: what the read took goes out, then the registration
+                // reports what is still waiting after the other descriptors' turn (behind 1 KiB
+                // of a stream, a frame waits a turn of the reactor, not a second).
                 reading = false
                 if !deliver(.frame(frame), self) {
                     state.paused = true

@@ -547,8 +547,8 @@ public final class HandshakeAttempt: Sendable {
             return finished(.failure(error), &state)
         }
         state.phase = .reading(descriptor, HandshakeReplyReader())
-        // The reply cannot be there yet (the tool has not run since): wait for it rather than
-        // learn that from a `recv`.
+        // The reply is hardly there yet (the tool has to run first): wait for readiness rather
+        // than learn that from a `recv` (arming reports a reply that came meanwhile).
         return watch(.readable, descriptor, &state)
     }
 
@@ -557,7 +557,7 @@ public final class HandshakeAttempt: Sendable {
         var reader = progress
         // Into a buffer on the stack (1 KiB or less, or Swift takes it from the heap): nothing
         // is held between two callbacks but the reader.
-        return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 1024) { buffer -> Finish? in
+        return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: ChannelSocket.readSize) { buffer -> Finish? in
             read(descriptor, &reader, into: buffer, &state)
         }
     }

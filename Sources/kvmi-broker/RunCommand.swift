@@ -372,7 +372,10 @@ struct RunCommand: AsyncParsableCommand {
         let limit = raiseDescriptorLimit()
         // Room for thousands of descriptors now: growing the table while guests connect stalls
         // every thread that opens one for an RCU grace period, each time it doubles.
-        reserveDescriptorTable()
+        if !reserveDescriptorTable() {
+            let error = errno
+            logger.debug("cannot grow the descriptor table in advance", metadata: ["errno": "\(errnoName(error))"])
+        }
         if limit.soft < 4096 {
             logger.warning(
                 "the descriptor limit is \(limit.soft) (hard \(limit.hard)): at most \(ConnectionAdmission(descriptorLimit: limit.soft).maximumConnections) guests can be connected at once; raise LimitNOFILE"

@@ -118,6 +118,36 @@ struct ChannelReaderTests {
         reader.stop()
     }
 
+    @Test("stop between start and the reactor's turn that would deliver frames read with HELLO: nothing is delivered, no timer stays")
+    func stopBeforeTheTurn() async throws {
+        let fixture = try Fixture()
+        let socket = ChannelSocket(fixture.near, io: AsyncSocketIO(reactor: fixture.reactor))
+        let hello = Channel.Frame(.hello, seq: 1, payload: [UInt8](repeating: 0, count: Channel.Hello.sizeV1))
+        let bytes = hello.encoded() + Channel.Frame(.event, seq: 2, payload: [UInt8](repeating: 0, count: 24)).encoded()
+        #expect(Glibc.send(fixture.far.raw, bytes, bytes.count, 0) == bytes.count)
+        #expect(try await socket.receive(until: nil) == hello)
+        let delivered = Mailbox<String>(capacity: 8)
+        let reader = ChannelReader(socket) { event, _ in
+            if case .frame(let frame) = event { delivered.post("\(frame.seq)") }
+            return true
+        }
+        let timersBefore = fixture.reactor.timerCount
+        // On the reactor's thread, so that its turn cannot come between the two calls.
+        let done = Mailbox<Bool>(capacity: 1)
+        _ = fixture.reactor.schedule(at: .now) {
+            reader.start()
+            reader.stop()
+            done.post(true)
+        }
+        _ = await done.next()
+        // The turn `start` asked for was cancelled with the reading.
+        #expect(fixture.reactor.timerCount == timersBefore)
+        await fixture.reactorTurn()
+        await fixture.reactorTurn()
+        #expect(delivered.count == 0)
+        #expect(fixture.reactor.footprint.waiters == 0 && fixture.reactor.footprint.descriptors == 0)
+    }
+
     @Test("stop: nothing is delivered once it returns, and nothing stays registered")
     func stopEndsDelivery() async throws {
         let fixture = try Fixture()
