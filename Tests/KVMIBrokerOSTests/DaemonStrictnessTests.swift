@@ -268,27 +268,51 @@ final class LineCounter: LogHandler, @unchecked Sendable {
     }
 }
 
+/// `kvmi-broker run` as a process, its QEMUs checked on /proc alone (python3 as the emulator),
+/// with a test introspector and a secret file of its own; `launcher` runs before it (prlimit).
+private struct BrokerProcess {
+    let introspector: TestIntrospector
+    let secret: String
+    let channel: String
+    let process: SpawnedProcess
+
+    init(launcher: [String] = []) throws {
+        let python = URL(fileURLWithPath: "/usr/bin/python3").resolvingSymlinksInPath().path
+        let toolPath = temporarySocketPath("tool")
+        introspector = try TestIntrospector(.init(endpoint: .unix(path: toolPath), secret: testSecret))
+        secret = temporarySocketPath("secret")
+        #expect(FileManager.default.createFile(atPath: secret, contents: Data(testSecret), attributes: [.posixPermissions: 0o600]))
+        channel = temporarySocketPath("channel")
+        let broker = productsDirectory().appendingPathComponent("kvmi-broker").path
+        let arguments = [
+            "run", "--channel-socket", channel, "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--control-socket", "", "--status-file", "",
+            "--introspector", "unix:\(toolPath)", "--secret-file", secret, "--commands", "all", "--events", "0", "--emulator", python,
+        ]
+        let command = launcher.isEmpty ? (broker, arguments) : (launcher[0], Array(launcher.dropFirst()) + ["--", broker] + arguments)
+        do {
+            process = try SpawnedProcess(command.0, command.1, logPath: temporarySocketPath("broker") + ".log")
+        } catch {
+            introspector.stop()
+            unlink(secret)
+            throw error
+        }
+    }
+
+    /// Kills the broker (if still running) and removes what it was given.
+    func remove() {
+        process.terminate(SIGKILL, grace: 0)
+        introspector.stop()
+        unlink(secret)
+    }
+}
+
 extension OSLayerTests.DaemonChannelTests {
     @Test("at a 256-descriptor limit, 400 silent connections neither crash the broker nor keep a real guest out")
     func silentConnectionsAtTheDescriptorLimit() async throws {
-        let python = URL(fileURLWithPath: "/usr/bin/python3").resolvingSymlinksInPath().path
-        let toolPath = temporarySocketPath("tool")
-        let introspector = try TestIntrospector(.init(endpoint: .unix(path: toolPath), secret: testSecret))
-        defer { introspector.stop() }
-        let secret = temporarySocketPath("secret")
-        #expect(FileManager.default.createFile(atPath: secret, contents: Data(testSecret), attributes: [.posixPermissions: 0o600]))
-        defer { unlink(secret) }
-        let channel = temporarySocketPath("channel")
         // The broker raises its soft limit to the hard one: make both 256.
-        let broker = try SpawnedProcess(
-            "/usr/bin/prlimit",
-            [
-                "--nofile=256:256", "--", productsDirectory().appendingPathComponent("kvmi-broker").path, "run", "--channel-socket", channel,
-                "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--control-socket", "", "--status-file", "", "--introspector",
-                "unix:\(toolPath)",
-                "--secret-file", secret, "--commands", "all", "--events", "0", "--emulator", python,
-            ], logPath: temporarySocketPath("broker") + ".log")
-        defer { broker.terminate(SIGKILL, grace: 0) }
+        let running = try BrokerProcess(launcher: ["/usr/bin/prlimit", "--nofile=256:256"])
+        defer { running.remove() }
+        let (broker, channel) = (running.process, running.channel)
         #expect(eventually { FileManager.default.fileExists(atPath: channel) }, "\(broker.log)")
         var silent: [Descriptor] = []
         for _ in 0..<400 {
@@ -309,28 +333,16 @@ extension OSLayerTests.DaemonChannelTests {
 extension OSLayerTests.DaemonChannelTests {
     @Test("the broker grows its descriptor table before guests connect, so no accept waits for the kernel to grow it")
     func descriptorTableGrownAtStart() throws {
-        let python = URL(fileURLWithPath: "/usr/bin/python3").resolvingSymlinksInPath().path
-        let toolPath = temporarySocketPath("tool")
-        let introspector = try TestIntrospector(.init(endpoint: .unix(path: toolPath), secret: testSecret))
-        defer { introspector.stop() }
-        let secret = temporarySocketPath("secret")
-        #expect(FileManager.default.createFile(atPath: secret, contents: Data(testSecret), attributes: [.posixPermissions: 0o600]))
-        defer { unlink(secret) }
-        let channel = temporarySocketPath("channel")
         // The broker raises its soft limit to the hard one it inherits from this process.
         let hard = currentDescriptorLimit().hard
-        let broker = try SpawnedProcess(
-            productsDirectory().appendingPathComponent("kvmi-broker").path,
-            [
-                "run", "--channel-socket", channel, "--libvirt-uri", "", "--insecure-no-libvirt-identity", "--control-socket", "", "--status-file",
-                "",
-                "--introspector", "unix:\(toolPath)", "--secret-file", secret, "--commands", "all", "--events", "0", "--emulator", python,
-            ], logPath: temporarySocketPath("broker") + ".log")
-        defer { broker.terminate(SIGKILL, grace: 0) }
+        let running = try BrokerProcess()
+        defer { running.remove() }
+        let (broker, channel) = (running.process, running.channel)
         try #require(eventually { FileManager.default.fileExists(atPath: channel) || !broker.isRunning }, "\(broker.log)")
         let size = try #require(descriptorTableSize(of: broker.pid), "\(broker.log)")
-        // (Without the reservation: 64 or 256, as the table starts.) Room for the reservation (or the whole limit, when that is lower), and no more than
-        // the reservation however high the limit: the table is kernel memory the process keeps.
+        // Without the reservation: 64 or 256, as the table starts. With it: room for the
+        // reservation (or the whole limit, when that is lower), and no more than the
+        // reservation however high the limit (the table is kernel memory the process keeps).
         #expect(size >= min(reservedDescriptorTable, hard), "FDSize \(size), hard limit \(hard)")
         #expect(size <= reservedDescriptorTable, "FDSize \(size), hard limit \(hard)")
         broker.terminate(SIGTERM)
