@@ -48,7 +48,7 @@ public enum BrokerLog {
         if journal {
             base = JournalLogHandler(identifier: identifier)
         } else {
-            base = StreamLogHandler.standardError(label: label == auditIdentifier ? identifier : label)
+            base = TextLogHandler(label: label == auditIdentifier ? identifier : label)
         }
         base.logLevel = level
         // Written on the log writer's queue: a slow stderr or journal never stalls a session.
@@ -103,9 +103,14 @@ public struct AuditLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
+        base.log(event: prefixed(event))
+    }
+
+    private func prefixed(_ event: LogEvent) -> LogEvent {
+        guard !prefix.isEmpty else { return event }
         var event = event
-        if !prefix.isEmpty { event.message = "\(prefix)\(event.message)" }
-        base.log(event: event)
+        event.message = "\(prefix)\(event.message)"
+        return event
     }
 
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
@@ -129,6 +134,14 @@ public struct AuditLogHandler: LogHandler {
     public var logLevel: Logger.Level {
         get { min(base.logLevel, .notice) }
         set { base.logLevel = newValue }
+    }
+}
+
+extension AuditLogHandler: TextLineRendering {
+    var lineDescriptor: Int32? { (base as? any TextLineRendering)?.lineDescriptor }
+
+    func appendLine(for event: LogEvent, loggerMetadata: Logger.Metadata, timestamp: [UInt8], to text: inout [UInt8]) {
+        (base as? any TextLineRendering)?.appendLine(for: prefixed(event), loggerMetadata: loggerMetadata, timestamp: timestamp, to: &text)
     }
 }
 

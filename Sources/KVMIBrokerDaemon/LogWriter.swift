@@ -2,6 +2,7 @@ import Foundation
 import KVMIBrokerCore
 import KVMIBrokerOS
 import Logging
+import Synchronization
 
 /// Writes the broker's log records on a thread of its own (`WorkThread`), so that a log call never
 /// blocks the thread that makes it: a write to stderr (a pipe nobody drains quickly) or to the
@@ -27,7 +28,7 @@ public final class LogWriter: @unchecked Sendable {
 
     /// A record waiting to be written: the handler that writes it, the event and the logger's
     /// metadata, merged under the event's own on the writer's thread.
-    private struct Pending {
+    fileprivate struct Pending {
         var handler: any LogHandler
         var event: LogEvent
         var loggerMetadata: Logger.Metadata
@@ -62,6 +63,8 @@ public final class LogWriter: @unchecked Sendable {
     private var lingering = false
     /// Times the writer's thread was handed the queue (woken) since it was created.
     private var handOvers = 0
+    /// Writes of batched text lines (`TextLineRendering`) since it was created.
+    private let textWriteCount = Atomic<Int>(0)
 
     /// - Parameters:
     ///   - label: the writer thread's name (at most 15 bytes).
@@ -80,6 +83,9 @@ public final class LogWriter: @unchecked Sendable {
         defer { condition.unlock() }
         return handOvers
     }
+
+    /// How many `write` calls the text lines took (for tests: one per batch).
+    public var textWrites: Int { textWriteCount.load(ordering: .relaxed) }
 
     /// Whether the writer is lingering after a batch now (for tests).
     public var isLingering: Bool {
@@ -180,7 +186,7 @@ public final class LogWriter: @unchecked Sendable {
             // to queue a notice-or-above record.
             condition.broadcast()
             condition.unlock()
-            for record in batch { record.handler.log(event: record.merged) }
+            write(batch)
             if lost > 0, let lostHandler {
                 let warning = LogEvent(
                     level: .warning,
@@ -192,6 +198,44 @@ public final class LogWriter: @unchecked Sendable {
                 lostHandler.log(event: warning)
             }
         }
+    }
+}
+
+extension LogWriter {
+    /// The most bytes of text lines one `write` takes: whole lines up to `PIPE_BUF`, which a
+    /// pipe takes at once, so another writer to stderr never lands inside one of our lines
+    /// (a line longer than that is written alone).
+    static let textWriteLimit = Int(PIPE_BUF)
+
+    /// Writes a batch in order: the lines of text handlers (`TextLineRendering`: stderr)
+    /// gathered into writes of `textWriteLimit` bytes at most; any other handler's records one
+    /// by one.
+    private func write(_ batch: [Pending]) {
+        var text: [UInt8] = []
+        var line: [UInt8] = []
+        var textDescriptor: Int32 = -1
+        var stamp = LogTimestamp()
+        func flushText() {
+            guard !text.isEmpty else { return }
+            TextLogHandler.write(text, to: textDescriptor)
+            textWriteCount.add(1, ordering: .relaxed)
+            text.removeAll(keepingCapacity: true)
+        }
+        for record in batch {
+            if let renderer = record.handler as? any TextLineRendering, let descriptor = renderer.lineDescriptor {
+                line.removeAll(keepingCapacity: true)
+                renderer.appendLine(for: record.event, loggerMetadata: record.loggerMetadata, timestamp: stamp.current(), to: &line)
+                if descriptor != textDescriptor || text.count + line.count > Self.textWriteLimit {
+                    flushText()
+                    textDescriptor = descriptor
+                }
+                text += line
+            } else {
+                flushText()
+                record.handler.log(event: record.merged)
+            }
+        }
+        flushText()
     }
 }
 

@@ -159,6 +159,16 @@ final class StuckHandler: LogHandler, @unchecked Sendable {
     }
 }
 
+/// What a `StreamLogHandler` wrote, for comparing lines.
+final class CapturedStream: TextOutputStream, @unchecked Sendable {
+    private let lock = NSLock()
+    private var written = ""
+
+    func write(_ string: String) { lock.withLock { written += string } }
+
+    var text: String { lock.withLock { written } }
+}
+
 @Suite("Journal fields and the audit logger (no process)")
 struct JournalFieldsTests {
     func field(_ fields: [(name: String, value: String)], _ name: String) -> String? { fields.first { $0.name == name }?.value }
@@ -265,7 +275,7 @@ struct JournalFieldsTests {
         #expect(((queuedAudit.base as? AuditLogHandler)?.base as? JournalLogHandler)?.identifier == "kvmi-broker-audit")
         let queued = try #require(BrokerLog.handler(label: "kvmi-broker", level: .info, journal: true) as? QueuedLogHandler)
         #expect((queued.base as? JournalLogHandler)?.identifier == "kvmi-broker")
-        #expect((BrokerLog.handler(label: "kvmi-broker", level: .info, journal: false) as? QueuedLogHandler)?.base is StreamLogHandler)
+        #expect((BrokerLog.handler(label: "kvmi-broker", level: .info, journal: false) as? QueuedLogHandler)?.base is TextLogHandler)
         // A queued broker logger's audit logger stays queued, with the audit identifier underneath.
         let daemon = Logger(label: "kvmi-broker") { _ in QueuedLogHandler(wrapping: JournalLogHandler()) }
         let daemonAudit = try #require(daemon.audit.handler as? QueuedLogHandler)
@@ -369,6 +379,129 @@ struct JournalFieldsTests {
         for index in 1...4 { logger.info("r\(index)") }
         #expect(eventually { handler.written == ["r0", "r1", "r2", "r3", "r4"] })
         #expect(writer.flush(timeout: .seconds(30)))
+    }
+
+    /// The line swift-log's `StreamLogHandler` writes for `event`, without its timestamp (the
+    /// text before the first space), and `TextLogHandler`'s with the timestamp "T".
+    func bothLines(_ event: LogEvent, label: String, handlerMetadata: Logger.Metadata = [:], loggerMetadata: Logger.Metadata = [:])
+        -> (stream: String, text: String)
+    {
+        let captured = CapturedStream()
+        var stream = StreamLogHandler(label: label, stream: captured, metadataProvider: nil)
+        stream.metadata = handlerMetadata
+        var merged = event
+        if !loggerMetadata.isEmpty {
+            var all = loggerMetadata
+            if let own = event.metadata { all.merge(own) { $1 } }
+            merged.metadata = all
+        }
+        stream.log(event: merged)
+        var text = TextLogHandler(label: label)
+        text.metadata = handlerMetadata
+        var bytes: [UInt8] = []
+        text.appendLine(for: event, loggerMetadata: loggerMetadata, timestamp: Array("T".utf8), to: &bytes)
+        let line = captured.text
+        let space = line.firstIndex(of: " ") ?? line.startIndex
+        return ("T" + line[space...], String(decoding: bytes, as: UTF8.self))
+    }
+
+    struct Failure: Error, CustomStringConvertible {
+        var description: String { "no \u{1b} such thing" }
+    }
+
+    @Test("the text handler writes swift-log's StreamLogHandler line, byte for byte, but its timestamp (formatted once a second)")
+    func textLineAsSwiftLog() throws {
+        func event(_ message: Logger.Message, _ metadata: Logger.Metadata? = nil, level: Logger.Level = .notice, error: (any Error)? = nil)
+            -> LogEvent
+        {
+            LogEvent(
+                level: level, message: message, error: error, metadata: metadata, source: "KVMIBrokerDaemon", file: #fileID,
+                function: #function, line: #line)
+        }
+        let nested: Logger.Metadata = [
+            "list": ["a", "b"], "map": ["k": "v", "j": ["x"]], "number": .stringConvertible(42), "text": "two words",
+        ]
+        let cases: [(LogEvent, String, Logger.Metadata, Logger.Metadata)] = [
+            (event("plain"), "kvmi-broker", [:], [:]),
+            (event("no label", level: .info), "", [:], [:]),
+            (event("handler's only"), "kvmi-broker", ["guest.uuid": "one"], [:]),
+            (event("logger's and own", ["rule": "record", "errno": "EPERM"]), "kvmi-broker", [:], ["guest.uuid": "one", "rule": "logger"]),
+            (event("all three", ["z": "own"]), "x", ["a": "handler", "z": "handler"], ["m": "logger", "a": "logger"]),
+            (event("nested", nested, level: .warning), "kvmi-broker", [:], ["qemu.pid": "12"]),
+            (event("with an error", ["k": "v"], level: .error, error: Failure()), "kvmi-broker", [:], [:]),
+            (event("error alone", level: .error, error: Failure()), "kvmi-broker", ["h": "1"], [:]),
+            (event("empty own", [:]), "kvmi-broker", ["h": "1"], [:]),
+        ]
+        for (event, label, handlerMetadata, loggerMetadata) in cases {
+            let (stream, text) = bothLines(event, label: label, handlerMetadata: handlerMetadata, loggerMetadata: loggerMetadata)
+            #expect(text == stream)
+        }
+        // The audit handler's prefix, on the batched path too.
+        let audit = AuditLogHandler(wrapping: TextLogHandler(label: "kvmi-broker"))
+        #expect(audit.lineDescriptor == STDERR_FILENO)
+        var bytes: [UInt8] = []
+        audit.appendLine(for: event("hooked"), loggerMetadata: ["guest.uuid": "one"], timestamp: Array("T".utf8), to: &bytes)
+        #expect(String(decoding: bytes, as: UTF8.self) == "T notice kvmi-broker: guest.uuid=one [KVMIBrokerDaemon] audit: hooked\n")
+        #expect(AuditLogHandler(wrapping: JournalLogHandler()).lineDescriptor == nil)
+        // The timestamp: swift-log's format, in local time, for the second it is asked in.
+        let fixed: time_t = 1_780_000_000
+        var time = fixed
+        var local = tm()
+        _ = localtime_r(&time, &local)
+        var expected = [CChar](repeating: 0, count: 64)
+        let count = strftime(&expected, expected.count, "%Y-%m-%dT%H:%M:%S%z", &local)
+        #expect(LogTimestamp.format(fixed) == expected.prefix(count).map { UInt8(bitPattern: $0) })
+        #expect(String(decoding: LogTimestamp.format(fixed), as: UTF8.self).count == 24)
+    }
+
+    @Test(
+        "a batch of text lines goes out in writes of whole lines up to PIPE_BUF, not a write a line; in order, audit lines prefixed",
+        .timeLimit(.minutes(1)))
+    func textLinesBatched() throws {
+        var ends: [Int32] = [0, 0]
+        try #require(pipe(&ends) == 0)
+        defer { close(ends[0]) }
+        let writer = LogWriter(capacity: 256, label: "test.log-text", linger: .seconds(3600))
+        var logger = Logger(label: "kvmi-broker") { label in
+            QueuedLogHandler(wrapping: TextLogHandler(label: label, descriptor: ends[1]), writer: writer)
+        }
+        logger[metadataKey: "guest.uuid"] = "one"
+        logger.notice("r0")
+        #expect(eventually { writer.isLingering })
+        #expect(writer.textWrites == 1)
+        for index in 1...100 {
+            if index % 2 == 0 { logger.audit.notice("r\(index)") } else { logger.notice("r\(index)", metadata: ["n": "\(index)"]) }
+        }
+        #expect(writer.flush(timeout: .seconds(30)))
+        close(ends[1])
+        var output: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count = read(ends[0], &chunk, chunk.count)
+            if count <= 0 { break }
+            output += chunk.prefix(count)
+        }
+        let written = String(decoding: output, as: UTF8.self).split(separator: "\n")
+        // r0 alone, then the batch in whole lines of at most PIPE_BUF bytes a write (so that no
+        // other writer to a pipe lands inside a line), not a write a line.
+        var writes = 1
+        var filled = 0
+        for line in written.dropFirst() {
+            let size = line.utf8.count + 1
+            if filled > 0 && filled + size > Int(PIPE_BUF) {
+                writes += 1
+                filled = 0
+            }
+            filled += size
+        }
+        if filled > 0 { writes += 1 }
+        #expect(writes >= 3 && writer.textWrites == writes, "\(writer.textWrites) writes")
+        let lines = written.map { line in String(line[line.index(after: line.firstIndex(of: " ")!)...]) }
+        #expect(lines.count == 101)
+        #expect(lines.first == "notice kvmi-broker: guest.uuid=one [KVMIBrokerOSTests] r0")
+        #expect(lines[1] == "notice kvmi-broker: guest.uuid=one n=1 [KVMIBrokerOSTests] r1")
+        #expect(lines[2] == "notice kvmi-broker: guest.uuid=one [KVMIBrokerOSTests] audit: r2")
+        #expect(lines.last == "notice kvmi-broker: guest.uuid=one [KVMIBrokerOSTests] audit: r100")
     }
 
     @Test("the test's parser reads both forms of the native protocol")
