@@ -84,7 +84,8 @@ public final class LogWriter: @unchecked Sendable {
         return handOvers
     }
 
-    /// How many `write` calls the text lines took (for tests: one per batch).
+    /// How many `write` calls the text lines took (for tests: one per `textWriteLimit` bytes of
+    /// whole lines in a batch, not one per line).
     public var textWrites: Int { textWriteCount.load(ordering: .relaxed) }
 
     /// Whether the writer is lingering after a batch now (for tests).

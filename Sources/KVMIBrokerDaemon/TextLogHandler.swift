@@ -30,7 +30,10 @@ public struct TextLogHandler: LogHandler, TextLineRendering {
     public var metadataProvider: Logger.MetadataProvider?
     public var metadata: Logger.Metadata = [:]
 
-    public init(label: String, descriptor: Int32 = STDERR_FILENO, metadataProvider: Logger.MetadataProvider? = nil) {
+    /// With the process's metadata provider by default, as `StreamLogHandler.standardError`.
+    public init(
+        label: String, descriptor: Int32 = STDERR_FILENO, metadataProvider: Logger.MetadataProvider? = LoggingSystem.metadataProvider
+    ) {
         self.label = label
         self.descriptor = descriptor
         self.metadataProvider = metadataProvider

@@ -1,3 +1,4 @@
+import CKVMIBroker
 import Foundation
 import KVMIBrokerCore
 import KVMITestIntrospector
@@ -396,7 +397,7 @@ struct JournalFieldsTests {
             merged.metadata = all
         }
         stream.log(event: merged)
-        var text = TextLogHandler(label: label)
+        var text = TextLogHandler(label: label, metadataProvider: nil)
         text.metadata = handlerMetadata
         var bytes: [UInt8] = []
         text.appendLine(for: event, loggerMetadata: loggerMetadata, timestamp: Array("T".utf8), to: &bytes)
@@ -437,7 +438,7 @@ struct JournalFieldsTests {
             #expect(text == stream)
         }
         // The audit handler's prefix, on the batched path too.
-        let audit = AuditLogHandler(wrapping: TextLogHandler(label: "kvmi-broker"))
+        let audit = AuditLogHandler(wrapping: TextLogHandler(label: "kvmi-broker", metadataProvider: nil))
         #expect(audit.lineDescriptor == STDERR_FILENO)
         var bytes: [UInt8] = []
         audit.appendLine(for: event("hooked"), loggerMetadata: ["guest.uuid": "one"], timestamp: Array("T".utf8), to: &bytes)
@@ -458,12 +459,14 @@ struct JournalFieldsTests {
         "a batch of text lines goes out in writes of whole lines up to PIPE_BUF, not a write a line; in order, audit lines prefixed",
         .timeLimit(.minutes(1)))
     func textLinesBatched() throws {
+        // Close-on-exec: a process another test starts meanwhile must not hold the write end
+        // (the read below ends only when every copy of it is closed).
         var ends: [Int32] = [0, 0]
-        try #require(pipe(&ends) == 0)
+        try #require(kvmib_pipe(&ends) == 0)
         defer { close(ends[0]) }
         let writer = LogWriter(capacity: 256, label: "test.log-text", linger: .seconds(3600))
         var logger = Logger(label: "kvmi-broker") { label in
-            QueuedLogHandler(wrapping: TextLogHandler(label: label, descriptor: ends[1]), writer: writer)
+            QueuedLogHandler(wrapping: TextLogHandler(label: label, descriptor: ends[1], metadataProvider: nil), writer: writer)
         }
         logger[metadataKey: "guest.uuid"] = "one"
         logger.notice("r0")
@@ -472,7 +475,8 @@ struct JournalFieldsTests {
         for index in 1...100 {
             if index % 2 == 0 { logger.audit.notice("r\(index)") } else { logger.notice("r\(index)", metadata: ["n": "\(index)"]) }
         }
-        #expect(writer.flush(timeout: .seconds(30)))
+        // (Not closed while the writer may still write to it: the number could be another test's.)
+        try #require(writer.flush(timeout: .seconds(30)))
         close(ends[1])
         var output: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
