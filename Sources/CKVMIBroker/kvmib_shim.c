@@ -309,6 +309,13 @@ void kvmib_name_thread(const char *name)
     pthread_setname_np(pthread_self(), name);
 }
 
+int kvmib_thread_batch(void)
+{
+    struct sched_param param = { .sched_priority = 0 };
+
+    return pthread_setschedparam(pthread_self(), SCHED_BATCH, &param);
+}
+
 int kvmib_malloc_one_arena(void)
 {
     return mallopt(M_ARENA_MAX, 1) == 1 ? 0 : -1;

@@ -73,7 +73,7 @@ public final class LogWriter: @unchecked Sendable {
         precondition(capacity > 0)
         self.capacity = capacity
         self.linger = linger
-        thread = WorkThread(name: label)
+        thread = WorkThread(name: label, background: true)
     }
 
     /// How many times a record had to hand the queue to the writer's thread (for tests: records

@@ -284,7 +284,7 @@ final class StatusFileWriter: @unchecked Sendable {
     private let path: String
     private let logger: Logger?
     private let broker: BrokerStatus
-    private let thread = WorkThread(name: "kvmib-status")
+    private let thread = WorkThread(name: "kvmib-status", background: true)
     private let failures: RepeatingFailureLog
     /// Each session's JSON object as last written, by UUID (confined to `thread`): only the
     /// sessions that changed are encoded again.

@@ -9,7 +9,7 @@ public final class BlockingWork: Sendable {
 
     /// - Parameter label: the thread's name (at most 15 bytes).
     public init(label: String) {
-        thread = WorkThread(name: label)
+        thread = WorkThread(name: label, background: true)
     }
 
     /// Runs `body` on the thread and returns its result. Not cancellable once queued: keep

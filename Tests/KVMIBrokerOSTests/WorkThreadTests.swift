@@ -18,9 +18,13 @@ func currentThread() -> (name: String, tid: Int32) {
     return (name ?? "?", Int32(link.split(separator: "/").last ?? "") ?? -1)
 }
 
-/// A handler that notes the thread each record is written on.
+/// SCHED_BATCH (<linux/sched.h>; not among Glibc's names in Swift).
+let schedBatch: Int32 = 3
+
+/// A handler that notes the thread each record is written on, and its scheduling policy.
 private struct ThreadNotingHandler: LogHandler {
     let seen: Seen<String>
+    var policies: Seen<Int32>? = nil
     var metadata: Logger.Metadata = [:]
     var logLevel: Logger.Level = .trace
     subscript(metadataKey key: String) -> Logger.Metadata.Value? {
@@ -30,6 +34,8 @@ private struct ThreadNotingHandler: LogHandler {
     func log(event: LogEvent) {
         let name = currentThread().name
         seen.value.withLock { $0.append(name) }
+        let policy = sched_getscheduler(0)
+        policies?.value.withLock { $0.append(policy) }
     }
 }
 
@@ -98,17 +104,25 @@ extension OSLayerTests {
             _ = far
         }
 
-        @Test("/proc reads and log records run on the broker's own threads, not on libdispatch's workers")
+        @Test(
+            "/proc reads and log records run on the broker's own threads, not on libdispatch's workers; those run as SCHED_BATCH, the reactor not"
+        )
         func brokerThreadsAreItsOwn() async throws {
-            let blocking = await BlockingWork.shared.run { currentThread().name }
+            let (blocking, blockingPolicy) = await BlockingWork.shared.run { (currentThread().name, sched_getscheduler(0)) }
             #expect(blocking == "kvmib-blocking")
             let seen = Seen<String>()
+            let policies = Seen<Int32>()
             let writer = LogWriter(capacity: 16)
             writer.write(
                 LogEvent(level: .info, message: "where am I", metadata: nil, source: "test", file: #fileID, function: #function, line: #line),
-                with: ThreadNotingHandler(seen: seen))
+                with: ThreadNotingHandler(seen: seen, policies: policies))
             #expect(writer.flush(timeout: .seconds(60)))
             #expect(seen.value.withLock { $0 } == ["kvmib-log"])
+            // Handed work by the reactor's thread, they must not preempt it where they are woken.
+            #expect(blockingPolicy == schedBatch)
+            #expect(policies.value.withLock { $0 } == [schedBatch])
+            let reactorPolicy = await withTaskExecutorPreference(IOReactor.shared) { sched_getscheduler(0) }
+            #expect(reactorPolicy == SCHED_OTHER)
         }
     }
 }

@@ -58,6 +58,9 @@ int kvmib_pidfd_alive(int pidfd);
 
 /* Names the calling thread (at most 15 bytes kept), for ps -L and top -H. */
 void kvmib_name_thread(const char *name);
+/* The calling thread to SCHED_BATCH (its nice value kept): it no longer preempts the thread
+ * that woke it. Returns 0 or an errno value. */
+int kvmib_thread_batch(void);
 
 /* Has threads that start from now on allocate from glibc's main arena (mallopt M_ARENA_MAX
  * 1); threads that have allocated keep their arenas.  0 on success. */
