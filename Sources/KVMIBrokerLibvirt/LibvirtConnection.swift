@@ -16,6 +16,7 @@ public enum LibvirtEventLoop {
         kvmib_virt_silence_errors()
         guard virInitialize() == 0, virEventRegisterDefaultImpl() == 0 else { return false }
         let thread = Thread {
+            kvmib_virt_thread_normal()
             while virEventRunDefaultImpl() == 0 {}
         }
         thread.name = "libvirt-event-loop"

@@ -125,6 +125,9 @@ public final class IOReactor: Sendable {
         precondition(kvmib_epoll_add(epollFD, wakeFD, IOEvents.readable.rawValue, Self.wakeToken) == 0)
         let thread = Thread { [self] in
             kvmib_name_thread("kvmib-reactor")
+            // SCHED_OTHER whoever starts it (a thread started from a SCHED_BATCH helper inherits
+            // SCHED_BATCH): every session waits for this thread, it may preempt.
+            _ = kvmib_thread_normal()
             self.run()
         }
         thread.start()

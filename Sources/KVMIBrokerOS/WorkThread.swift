@@ -80,8 +80,10 @@ public final class WorkThread: Sendable {
 
         private func run() {
             kvmib_name_thread(name)
-            // Best effort: a thread that stays SCHED_OTHER works the same, only less politely.
-            if background { _ = kvmib_thread_batch() }
+            // Best effort: a thread that stays SCHED_OTHER works the same, only less politely. One
+            // that is not `background` says SCHED_OTHER, whatever it inherited from the thread
+            // that started it (the first `submit`'s, perhaps a background one's).
+            _ = background ? kvmib_thread_batch() : kvmib_thread_normal()
             var batch: [@Sendable () -> Void] = []
             while true {
                 condition.lock()

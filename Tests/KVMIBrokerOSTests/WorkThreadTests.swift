@@ -87,6 +87,25 @@ extension OSLayerTests {
             _ = thread
         }
 
+        @Test("a reactor or a plain work thread started from a SCHED_BATCH helper runs SCHED_OTHER all the same (no inherited policy)")
+        func noInheritedBatch() async throws {
+            // Started on the blocking-work thread (SCHED_BATCH), as whatever touches them first may be.
+            let reactor = await BlockingWork.shared.run { IOReactor() }
+            let reactorPolicy = await withTaskExecutorPreference(reactor) { sched_getscheduler(0) }
+            #expect(reactorPolicy == SCHED_OTHER)
+            let plain = WorkThread(name: "kvmib-t-plain")
+            let plainPolicy = await withCheckedContinuation { (done: CheckedContinuation<Int32, Never>) in
+                BlockingWork.shared.submit { plain.submit { done.resume(returning: sched_getscheduler(0)) } }
+            }
+            #expect(plainPolicy == SCHED_OTHER)
+            // And one that is background from a plain thread is SCHED_BATCH.
+            let background = WorkThread(name: "kvmib-t-batch", background: true)
+            let backgroundPolicy = await withCheckedContinuation { (done: CheckedContinuation<Int32, Never>) in
+                background.submit { done.resume(returning: sched_getscheduler(0)) }
+            }
+            #expect(backgroundPolicy == schedBatch)
+        }
+
         @Test("a task that prefers the reactor runs on its thread, before and after a socket wait")
         func reactorIsAnExecutor() async throws {
             let reactor = IOReactor.shared
