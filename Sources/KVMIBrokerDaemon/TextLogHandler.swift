@@ -5,8 +5,9 @@ import Logging
     import Glibc
 #endif
 
-/// A handler whose records the log writer renders into one buffer and writes with one `write`
-/// per batch, instead of calling `log(event:)` (a formatted line and a `write` each).
+/// A handler whose records the log writer renders into a buffer and writes a batch's lines
+/// together (`LogWriter.textWriteLimit` bytes of whole lines a `write`), instead of calling
+/// `log(event:)` (a formatted line and a `write` each).
 protocol TextLineRendering {
     /// Where this handler's lines go; nil when it does not write text lines (the writer then
     /// calls `log(event:)`).
@@ -18,8 +19,8 @@ protocol TextLineRendering {
 
 /// The broker's log on stderr as text: the line swift-log's `StreamLogHandler` writes, byte for
 /// byte (`timestamp level label: key=value ... [source] message`), so that what administrators
-/// read and grep stays as it was. Made for `LogWriter`, which writes a batch of these lines at
-/// once: in a boot storm, two audit lines per guest were a `write` each and most of the log
+/// read and grep stays as it was. Made for `LogWriter`, which writes a batch of these lines
+/// together: in a boot storm, two audit lines per guest were a `write` each and most of the log
 /// writer's time (measured with `perf record` during `kvmi-bench scale --guests 1000`: the
 /// system calls, `strftime` for every line and the metadata merged twice).
 public struct TextLogHandler: LogHandler, TextLineRendering {
