@@ -316,13 +316,6 @@ int kvmib_thread_batch(void)
     return pthread_setschedparam(pthread_self(), SCHED_BATCH, &param);
 }
 
-int kvmib_thread_normal(void)
-{
-    struct sched_param param = { .sched_priority = 0 };
-
-    return pthread_setschedparam(pthread_self(), SCHED_OTHER, &param);
-}
-
 int kvmib_malloc_one_arena(void)
 {
     return mallopt(M_ARENA_MAX, 1) == 1 ? 0 : -1;

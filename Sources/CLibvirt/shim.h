@@ -5,8 +5,6 @@
 
 #include <libvirt/libvirt.h>
 #include <libvirt/virterror.h>
-#include <pthread.h>
-#include <sched.h>
 #include <stdlib.h>
 
 /* C globals are rejected by strict concurrency: read them through getters. */
@@ -20,13 +18,6 @@ static inline void kvmib_virt_ignore_error(void *userdata, virErrorPtr error) {
 /* libvirt prints every error to stderr unless an error function is set; the broker reports
  * errors itself (virGetLastError), so silence the default printer. */
 static inline void kvmib_virt_silence_errors(void) { virSetErrorFunc(NULL, kvmib_virt_ignore_error); }
-
-/* The calling thread to SCHED_OTHER: libvirt's event loop must not inherit SCHED_BATCH from a
- * helper thread of the broker's that happened to start it. */
-static inline void kvmib_virt_thread_normal(void) {
-    struct sched_param param = { .sched_priority = 0 };
-    (void)pthread_setschedparam(pthread_self(), SCHED_OTHER, &param);
-}
 
 /* VIR_DOMAIN_EVENT_CALLBACK() is a cast macro, not imported; these do the same cast. */
 static inline virConnectDomainEventGenericCallback kvmib_virt_lifecycle_callback(virConnectDomainEventCallback cb) {

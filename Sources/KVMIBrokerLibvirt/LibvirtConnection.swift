@@ -16,7 +16,10 @@ public enum LibvirtEventLoop {
         kvmib_virt_silence_errors()
         guard virInitialize() == 0, virEventRegisterDefaultImpl() == 0 else { return false }
         let thread = Thread {
-            kvmib_virt_thread_normal()
+            // SCHED_OTHER, not the SCHED_BATCH of a broker helper thread that may have started it
+            // (KVMIBrokerOS's `useNormalScheduling`, which this layer does not import).
+            var normal = sched_param()
+            _ = pthread_setschedparam(pthread_self(), SCHED_OTHER, &normal)
             while virEventRunDefaultImpl() == 0 {}
         }
         thread.name = "libvirt-event-loop"

@@ -127,7 +127,7 @@ public final class IOReactor: Sendable {
             kvmib_name_thread("kvmib-reactor")
             // SCHED_OTHER whoever starts it (a thread started from a SCHED_BATCH helper inherits
             // SCHED_BATCH): every session waits for this thread, it may preempt.
-            _ = kvmib_thread_normal()
+            useNormalScheduling()
             self.run()
         }
         thread.start()

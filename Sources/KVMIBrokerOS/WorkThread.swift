@@ -83,7 +83,7 @@ public final class WorkThread: Sendable {
             // Best effort: a thread that stays SCHED_OTHER works the same, only less politely. One
             // that is not `background` says SCHED_OTHER, whatever it inherited from the thread
             // that started it (the first `submit`'s, perhaps a background one's).
-            _ = background ? kvmib_thread_batch() : kvmib_thread_normal()
+            if background { _ = kvmib_thread_batch() } else { useNormalScheduling() }
             var batch: [@Sendable () -> Void] = []
             while true {
                 condition.lock()
@@ -104,4 +104,11 @@ public final class WorkThread: Sendable {
             }
         }
     }
+}
+
+/// Puts the calling thread in SCHED_OTHER, whatever it inherited from the thread that created it
+/// (a thread started from a SCHED_BATCH one is SCHED_BATCH). Best effort.
+func useNormalScheduling() {
+    var normal = sched_param()
+    _ = pthread_setschedparam(pthread_self(), SCHED_OTHER, &normal)
 }

@@ -61,9 +61,6 @@ void kvmib_name_thread(const char *name);
 /* The calling thread to SCHED_BATCH (its nice value kept): it no longer preempts the thread
  * that woke it. Returns 0 or an errno value. */
 int kvmib_thread_batch(void);
-/* The calling thread to SCHED_OTHER, whatever it inherited from the thread that created it
- * (a thread started from a SCHED_BATCH one is SCHED_BATCH). Returns 0 or an errno value. */
-int kvmib_thread_normal(void);
 
 /* Has threads that start from now on allocate from glibc's main arena (mallopt M_ARENA_MAX
  * 1); threads that have allocated keep their arenas.  0 on success. */
