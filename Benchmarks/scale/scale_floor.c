@@ -13,7 +13,16 @@
  *   HOOK with the tool's descriptor as SCM_RIGHTS (allow-lists: all commands,
  *   all events); close its copy; read RESULT. Connections stay open.
  *
- *   scale_floor CHANNEL_SOCKET TOOL_SOCKET SECRET_SHA1_HEX EMULATOR_PATH
+ *   scale_floor CHANNEL_SOCKET TOOL_SOCKET SECRET_SHA1_HEX EMULATOR_PATH [--broker-identity]
+ *
+ * With --broker-identity the peer check is the broker's whole one, as its
+ * PeerVerifier makes it today, not the path comparison above: the peer pinned
+ * (SO_PEERPIDFD, else pidfd_open and /proc/PID/stat's start time), the
+ * executable's device and inode from /proc/PID/exe compared with the
+ * emulator's, read again after the command line and compared, the pin still
+ * alive; and right before HOOK the re-check (the channel's SO_PEERPIDFD again,
+ * /proc/PID/exe unchanged, alive). It measures what the broker's stronger
+ * identity check costs by itself, apart from how the broker is built.
  *
  * A connect that finds the tool's listen backlog full (EAGAIN on a unix
  * socket) is retried 1 ms later, in order; with the descriptor limit near,
@@ -30,6 +39,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
+#include <sys/syscall.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -48,6 +58,9 @@
 #define HANDSHAKE_V12 104
 #define REPLY_MAX (64 * 1024)
 #define FD_RESERVE 16
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
 
 enum state { S_HELLO, S_PEER_WAIT, S_CONNECT_WAIT, S_CONNECTING, S_REPLY, S_HOOK_SEND, S_RESULT, S_HOOKED, S_DEAD };
 
@@ -58,6 +71,11 @@ struct conn {
 	size_t have;            /* bytes of the current frame (or reply) read */
 	uint32_t reply_size;    /* the reply's struct_size, once read */
 	uint8_t hello[120];
+	/* --broker-identity: what the re-check before HOOK compares */
+	int pid, pinned_by_socket;
+	unsigned long long start_time;
+	dev_t exe_dev;
+	ino_t exe_ino;
 	struct out {
 		uint8_t bytes[HANDSHAKE_V12];
 		size_t len, done;
@@ -70,6 +88,7 @@ static struct conn **conns;
 static size_t nconns, cap_conns;
 static int epfd, listener, open_fds, fd_limit, listening = 1;
 static const char *tool_path, *emulator;
+static int broker_identity;
 static uint8_t cookie[20];
 static size_t *waitq, waitq_head, waitq_len, waitq_cap;
 static long hooked, refused, closed_chan, failed, eagain_retries, emfile_waits, cookie_bad;
@@ -178,14 +197,15 @@ static void frame(uint8_t *out, uint16_t type, uint32_t seq, uint32_t size)
 	put32(out + 12, size);
 }
 
+static const char *uuid_problem(int pid, const uint8_t *hello, int *retry);
+
 /* The broker's PeerVerifier, in C. Sets *retry when no descriptor was free to read /proc. */
 static const char *peer_problem(int chan, const uint8_t *hello, int *retry)
 {
 	struct ucred cred;
 	socklen_t len = sizeof(cred);
-	char path[64], exe[4096], cmdline[8192], uuid[37];
+	char path[64], exe[4096];
 	ssize_t n;
-	int fd;
 
 	if (getsockopt(chan, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
 		return "no peer credentials";
@@ -198,7 +218,17 @@ static const char *peer_problem(int chan, const uint8_t *hello, int *retry)
 	exe[n] = 0;
 	if (strcmp(exe, emulator) != 0)
 		return "the peer is not the emulator";
-	snprintf(path, sizeof(path), "/proc/%d/cmdline", cred.pid);
+	return uuid_problem(cred.pid, hello, retry);
+}
+
+/* /proc/PID/cmdline's -uuid is HELLO's uuid. Sets *retry when no descriptor was free. */
+static const char *uuid_problem(int pid, const uint8_t *hello, int *retry)
+{
+	char path[64], cmdline[8192], uuid[37];
+	ssize_t n;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%d/cmdline", pid);
 	if (open_fds + 1 >= fd_limit) {
 		*retry = 1;
 		return NULL;
@@ -224,6 +254,122 @@ static const char *peer_problem(int chan, const uint8_t *hello, int *retry)
 			return strcasecmp(next, uuid) == 0 ? NULL : "-uuid is not HELLO's uuid";
 	}
 	return "no -uuid argument";
+}
+
+/* Field 22 of /proc/PID/stat (after the parenthesised name); 0 when it cannot be read. */
+static unsigned long long start_time(int pid)
+{
+	char path[64], buf[4096];
+	snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	ssize_t n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = 0;
+	char *p = strrchr(buf, ')');
+	for (int spaces = 0; p && *p && spaces < 20; p++)
+		if (*p == ' ')
+			spaces++;
+	return p ? strtoull(p, NULL, 10) : 0;
+}
+
+static int exe_of(int pid, struct stat *st)
+{
+	char path[64];
+	snprintf(path, sizeof(path), "/proc/%d/exe", pid);
+	return fstatat(AT_FDCWD, path, st, 0);
+}
+
+static int pidfd_alive(int pidfd)
+{
+	return syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) == 0 || errno == EPERM;
+}
+
+/* The pin: SO_PEERPIDFD, else pidfd_open; sets *by_socket. -1 (errno set) when neither works. */
+static int pin_peer(int chan, int pid, int *by_socket)
+{
+	int pidfd = -1;
+	socklen_t len = sizeof(pidfd);
+	*by_socket = getsockopt(chan, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) == 0;
+	if (*by_socket)
+		return pidfd;
+	if (errno != ENOPROTOOPT && errno != EINVAL)
+		return -1;
+	return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+/* The broker's PeerVerifier as it is today (--broker-identity); fills c's facts for the re-check. */
+static const char *broker_peer_problem(struct conn *c, int *retry)
+{
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+	struct stat before, after, emu;
+	const char *problem;
+
+	if (getsockopt(c->chan, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+		return "no peer credentials";
+	if ((uint32_t)cred.pid != get32(c->hello + 4))
+		return "HELLO's pid is not the peer's";
+	if (open_fds + 2 >= fd_limit) {
+		*retry = 1;
+		return NULL;
+	}
+	int pidfd = pin_peer(c->chan, cred.pid, &c->pinned_by_socket);
+	if (pidfd < 0 && (errno == EMFILE || errno == ENFILE)) {
+		*retry = 1;
+		return NULL;
+	}
+	if (pidfd < 0)
+		return "cannot pin the peer";
+	c->pid = cred.pid;
+	c->start_time = c->pinned_by_socket ? 0 : start_time(cred.pid);
+	if (exe_of(cred.pid, &before) < 0) {
+		problem = "cannot stat the peer's executable";
+		goto out;
+	}
+	if (stat(emulator, &emu) < 0 || emu.st_dev != before.st_dev || emu.st_ino != before.st_ino) {
+		problem = "the peer is not the emulator";
+		goto out;
+	}
+	problem = uuid_problem(cred.pid, c->hello, retry);
+	if (problem || *retry)
+		goto out;
+	if (exe_of(cred.pid, &after) < 0 || after.st_dev != before.st_dev || after.st_ino != before.st_ino ||
+	    !pidfd_alive(pidfd)) {
+		problem = "the peer exited or exec'd while it was checked";
+		goto out;
+	}
+	c->exe_dev = before.st_dev;
+	c->exe_ino = before.st_ino;
+out:
+	close(pidfd);
+	return problem;
+}
+
+/* The broker's re-check right before HOOK (--broker-identity). */
+static const char *broker_recheck(struct conn *c)
+{
+	struct stat now;
+
+	if (!c->pinned_by_socket) {
+		unsigned long long start = start_time(c->pid);
+		if (start == 0 || start != c->start_time || exe_of(c->pid, &now) < 0 || now.st_dev != c->exe_dev ||
+		    now.st_ino != c->exe_ino)
+			return "the peer changed before HOOK";
+		return NULL;
+	}
+	int pidfd = -1;
+	socklen_t len = sizeof(pidfd);
+	if (getsockopt(c->chan, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) < 0)
+		return "cannot pin the peer before HOOK";
+	const char *problem = NULL;
+	if (exe_of(c->pid, &now) < 0 || !pidfd_alive(pidfd) || now.st_dev != c->exe_dev || now.st_ino != c->exe_ino)
+		problem = "the peer changed before HOOK";
+	close(pidfd);
+	return problem;
 }
 
 static void try_connect(struct conn *c, size_t index);
@@ -391,7 +537,7 @@ static int read_frame(struct conn *c)
 static void after_hello(struct conn *c, size_t index)
 {
 	int retry = 0;
-	const char *problem = peer_problem(c->chan, c->hello, &retry);
+	const char *problem = broker_identity ? broker_peer_problem(c, &retry) : peer_problem(c->chan, c->hello, &retry);
 	uint8_t out[CH_HEADER + 128] = { 0 };
 
 	if (retry) {
@@ -529,6 +675,10 @@ static void on_tool(struct conn *c, size_t index, uint32_t events)
 	put32(out + CH_HEADER + 8, (uint32_t)-1);
 	put32(out + CH_HEADER + 12, (uint32_t)-1);
 	ep(EPOLL_CTL_DEL, c->tool, 0, 0);
+	if (broker_identity && broker_recheck(c)) {
+		kill_conn(c, &refused);
+		return;
+	}
 	c->have = 0;
 	c->state = S_HOOK_SEND;
 	if (c->out[0].done < c->out[0].len) {
@@ -564,9 +714,10 @@ int main(int argc, char **argv)
 	sigset_t mask;
 	int sfd;
 
-	if (argc != 5 || strlen(argv[1]) >= sizeof(addr.sun_path) || strlen(argv[2]) >= sizeof(addr.sun_path) ||
+	broker_identity = argc == 6 && strcmp(argv[5], "--broker-identity") == 0;
+	if ((argc != 5 && !broker_identity) || strlen(argv[1]) >= sizeof(addr.sun_path) || strlen(argv[2]) >= sizeof(addr.sun_path) ||
 	    strlen(argv[3]) != 40) {
-		fprintf(stderr, "usage: scale_floor CHANNEL_SOCKET TOOL_SOCKET SECRET_SHA1_HEX EMULATOR_PATH\n");
+		fprintf(stderr, "usage: scale_floor CHANNEL_SOCKET TOOL_SOCKET SECRET_SHA1_HEX EMULATOR_PATH [--broker-identity]\n");
 		return 2;
 	}
 	tool_path = argv[2];

@@ -63,10 +63,20 @@ struct ScaleBench: ParsableCommand {
     @Flag(help: "Keep the work directory (the servers', introspectors' and launchers' logs) instead of removing it.")
     var keepLogs = false
 
+    @Option(
+        help: """
+            The floor's peer check: basic (the issue's floor: SO_PEERCRED, /proc/PID/exe's path, the -uuid in \
+            /proc/PID/cmdline) or broker (the broker's whole check: the peer pinned by SO_PEERPIDFD, the executable's \
+            device and inode before and after the command line, the re-check before HOOK), to tell what the broker's \
+            identity check costs from what the rest of the broker costs.
+            """)
+    var floorIdentity = "basic"
+
     func validate() throws {
         guard guests >= 1 else { throw ValidationError("--guests must be at least 1") }
         guard runs >= 1 else { throw ValidationError("--runs must be at least 1") }
         guard introspector == "normal" || introspector == "serial" else { throw ValidationError("--introspector must be normal or serial") }
+        guard floorIdentity == "basic" || floorIdentity == "broker" else { throw ValidationError("--floor-identity must be basic or broker") }
         if let nofileSoft, nofileSoft < 16 { throw ValidationError("--nofile-soft must be at least 16") }
         if let nofileHard, nofileHard < max(16, nofileSoft ?? 16) { throw ValidationError("--nofile-hard must be at least 16 and --nofile-soft") }
         guard timeout > 0 else { throw ValidationError("--timeout must be positive") }
@@ -121,13 +131,15 @@ struct ScaleBench: ParsableCommand {
             "servers started with RLIMIT_NOFILE soft \(serverSoft), hard \(serverHard)\(wrapper.isEmpty ? "" : " (prlimit)"); "
                 + "launcher and test introspector \(limit.rlim_cur)")
         print("kvmi-broker \(BrokerVersion.string): fake QEMU \(fakeQEMU); broker \(broker)")
+        let floorArguments = floorIdentity == "broker" ? ["--broker-identity"] : []
+        print("floor's peer check: \(floorIdentity == "broker" ? "the broker's (--floor-identity broker)" : "basic")")
         let storm = Storm(
             guests: guests, work: work, fakeQEMU: fakeQEMU, testIntrospector: testIntrospector, serial: serial, secretPath: secretPath,
             timeout: .milliseconds(Int64(timeout * 1000)), wrapper: wrapper)
         for run in 1...runs {
             let floor = try storm.run(
                 name: "floor", run: run,
-                command: { channel, tool in ("\(work)/scale_floor", [channel, tool, cookieHex, fakeQEMU]) })
+                command: { channel, tool in ("\(work)/scale_floor", [channel, tool, cookieHex, fakeQEMU] + floorArguments) })
             let brokerResult = try storm.run(
                 name: "broker", run: run,
                 command: { channel, tool in
