@@ -362,7 +362,7 @@ final class SessionDriver: Sendable {
     ) -> [GuestSessionMachine.Action] {
         // With libvirt, HELLO's UUID is the domain's (libvirt runs that domain as this very
         // QEMU pid) and the name is libvirt's: per-guest endpoints are expanded from them.
-        let (decided, why) = configuration.plans.decide(
+        let (decided, why) = configuration.decidePlan(
             uuid: hello.uuid, name: name, metadata: metadata, nova: nova, identityVerified: configuration.identity != nil)
         let (decision, reason) = configuration.drains.apply(decided, reason: why, hooked: hello.flags.contains(.hooked))
         let plan = decision.plan
@@ -498,7 +498,6 @@ final class SessionDriver: Sendable {
         let metadata = session.metadata
         let nova = session.nova
         let logger = session.logger
-        let plans = configuration.plans
         var actions: [GuestSessionMachine.Action] = []
         switch input {
         case .frame(let frame):
@@ -583,7 +582,7 @@ final class SessionDriver: Sendable {
             actions = state.machine.handle(.unhookDeadline)
         case .policyReloaded:
             session.reload.pending.store(false, ordering: .releasing)
-            let (decided, why) = plans.decide(
+            let (decided, why) = configuration.decidePlan(
                 uuid: hello.uuid, name: name, metadata: metadata, nova: nova, identityVerified: configuration.identity != nil)
             let hooked = state.machine.state.isHooked || state.machine.state.isUnhookingOrUpdating
             let (decision, reason) = configuration.drains.apply(decided, reason: why, hooked: hooked)

@@ -128,6 +128,15 @@ extension PlanSource {
 }
 
 extension BrokerConfiguration: PlanSource {
+    /// The decision of the source in force (`plans`), made without boxing this configuration
+    /// into an `any PlanSource`: that copied every field of it, several times for each guest.
+    func decidePlan(uuid: GuestUUID, name: String, metadata: GuestMetadata?, nova: NovaMetadata?, identityVerified: Bool) -> (
+        PlanDecision, String
+    ) {
+        if let policy { return policy.decide(uuid: uuid, name: name, metadata: metadata, nova: nova, identityVerified: identityVerified) }
+        return decide(uuid: uuid, name: name, metadata: metadata, nova: nova, identityVerified: identityVerified)
+    }
+
     /// One fixed endpoint for every guest: never fails closed, a plan or nothing.
     public func decide(uuid: GuestUUID, name: String, metadata: GuestMetadata?, nova: NovaMetadata?, identityVerified: Bool) -> (
         PlanDecision, String

@@ -100,10 +100,10 @@ public struct HandshakeOutcome: Sendable {
 /// One handshake's turn at an introspector; the next in line gets it when this is released.
 public final class HandshakeTurn: Sendable {
     private let pacer: HandshakePacer
-    private let key: String
+    private let key: IntrospectorEndpoint
     private let id: UInt64
 
-    init(pacer: HandshakePacer, key: String, id: UInt64) {
+    init(pacer: HandshakePacer, key: IntrospectorEndpoint, id: UInt64) {
         self.pacer = pacer
         self.key = key
         self.id = id
@@ -165,12 +165,12 @@ public final class HandshakePacer: Sendable {
 
     /// A request made with `request(at:_:)`, for `withdraw`.
     public struct Ticket: Sendable {
-        fileprivate let key: String
+        fileprivate let key: IntrospectorEndpoint
         fileprivate let id: UInt64
     }
 
     private struct State {
-        var lanes: [String: Lane] = [:]
+        var lanes: [IntrospectorEndpoint: Lane] = [:]
         var nextID: UInt64 = 1
         /// Turns cancelled before they queued.
         var early = EarlyCancellations()
@@ -186,7 +186,7 @@ public final class HandshakePacer: Sendable {
     /// Handshakes in flight and queued for `endpoint` now.
     public func load(of endpoint: IntrospectorEndpoint) -> (inFlight: Int, queued: Int) {
         state.withLock { state in
-            let lane = state.lanes[endpoint.description]
+            let lane = state.lanes[endpoint]
             return (lane?.inFlight ?? 0, lane?.queue.count ?? 0)
         }
     }
@@ -201,7 +201,7 @@ public final class HandshakePacer: Sendable {
 
     /// Waits for a turn at `endpoint`; the turn ends when the returned object is released.
     public func turn(at endpoint: IntrospectorEndpoint) async throws -> HandshakeTurn {
-        let key = endpoint.description
+        let key = endpoint
         let id = state.withLock { state -> UInt64 in
             defer { state.nextID += 1 }
             state.early.given(state.nextID)
@@ -244,7 +244,7 @@ public final class HandshakePacer: Sendable {
     public func request(
         at endpoint: IntrospectorEndpoint, _ grant: @escaping @Sendable (HandshakeTurn) -> Void
     ) -> (ticket: Ticket, turn: HandshakeTurn?) {
-        let key = endpoint.description
+        let key = endpoint
         let (id, now) = state.withLock { state -> (UInt64, Bool) in
             let id = state.nextID
             state.nextID += 1
@@ -263,7 +263,7 @@ public final class HandshakePacer: Sendable {
         }
     }
 
-    fileprivate func release(_ key: String, _ id: UInt64) {
+    fileprivate func release(_ key: IntrospectorEndpoint, _ id: UInt64) {
         let next = state.withLock { state -> (id: UInt64, waiter: Waiter)? in
             let next = state.lanes[key]?.release()
             if state.lanes[key]?.isIdle == true { state.lanes[key] = nil }
