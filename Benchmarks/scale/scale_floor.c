@@ -288,7 +288,11 @@ static int pidfd_alive(int pidfd)
 	return syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) == 0 || errno == EPERM;
 }
 
-/* The pin: SO_PEERPIDFD, else pidfd_open; sets *by_socket. -1 (errno set) when neither works. */
+/*
+ * The pin, as ProcessPin.peer: SO_PEERPIDFD; pidfd_open only where the kernel
+ * has no SO_PEERPIDFD (another error from it means the peer is gone, or no
+ * descriptor was free). Sets *by_socket. -1 (errno set) when there is none.
+ */
 static int pin_peer(int chan, int pid, int *by_socket)
 {
 	int pidfd = -1;
@@ -296,7 +300,7 @@ static int pin_peer(int chan, int pid, int *by_socket)
 	*by_socket = getsockopt(chan, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) == 0;
 	if (*by_socket)
 		return pidfd;
-	if (errno != ENOPROTOOPT && errno != EINVAL)
+	if (errno != ENOPROTOOPT && errno != EOPNOTSUPP)
 		return -1;
 	return (int)syscall(SYS_pidfd_open, pid, 0);
 }
@@ -318,7 +322,7 @@ static const char *broker_peer_problem(struct conn *c, int *retry)
 		return NULL;
 	}
 	int pidfd = pin_peer(c->chan, cred.pid, &c->pinned_by_socket);
-	if (pidfd < 0 && (errno == EMFILE || errno == ENFILE)) {
+	if (pidfd < 0 && (errno == EMFILE || errno == ENFILE || errno == ENOMEM)) {
 		*retry = 1;
 		return NULL;
 	}

@@ -29,10 +29,24 @@ public struct PeerCredentials: Sendable, Equatable, CustomStringConvertible {
 public struct ProcessPin: Sendable {
     public let pid: Int32
     public let pidfd: Descriptor?
-    /// "SO_PEERPIDFD", "pidfd_open", or "none" (a kernel without pidfds).
-    public let source: String
+    public let source: Source
 
-    public init(pid: Int32, pidfd: Descriptor?, source: String) {
+    /// Where the pin came from, or why there is none.
+    public enum Source: Sendable, Equatable {
+        /// The channel socket's SO_PEERPIDFD: it names the process that connected whenever it
+        /// is asked.
+        case socket
+        /// pidfd_open on the SO_PEERCRED pid (a kernel without SO_PEERPIDFD).
+        case pidfdOpen
+        /// No pidfd (a kernel without pidfds): the pid alone.
+        case unpinned
+        /// The socket names no live process: the peer has exited.
+        case gone
+        /// No descriptor was free for the pidfd: the identity cannot be checked now.
+        case outOfDescriptors
+    }
+
+    public init(pid: Int32, pidfd: Descriptor?, source: Source) {
         self.pid = pid
         self.pidfd = pidfd
         self.source = source
@@ -61,24 +75,24 @@ public struct ProcessPin: Sendable {
     /// Pins the peer of a connected unix socket.
     public static func peer(of socket: Int32, pid: Int32) -> ProcessPin {
         let fromSocket = kvmib_peer_pidfd(socket)
-        if fromSocket >= 0 { return ProcessPin(pid: pid, pidfd: Descriptor(adopting: fromSocket), source: "SO_PEERPIDFD") }
+        if fromSocket >= 0 { return ProcessPin(pid: pid, pidfd: Descriptor(adopting: fromSocket), source: .socket) }
         switch socketPinFailure(errno) {
         case .unsupported: break
-        case .transient: return ProcessPin(pid: pid, pidfd: nil, source: "out of descriptors")
-        case .gone: return ProcessPin(pid: pid, pidfd: nil, source: "gone")
+        case .transient: return ProcessPin(pid: pid, pidfd: nil, source: .outOfDescriptors)
+        case .gone: return ProcessPin(pid: pid, pidfd: nil, source: .gone)
         }
         let opened = kvmib_pidfd_open(pid)
-        if opened >= 0 { return ProcessPin(pid: pid, pidfd: Descriptor(adopting: opened), source: "pidfd_open") }
-        return ProcessPin(pid: pid, pidfd: nil, source: "none")
+        if opened >= 0 { return ProcessPin(pid: pid, pidfd: Descriptor(adopting: opened), source: .pidfdOpen) }
+        return ProcessPin(pid: pid, pidfd: nil, source: .unpinned)
     }
 
     /// Pinned by the channel socket (SO_PEERPIDFD): the socket names this process whenever it
     /// is asked, so the re-check before HOOK can ask it again instead of comparing start times.
-    public var isFromSocket: Bool { pidfd != nil && source == "SO_PEERPIDFD" }
+    public var isFromSocket: Bool { pidfd != nil && source == .socket }
 
     /// False once the pinned process has exited.
     public var isAlive: Bool {
-        if source == "gone" { return false }
+        if source == .gone { return false }
         guard let pidfd else { return kill(pid, 0) == 0 || errno == EPERM }
         return kvmib_pidfd_alive(pidfd.raw) != 0
     }
@@ -157,7 +171,7 @@ public struct PeerVerifier: Sendable {
     /// Swift's cooperative pool. Peer-controlled text (its `-uuid` value, its executable's
     /// path) is escaped and bounded in the sentences.
     public func verdict(for hello: Channel.Hello, from peer: PeerCredentials) -> Verdict {
-        verdict(for: hello, from: peer, pin: ProcessPin(pid: peer.pid, pidfd: nil, source: "none")).0
+        verdict(for: hello, from: peer, pin: ProcessPin(pid: peer.pid, pidfd: nil, source: .unpinned)).0
     }
 
     /// The checks against a pinned process: the facts are read before and after the checks and
@@ -176,9 +190,9 @@ public struct PeerVerifier: Sendable {
             return (.refused("HELLO claims pid \(hello.pid) but the socket peer is pid \(peer.pid)"), nil)
         }
         switch pin.source {
-        case "gone": return (.refused("pid \(peer.pid), which connected the channel, has exited"), nil)
-        case "out of descriptors": return (.transient("cannot pin pid \(peer.pid) now: out of descriptors"), nil)
-        default: break
+        case .gone: return (.refused("pid \(peer.pid), which connected the channel, has exited"), nil)
+        case .outOfDescriptors: return (.transient("cannot pin pid \(peer.pid) now: out of descriptors"), nil)
+        case .socket, .pidfdOpen, .unpinned: break
         }
         let socketPinned = pin.isFromSocket
         let before: ProcessFacts

@@ -139,7 +139,7 @@ struct ProcFactsTests {
         #expect(ProcessPin.socketPinFailure(ENFILE) == .transient)
         #expect(ProcessPin.socketPinFailure(EINVAL) == .gone)
         #expect(ProcessPin.socketPinFailure(ESRCH) == .gone)
-        let gone = ProcessPin(pid: getpid(), pidfd: nil, source: "gone")
+        let gone = ProcessPin(pid: getpid(), pidfd: nil, source: .gone)
         #expect(!gone.isAlive)
         let hello = Channel.Hello(
             flags: [.running], pid: UInt32(getpid()), uuid: GuestUUID.zero, startTime: 0, maxGPA: 0, hookedABI: nil, capV12: -25,
@@ -148,7 +148,7 @@ struct ProcFactsTests {
         #expect(
             PeerVerifier(emulators: ["/bin/sh"]).verdict(for: hello, from: peer, pin: gone).0
                 == .refused("pid \(getpid()), which connected the channel, has exited"))
-        let short = ProcessPin(pid: getpid(), pidfd: nil, source: "out of descriptors")
+        let short = ProcessPin(pid: getpid(), pidfd: nil, source: .outOfDescriptors)
         #expect(
             PeerVerifier(emulators: ["/bin/sh"]).verdict(for: hello, from: peer, pin: short).0
                 == .transient("cannot pin pid \(getpid()) now: out of descriptors"))
