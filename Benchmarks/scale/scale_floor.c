@@ -4,8 +4,8 @@
  * per guest the socket work kvmi-broker does, and nothing else:
  *
  *   accept on the channel socket; read HELLO (section 3.1 of
- *   Documentation/channel-protocol.md); check the peer as the broker's
- *   PeerVerifier does (SO_PEERCRED pid = HELLO's pid, /proc/PID/exe is the
+ *   Documentation/channel-protocol.md); a basic check of the peer, the
+ *   issue's floor (SO_PEERCRED pid = HELLO's pid, /proc/PID/exe is the
  *   emulator, /proc/PID/cmdline's -uuid = HELLO's uuid); send WELCOME; connect
  *   (non-blocking) to the introspector's unix socket; send the 104-byte v12
  *   handshake (Documentation/handshake.md); read exactly the reply's
@@ -21,8 +21,12 @@
  * executable's device and inode from /proc/PID/exe compared with the
  * emulator's, read again after the command line and compared, the pin still
  * alive; and right before HOOK the re-check (the channel's SO_PEERPIDFD again,
- * /proc/PID/exe unchanged, alive). It measures what the broker's stronger
- * identity check costs by itself, apart from how the broker is built.
+ * /proc/PID/exe unchanged, alive). The same system calls in the same order as
+ * the broker for a guest that passes, which is what a storm measures; where a
+ * check fails it refuses without the broker's fallbacks (no unpinned pid on a
+ * kernel without pidfd_open, no readlink when /proc/PID/exe cannot be
+ * stat'ed). It measures what the broker's stronger identity check costs by
+ * itself, apart from how the broker is built.
  *
  * A connect that finds the tool's listen backlog full (EAGAIN on a unix
  * socket) is retried 1 ms later, in order; with the descriptor limit near,
@@ -60,6 +64,12 @@
 #define FD_RESERVE 16
 #ifndef SO_PEERPIDFD
 #define SO_PEERPIDFD 77
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
 #endif
 
 enum state { S_HELLO, S_PEER_WAIT, S_CONNECT_WAIT, S_CONNECTING, S_REPLY, S_HOOK_SEND, S_RESULT, S_HOOKED, S_DEAD };
@@ -199,7 +209,7 @@ static void frame(uint8_t *out, uint16_t type, uint32_t seq, uint32_t size)
 
 static const char *uuid_problem(int pid, const uint8_t *hello, int *retry);
 
-/* The broker's PeerVerifier, in C. Sets *retry when no descriptor was free to read /proc. */
+/* The (basic) peer check. Sets *retry when no descriptor was free to read /proc. */
 static const char *peer_problem(int chan, const uint8_t *hello, int *retry)
 {
 	struct ucred cred;
@@ -256,7 +266,7 @@ static const char *uuid_problem(int pid, const uint8_t *hello, int *retry)
 	return "no -uuid argument";
 }
 
-/* Field 22 of /proc/PID/stat (after the parenthesised name); 0 when it cannot be read. */
+/* Field 22 of /proc/PID/stat (after the parenthesised name); 0 (errno set) when it cannot be read. */
 static unsigned long long start_time(int pid)
 {
 	char path[64], buf[4096];
@@ -265,7 +275,9 @@ static unsigned long long start_time(int pid)
 	if (fd < 0)
 		return 0;
 	ssize_t n = read(fd, buf, sizeof(buf) - 1);
+	int error = errno;
 	close(fd);
+	errno = n < 0 ? error : EINVAL;
 	if (n <= 0)
 		return 0;
 	buf[n] = 0;
@@ -330,6 +342,12 @@ static const char *broker_peer_problem(struct conn *c, int *retry)
 		return "cannot pin the peer";
 	c->pid = cred.pid;
 	c->start_time = c->pinned_by_socket ? 0 : start_time(cred.pid);
+	if (!c->pinned_by_socket && c->start_time == 0) {
+		if (errno == EMFILE || errno == ENFILE || errno == ENOMEM)
+			*retry = 1;
+		problem = *retry ? NULL : "cannot read the peer's start time";
+		goto out;
+	}
 	if (exe_of(cred.pid, &before) < 0) {
 		problem = "cannot stat the peer's executable";
 		goto out;
@@ -353,7 +371,11 @@ out:
 	return problem;
 }
 
-/* The broker's re-check right before HOOK (--broker-identity). */
+/*
+ * The broker's re-check right before HOOK (--broker-identity). Its pidfd
+ * needs no reserve of its own: the tool's socket, still counted in open_fds,
+ * is about to be handed over and closed.
+ */
 static const char *broker_recheck(struct conn *c)
 {
 	struct stat now;
