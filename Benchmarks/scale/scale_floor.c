@@ -300,6 +300,14 @@ static int pidfd_alive(int pidfd)
 	return syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) == 0 || errno == EPERM;
 }
 
+/* The channel's SO_PEERPIDFD (kvmib_peer_pidfd): -1 (errno set) when there is none. */
+static int peer_pidfd(int chan)
+{
+	int pidfd = -1;
+	socklen_t len = sizeof(pidfd);
+	return getsockopt(chan, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) == 0 ? pidfd : -1;
+}
+
 /*
  * The pin, as ProcessPin.peer: SO_PEERPIDFD; pidfd_open only where the kernel
  * has no SO_PEERPIDFD (another error from it means the peer is gone, or no
@@ -307,9 +315,8 @@ static int pidfd_alive(int pidfd)
  */
 static int pin_peer(int chan, int pid, int *by_socket)
 {
-	int pidfd = -1;
-	socklen_t len = sizeof(pidfd);
-	*by_socket = getsockopt(chan, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) == 0;
+	int pidfd = peer_pidfd(chan);
+	*by_socket = pidfd >= 0;
 	if (*by_socket)
 		return pidfd;
 	if (errno != ENOPROTOOPT && errno != EOPNOTSUPP)
@@ -387,9 +394,8 @@ static const char *broker_recheck(struct conn *c)
 			return "the peer changed before HOOK";
 		return NULL;
 	}
-	int pidfd = -1;
-	socklen_t len = sizeof(pidfd);
-	if (getsockopt(c->chan, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) < 0)
+	int pidfd = peer_pidfd(c->chan);
+	if (pidfd < 0)
 		return "cannot pin the peer before HOOK";
 	const char *problem = NULL;
 	if (exe_of(c->pid, &now) < 0 || !pidfd_alive(pidfd) || now.st_dev != c->exe_dev || now.st_ino != c->exe_ino)
