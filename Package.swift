@@ -99,6 +99,8 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "KVMIBrokerCoreTests", dependencies: ["KVMIBrokerCore"]),
+        // The benchmark's own arithmetic (the series summary it prints): no storm is run.
+        .testTarget(name: "KVMIBenchTests", dependencies: ["kvmi-bench"]),
         .testTarget(
             name: "KVMIBrokerLibvirtTests",
             dependencies: ["KVMIBrokerLibvirt", "KVMIBrokerCore", "CLibvirt", .product(name: "Logging", package: "swift-log")]),

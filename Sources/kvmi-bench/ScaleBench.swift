@@ -44,7 +44,7 @@ struct ScaleBench: ParsableCommand {
         help: "An extra option for `kvmi-broker run` (repeatable), e.g. --broker-option=--handshakes-per-introspector=32.")
     var brokerOptions: [String] = []
 
-    @Option(help: "Floor + broker pairs to run.")
+    @Option(help: "Floor + broker pairs to run. With more than one, a summary follows: the medians and in how many runs each bar held.")
     var runs = 1
 
     @Option(help: "Seconds allowed for each wait (start-up, all hooked, the guests' exit).")
@@ -136,6 +136,7 @@ struct ScaleBench: ParsableCommand {
         let storm = Storm(
             guests: guests, work: work, fakeQEMU: fakeQEMU, testIntrospector: testIntrospector, serial: serial, secretPath: secretPath,
             timeout: .milliseconds(Int64(timeout * 1000)), wrapper: wrapper)
+        var series = StormSeries()
         for run in 1...runs {
             let floor = try storm.run(
                 name: "floor", run: run,
@@ -155,7 +156,13 @@ struct ScaleBench: ParsableCommand {
                 })
             print("")
             print("run \(run) of \(runs)")
-            Report(floor: floor, broker: brokerResult, guests: guests, timeline: timeline).print()
+            let report = Report(floor: floor, broker: brokerResult, guests: guests, timeline: timeline)
+            report.print()
+            series.append(report.seriesRun)
+        }
+        if runs > 1 {
+            print("")
+            for line in series.lines() { print(line) }
         }
     }
 
@@ -746,7 +753,7 @@ private struct Report {
         [
             ("release -> connected", { result in result.hooked.values.map { $0.tConnect &- result.releasedAt } }),
             ("HELLO sent -> WELCOME", { result in result.hooked.values.map { $0.tWelcome &- $0.tHello } }),
-            ("HELLO sent -> HOOK received", { result in result.hooked.values.map { $0.tHook &- $0.tHello } }),
+            ("HELLO sent -> HOOK received", helloToHook),
         ]
     }
 
@@ -767,6 +774,19 @@ private struct Report {
         Swift.print("\(result.name): tenths of \(duration(span / 1e9)): WELCOMEd\(welcomed)")
         Swift.print("\(result.name): tenths of \(duration(span / 1e9)): hooked  \(hooked)")
     }
+
+    /// This run for the series' summary: each side's time until all were hooked and its p99
+    /// HELLO -> HOOK, both nil for a side that did not hook every guest.
+    var seriesRun: StormSeries.Run {
+        func p99(_ result: StormResult) -> Double? {
+            guard allHookedSeconds(result) != nil else { return nil }
+            return percentiles(helloToHook(result))?.1
+        }
+        return StormSeries.Run(
+            floorAllHooked: allHookedSeconds(floor), brokerAllHooked: allHookedSeconds(broker), floorP99: p99(floor), brokerP99: p99(broker))
+    }
+
+    private func helloToHook(_ result: StormResult) -> [UInt64] { result.hooked.values.map { $0.tHook &- $0.tHello } }
 
     private func allHookedSeconds(_ result: StormResult) -> Double? {
         guard result.unfinished == nil, result.hooked.count == result.launched, let last = result.hooked.values.map(\.tResult).max() else {
