@@ -346,12 +346,20 @@ public struct PeerVerifier: Sendable {
         }
     }
 
-    /// The executable for a message: the path the facts hold, else read now (escaped, without
-    /// " (deleted)"); "an unreadable executable" when it cannot be read.
+    /// The executable for a message: the path the facts hold, else read now (escaped); "an
+    /// unreadable executable" when it cannot be read. A file that is no longer on disk under any
+    /// name (a QEMU started before an upgrade replaced its binary: /proc shows the path with
+    /// " (deleted)") is said to be so, since that is why it no longer matches the emulator at
+    /// the same path. Only then: a file may be named "... (deleted)".
     func shownExecutable(_ facts: ProcessFacts, pid: Int32) -> String {
         var path = facts.executable
         if path.isEmpty, case .success(let target) = readLink("\(procRoot)/\(pid)/exe") { path = target }
-        return path.isEmpty ? "an unreadable executable" : escapedForLog(Self.withoutDeleted(path))
+        guard !path.isEmpty else { return "an unreadable executable" }
+        var info = Glibc.stat()
+        if path.hasSuffix(Self.deletedSuffix), fstatat(AT_FDCWD, "\(procRoot)/\(pid)/exe", &info, 0) == 0, info.st_nlink == 0 {
+            return escapedForLog(String(path.dropLast(Self.deletedSuffix.count))) + " (replaced or removed on disk since it started)"
+        }
+        return escapedForLog(path)
     }
 
     /// Without libvirt: the peer's executable must be one of `emulators` (same device and inode).
@@ -429,10 +437,9 @@ public struct PeerVerifier: Sendable {
         return .accepted
     }
 
-    /// /proc/PID/exe of a program whose file was removed (or replaced, as by an upgrade).
-    static func withoutDeleted(_ path: String) -> String {
-        path.hasSuffix(" (deleted)") ? String(path.dropLast(10)) : path
-    }
+    /// What /proc/PID/exe appends to the path of a program whose file was removed (or replaced,
+    /// as by an upgrade).
+    static let deletedSuffix = " (deleted)"
 
     static func realPath(_ path: String) -> String? {
         guard let resolved = realpath(path, nil) else { return nil }

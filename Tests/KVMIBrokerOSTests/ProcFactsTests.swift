@@ -89,6 +89,67 @@ struct ProcFactsTests {
         #expect(verifier.verdict(for: other, from: peer) != .accepted)
     }
 
+    /// A QEMU started before an upgrade replaced its binary runs a file that is on disk under no
+    /// name any more, and the emulator at the same path is another file: the peer is refused
+    /// until the guest restarts (security.md). The refusal says why, instead of naming the same
+    /// path twice; a file that is merely named "... (deleted)" is shown as it is.
+    @Test("a QEMU whose binary was replaced since it started is refused, and the refusal says so")
+    func replacedExecutableIsNamedSo() throws {
+        let directory = "\(NSTemporaryDirectory())kvmib-replaced-\(getpid())"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let emulator = "\(directory)/qemu-system-x86_64"
+        let lookAlike = "\(directory)/qemu-system-x86_64 (deleted)"
+        // A copy of the shell itself (/bin/sh may be a symlink).
+        let shell = URL(fileURLWithPath: "/bin/sh").resolvingSymlinksInPath().path
+        for path in [emulator, lookAlike] { try FileManager.default.copyItem(atPath: shell, toPath: path) }
+        // Each shell waits in open() of a FIFO nobody writes (no child of its own).
+        let fifo = "\(directory)/wait.fifo"
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let uuid = GuestUUID("5eed0000-1111-4222-8333-444455556666")!
+        func started(_ executable: String) throws -> SpawnedProcess {
+            let child = try SpawnedProcess(executable, ["-c", "read line < \"$0\"", fifo, "-uuid", "\(uuid)"], logPath: "\(directory)/log")
+            // The command line reads as empty until the kernel has laid it out after the exec.
+            #expect(eventually { !(FileManager.default.contents(atPath: "/proc/\(child.pid)/cmdline") ?? Data()).isEmpty })
+            return child
+        }
+        let qemu = try started(emulator)
+        defer { qemu.terminate(SIGKILL) }
+        let other = try started(lookAlike)
+        defer { other.terminate(SIGKILL) }
+
+        let verifier = PeerVerifier(emulators: [emulator])
+        let hello = Channel.Hello(
+            flags: [.running], pid: UInt32(qemu.pid), uuid: uuid, startTime: 0, maxGPA: 0, hookedABI: nil, capV12: -25, capV7: -25,
+            introspectionParameter: -1, name: "upgraded")
+        let peer = PeerCredentials(pid: qemu.pid, uid: getuid(), gid: getgid())
+        let (verdict, checked) = verifier.verdict(for: hello, from: peer, pin: ProcessPin(pid: qemu.pid, pidfd: nil, source: .unpinned))
+        #expect(verdict == .accepted)
+        let facts = try #require(checked)
+
+        // The upgrade: a new file renamed over the old one, which keeps running.
+        try FileManager.default.copyItem(atPath: shell, toPath: "\(directory)/new")
+        #expect(rename("\(directory)/new", emulator) == 0)
+        let replaced = "\(emulator) (replaced or removed on disk since it started)"
+        #expect(
+            verifier.verdict(for: hello, from: peer) == .refused("pid \(qemu.pid) runs \(replaced), which is not a configured emulator (\(emulator))")
+        )
+        // With libvirt's identity check: the domain's <emulator> is that path.
+        let domain = DomainIdentity(name: "upgraded", emulator: emulator)
+        #expect(
+            verifier.verdict(for: domain, uuid: uuid, facts: facts, peer: peer)
+                == .refused(
+                    "QEMU pid \(qemu.pid) of guest \(uuid) runs \(replaced), not the emulator libvirt records for domain upgraded: \(emulator)"))
+
+        // A file named like that, still on disk: shown as it is.
+        var lookAlikeHello = hello
+        lookAlikeHello.pid = UInt32(other.pid)
+        let lookAlikePeer = PeerCredentials(pid: other.pid, uid: getuid(), gid: getgid())
+        #expect(
+            verifier.verdict(for: lookAlikeHello, from: lookAlikePeer)
+                == .refused("pid \(other.pid) runs \(lookAlike), which is not a configured emulator (\(emulator))"))
+    }
+
     /// A kernel with SO_PEERPIDFD names the process that connected whenever it is asked, so the
     /// identity needs no start time: /proc/PID/stat (the costliest read, once in the checks and
     /// once before each HOOK) is not read. Here /proc is a copy without it: the checks pass and
