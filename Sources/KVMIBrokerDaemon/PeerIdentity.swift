@@ -350,13 +350,16 @@ public struct PeerVerifier: Sendable {
     /// unreadable executable" when it cannot be read. A file that is no longer on disk under any
     /// name (a QEMU started before an upgrade replaced its binary: /proc shows the path with
     /// " (deleted)") is said to be so, since that is why it no longer matches the emulator at
-    /// the same path. Only then: a file may be named "... (deleted)".
+    /// the same path. Only then: a file may be named "... (deleted)", and a program run from
+    /// memory (`/memfd:NAME (deleted)`) was never on disk, so it is shown as the kernel names it.
     func shownExecutable(_ facts: ProcessFacts, pid: Int32) -> String {
         var path = facts.executable
         if path.isEmpty, case .success(let target) = readLink("\(procRoot)/\(pid)/exe") { path = target }
         guard !path.isEmpty else { return "an unreadable executable" }
         var info = Glibc.stat()
-        if path.hasSuffix(Self.deletedSuffix), fstatat(AT_FDCWD, "\(procRoot)/\(pid)/exe", &info, 0) == 0, info.st_nlink == 0 {
+        if path.hasSuffix(Self.deletedSuffix), path.hasPrefix("/"), !path.hasPrefix("/memfd:"),
+            fstatat(AT_FDCWD, "\(procRoot)/\(pid)/exe", &info, 0) == 0, info.st_nlink == 0
+        {
             return escapedForLog(String(path.dropLast(Self.deletedSuffix.count))) + " (replaced or removed on disk since it started)"
         }
         return escapedForLog(path)

@@ -41,9 +41,12 @@ import Testing
     @Test func noCompleteRunPrintsNoMedians() {
         var series = StormSeries()
         series.append(run(nil, nil, p99: nil, nil))
+        // A floor time of zero is no measurement (and no ratio).
+        series.append(run(0, 0.1))
         let lines = series.lines()
         #expect(!lines.contains { $0.hasPrefix("release -> all hooked") })
-        #expect(lines.contains("all hooked within 1.5x the floor's time: 0 of 1 runs"))
+        #expect(lines.contains("runs in which a side did not hook every guest: 2 (they hold no bar)"))
+        #expect(lines.contains("all hooked within 1.5x the floor's time: 0 of 2 runs"))
     }
 
     @Test func medianOfOddAndEvenCounts() {

@@ -95,17 +95,17 @@ struct ProcFactsTests {
     /// path twice; a file that is merely named "... (deleted)" is shown as it is.
     @Test("a QEMU whose binary was replaced since it started is refused, and the refusal says so")
     func replacedExecutableIsNamedSo() throws {
-        let directory = "\(NSTemporaryDirectory())kvmib-replaced-\(getpid())"
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        // Under /tmp (no symlink in the path: the messages name these paths exactly).
+        let directory = freshPrivateDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let emulator = "\(directory)/qemu-system-x86_64"
         let lookAlike = "\(directory)/qemu-system-x86_64 (deleted)"
         // A copy of the shell itself (/bin/sh may be a symlink).
         let shell = URL(fileURLWithPath: "/bin/sh").resolvingSymlinksInPath().path
-        for path in [emulator, lookAlike] { try FileManager.default.copyItem(atPath: shell, toPath: path) }
+        for path in [emulator, lookAlike] { try copyExecutable(shell, to: path) }
         // Each shell waits in open() of a FIFO nobody writes (no child of its own).
         let fifo = "\(directory)/wait.fifo"
-        #expect(mkfifo(fifo, 0o600) == 0)
+        try #require(mkfifo(fifo, 0o600) == 0)
         let uuid = GuestUUID("5eed0000-1111-4222-8333-444455556666")!
         func started(_ executable: String) throws -> SpawnedProcess {
             let child = try SpawnedProcess(executable, ["-c", "read line < \"$0\"", fifo, "-uuid", "\(uuid)"], logPath: "\(directory)/log")
@@ -128,7 +128,7 @@ struct ProcFactsTests {
         let facts = try #require(checked)
 
         // The upgrade: a new file renamed over the old one, which keeps running.
-        try FileManager.default.copyItem(atPath: shell, toPath: "\(directory)/new")
+        try copyExecutable(shell, to: "\(directory)/new")
         #expect(rename("\(directory)/new", emulator) == 0)
         let replaced = "\(emulator) (replaced or removed on disk since it started)"
         #expect(
@@ -148,6 +148,34 @@ struct ProcFactsTests {
         #expect(
             verifier.verdict(for: lookAlikeHello, from: lookAlikePeer)
                 == .refused("pid \(other.pid) runs \(lookAlike), which is not a configured emulator (\(emulator))"))
+
+        // A program run from memory (a memfd, which has no links either) was never on disk: it
+        // is shown as the kernel names it, not as an upgrade. Python makes the memfd and execs
+        // the shell's copy in it (read-only: a descriptor open for writing forbids the exec).
+        let python = URL(fileURLWithPath: "/usr/bin/python3").resolvingSymlinksInPath().path
+        let fromMemory = try SpawnedProcess(
+            python,
+            [
+                "-c",
+                """
+                import os, sys
+                fd = os.memfd_create("kvmib-test")
+                os.write(fd, open(sys.argv[1], "rb").read())
+                ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+                os.close(fd)
+                os.execv(f"/proc/self/fd/{ro}", ["sh", "-c", 'read line < "$0"', sys.argv[2], "-uuid", sys.argv[3]])
+                """,
+                shell, fifo, "\(uuid)",
+            ], logPath: "\(directory)/log")
+        defer { fromMemory.terminate(SIGKILL) }
+        #expect(
+            eventually { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(fromMemory.pid)/exe"))?.hasPrefix("/memfd:") == true })
+        var memoryHello = hello
+        memoryHello.pid = UInt32(fromMemory.pid)
+        let memoryPeer = PeerCredentials(pid: fromMemory.pid, uid: getuid(), gid: getgid())
+        #expect(
+            verifier.verdict(for: memoryHello, from: memoryPeer)
+                == .refused("pid \(fromMemory.pid) runs /memfd:kvmib-test (deleted), which is not a configured emulator (\(emulator))"))
     }
 
     /// A kernel with SO_PEERPIDFD names the process that connected whenever it is asked, so the

@@ -33,6 +33,37 @@ func eventually(timeout: Duration = .seconds(60), _ body: () -> Bool) -> Bool {
     return body()
 }
 
+/// Copies an executable with the copy opened close-on-exec (`FileManager.copyItem` opens it
+/// without): a test that runs alongside others must not let a process they spawn meanwhile
+/// inherit a descriptor open for writing on the copy, or exec'ing it fails with ETXTBSY.
+func copyExecutable(_ source: String, to destination: String) throws {
+    func failure(_ what: String) -> POSIXError {
+        let code = errno
+        Issue.record("\(what): \(String(cString: strerror(code)))")
+        return POSIXError(POSIXErrorCode(rawValue: code) ?? .EIO)
+    }
+    let input = open(source, O_RDONLY | O_CLOEXEC)
+    guard input >= 0 else { throw failure("open \(source)") }
+    defer { close(input) }
+    let output = open(destination, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o755)
+    guard output >= 0 else { throw failure("create \(destination)") }
+    defer { close(output) }
+    var buffer = [UInt8](repeating: 0, count: 1 << 16)
+    while true {
+        let count = read(input, &buffer, buffer.count)
+        if count < 0 && errno == EINTR { continue }
+        guard count >= 0 else { throw failure("read \(source)") }
+        if count == 0 { return }
+        var written = 0
+        while written < count {
+            let step = buffer.withUnsafeBytes { write(output, $0.baseAddress! + written, count - written) }
+            if step < 0 && errno == EINTR { continue }
+            guard step > 0 else { throw failure("write \(destination)") }
+            written += step
+        }
+    }
+}
+
 /// The folder holding the built executables (next to the test bundle).
 func productsDirectory() -> URL {
     let executable = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
