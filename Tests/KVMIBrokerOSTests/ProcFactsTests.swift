@@ -119,12 +119,20 @@ struct ProcFactsTests {
         defer { other.terminate(SIGKILL) }
 
         let verifier = PeerVerifier(emulators: [emulator])
-        let hello = Channel.Hello(
-            flags: [.running], pid: UInt32(qemu.pid), uuid: uuid, startTime: 0, maxGPA: 0, hookedABI: nil, capV12: -25, capV7: -25,
-            introspectionParameter: -1, name: "upgraded")
-        let peer = PeerCredentials(pid: qemu.pid, uid: getuid(), gid: getgid())
-        let (verdict, checked) = verifier.verdict(for: hello, from: peer, pin: ProcessPin(pid: qemu.pid, pidfd: nil, source: .unpinned))
-        #expect(verdict == .accepted)
+        /// The HELLO and the socket credentials of a child claiming the guest.
+        func claim(_ child: SpawnedProcess) -> (Channel.Hello, PeerCredentials) {
+            let hello = Channel.Hello(
+                flags: [.running], pid: UInt32(child.pid), uuid: uuid, startTime: 0, maxGPA: 0, hookedABI: nil, capV12: -25, capV7: -25,
+                introspectionParameter: -1, name: "upgraded")
+            return (hello, PeerCredentials(pid: child.pid, uid: getuid(), gid: getgid()))
+        }
+        func verdict(_ child: SpawnedProcess) -> PeerVerifier.Verdict {
+            let (hello, peer) = claim(child)
+            return verifier.verdict(for: hello, from: peer)
+        }
+        let (hello, peer) = claim(qemu)
+        let (first, checked) = verifier.verdict(for: hello, from: peer, pin: ProcessPin(pid: qemu.pid, pidfd: nil, source: .unpinned))
+        #expect(first == .accepted)
         let facts = try #require(checked)
 
         // The upgrade: a new file renamed over the old one, which keeps running.
@@ -132,7 +140,7 @@ struct ProcFactsTests {
         #expect(rename("\(directory)/new", emulator) == 0)
         let replaced = "\(emulator) (replaced or removed on disk since it started)"
         #expect(
-            verifier.verdict(for: hello, from: peer) == .refused("pid \(qemu.pid) runs \(replaced), which is not a configured emulator (\(emulator))")
+            verdict(qemu) == .refused("pid \(qemu.pid) runs \(replaced), which is not a configured emulator (\(emulator))")
         )
         // With libvirt's identity check: the domain's <emulator> is that path.
         let domain = DomainIdentity(name: "upgraded", emulator: emulator)
@@ -142,11 +150,8 @@ struct ProcFactsTests {
                     "QEMU pid \(qemu.pid) of guest \(uuid) runs \(replaced), not the emulator libvirt records for domain upgraded: \(emulator)"))
 
         // A file named like that, still on disk: shown as it is.
-        var lookAlikeHello = hello
-        lookAlikeHello.pid = UInt32(other.pid)
-        let lookAlikePeer = PeerCredentials(pid: other.pid, uid: getuid(), gid: getgid())
         #expect(
-            verifier.verdict(for: lookAlikeHello, from: lookAlikePeer)
+            verdict(other)
                 == .refused("pid \(other.pid) runs \(lookAlike), which is not a configured emulator (\(emulator))"))
 
         // A program run from memory (a memfd, which has no links either) was never on disk: it
@@ -170,11 +175,8 @@ struct ProcFactsTests {
         defer { fromMemory.terminate(SIGKILL) }
         #expect(
             eventually { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(fromMemory.pid)/exe"))?.hasPrefix("/memfd:") == true })
-        var memoryHello = hello
-        memoryHello.pid = UInt32(fromMemory.pid)
-        let memoryPeer = PeerCredentials(pid: fromMemory.pid, uid: getuid(), gid: getgid())
         #expect(
-            verifier.verdict(for: memoryHello, from: memoryPeer)
+            verdict(fromMemory)
                 == .refused("pid \(fromMemory.pid) runs /memfd:kvmib-test (deleted), which is not a configured emulator (\(emulator))"))
     }
 
